@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` and `make test`. Both set up a local virtual
+# environment (.venv) first. On a machine without an NVIDIA GPU the CPU build of torch is
+# installed explicitly, so nothing here ever pulls a CUDA build of torch onto a CPU machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+TRITON_VERSION ?= 3.9.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: setup.py Makefile
+	$(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing torch from the default index"; \
+		$(PY) -m pip install -q torch; \
+	else \
+		echo "no NVIDIA GPU: installing the CPU build torch==$(TORCH_VERSION)"; \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION); \
+	fi
+	$(PY) -m pip install -q triton==$(TRITON_VERSION) numpy pytest
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m posattn
+
+test: install
+	$(PY) -m pytest -q -ra tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info python/*.egg-info

@@ -1,0 +1,174 @@
+"""Public functions: :func:`attention` and the SDPA drop-in :func:`scaled_dot_product_attention`."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _config, ops, reference
+from ._checks import check_attention_inputs
+
+_PENDING = {
+    "rope": "rotary encodings (RoPE, XPos, RotaryAngles) land with issue #3",
+    "bias": "position biases (ALiBi, RelativeBias, T5Bias, ManhattanDecay) land with issue #4",
+    "urpe": "the URPE gate lands with issue #4",
+}
+
+
+def select_backend(backend, q: torch.Tensor) -> str:
+    """The backend that will run: an explicit choice is checked, None picks the best available."""
+    if backend is None:
+        backend = _config.backend_override()
+    if backend is None:
+        if q.device.type == "cuda" and q.dtype != torch.float64 and _config.triton_available():
+            return "triton"
+        # CPU tensors use the dense reference until the C++ CPU backend lands (issue #5).
+        return "reference"
+    if backend == "cpu":
+        raise NotImplementedError("backend='cpu' (the C++ CPU backend) lands with issue #5; use "
+                                  "backend='reference' on CPU tensors for now")
+    if backend not in _config.BACKENDS:
+        raise ValueError(f"backend={backend!r} is not a backend; choose one of {_config.BACKENDS} or None")
+    if backend == "triton":
+        if not _config.triton_available():
+            raise RuntimeError("backend='triton' needs the triton package; install it (pip install triton) or use "
+                               "backend='reference'")
+        if q.dtype == torch.float64:
+            raise TypeError("backend='triton' takes float16, bfloat16 and float32; float64 runs on "
+                            "backend='reference'")
+    return backend
+
+
+def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, bias=None, urpe=None, softcap=None,
+              dropout_p=0.0, scale=None, q_pos=0, k_pos=0, return_lse=False, backend=None):
+    """Fused attention with positions: ``softmax(scale·q·kᵀ + bias + mask) · v``.
+
+    Shapes: q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], H a multiple of Hkv
+    (grouped-query attention: query head h reads KV head h // (H / Hkv)). Any strides; the
+    last dim should be contiguous (otherwise that tensor is copied once).
+
+    Positions: every query row i has the absolute position ``q_pos(i)`` and every key j the
+    position ``k_pos(j)``; each is an int offset (``offset + arange``) or an integer tensor
+    (L,) / (B, L). ``causal`` keeps ``k_pos ≤ q_pos`` (with offsets 0 that is SDPA's
+    top-left convention; bottom-right is ``q_pos=S-L``). ``window=(left, right)`` keeps
+    ``q_pos − left ≤ k_pos ≤ q_pos + right``, −1 meaning unbounded on that side.
+
+    ``attn_mask``: bool (True = takes part) or float (added to the scores), any shape that
+    broadcasts to [B, H, L, S]; a float mask that requires grad gets its gradient, reduced to
+    its own shape. ``softcap``: scores become ``softcap·tanh(s/softcap)`` (after bias and
+    float mask, before masking). ``scale`` defaults to 1/√D. ``dropout_p`` is always applied
+    (there is no training flag), with a counter-based RNG seeded from torch's generator.
+    A query row that sees no key returns 0 (and lse −inf).
+
+    Returns out [B, H, L, Dv] in q's dtype, and with ``return_lse`` also
+    lse [B, H, L] = log Σ_j exp(s_ij), natural log, fp32 on the kernel backends (gradients
+    flow through lse too).
+
+    ``backend``: "triton" (CUDA tensors; CPU tensors under TRITON_INTERPRET=1),
+    "reference" (dense PyTorch, any dtype incl. float64) or None (best available: triton for
+    CUDA, reference for CPU and float64; the environment variable POSATTN_BACKEND overrides).
+    """
+    for name, spec in (("rope", rope), ("bias", bias), ("urpe", urpe)):
+        if spec is not None:
+            raise NotImplementedError(f"{name}={spec!r}: {_PENDING[name]}")
+    check_attention_inputs(q, k, v, window=window, attn_mask=attn_mask, softcap=softcap, dropout_p=dropout_p,
+                           scale=scale, q_pos=q_pos, k_pos=k_pos)
+    backend = select_backend(backend, q)
+    if backend == "reference":
+        return reference.attention(q, k, v, causal=causal, window=window, attn_mask=attn_mask, softcap=softcap,
+                                   dropout_p=dropout_p, scale=scale, q_pos=q_pos, k_pos=k_pos, return_lse=return_lse)
+
+    D = q.shape[-1]
+    if max(D, v.shape[-1]) > _config.MAX_HEAD_DIM:
+        raise ValueError(f"head dims D={D}, Dv={v.shape[-1]}: backend='triton' takes head dims up to "
+                         f"{_config.MAX_HEAD_DIM}; use backend='reference' for larger ones")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if attn_mask is not None and attn_mask.dim() < 4:
+        attn_mask = attn_mask[(None,) * (4 - attn_mask.dim())]  # a view: the gradient keeps the mask's shape
+    q_tensor = q_pos if isinstance(q_pos, torch.Tensor) else None
+    k_tensor = k_pos if isinstance(k_pos, torch.Tensor) else None
+    left, right = window if window is not None else (-1, -1)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else None
+    out, lse = ops.triton_attention_fwd(
+        q, k, v, attn_mask, q_tensor, k_tensor, 0 if q_tensor is not None else int(q_pos),
+        0 if k_tensor is not None else int(k_pos), bool(causal), left, right, float(softcap or 0.0),
+        float(dropout_p), seed, 1.0 / math.sqrt(D) if scale is None else float(scale))
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``, same semantics.
+
+    query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, Ev); batch dims
+    broadcast; 2-D and 3-D inputs work as in torch. ``attn_mask``: bool (True = takes part)
+    or float in query's dtype (added), broadcastable to (N, ..., Hq, L, S). ``is_causal``:
+    top-left causal mask; together with ``attn_mask`` it raises. ``scale`` defaults to
+    1/√E. ``enable_gqa``: Hq a multiple of H. ``dropout_p`` is always applied. A query row
+    that sees no key returns 0. Returns (N, ..., Hq, L, Ev).
+
+    Runs on the backend that ``posattn.attention(backend=None)`` picks.
+    """
+    if attn_mask is not None and is_causal:
+        raise RuntimeError("scaled_dot_product_attention: pass either attn_mask or is_causal=True, not both (torch "
+                           "documents this as an error); fold the causal mask into attn_mask instead")
+    tensors = (query, key, value)
+    for name, t in zip(("query", "key", "value"), tensors):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            raise RuntimeError(f"{name} must be a tensor with at least 2 dims (..., L, E), got "
+                               f"{getattr(t, 'shape', type(t).__name__)}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got query.dtype: "
+                           f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
+    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        raise RuntimeError(f"Expected attn_mask dtype to be bool or to match query dtype, but got attn_mask.dtype: "
+                           f"{attn_mask.dtype} and query.dtype: {query.dtype} instead.")
+    out_2d = all(t.dim() == 2 for t in tensors)
+    nd = max(3, *(t.dim() for t in tensors))
+    query, key, value = (t[(None,) * (nd - t.dim())] for t in (query, key, value))
+    L, S = query.shape[-2], key.shape[-2]
+    Hq, Hk, Hv = query.shape[-3], key.shape[-3], value.shape[-3]
+    if Hk != Hv:
+        raise RuntimeError(f"key has {Hk} heads but value has {Hv}; they must match")
+    if enable_gqa:
+        if Hq % Hk != 0:
+            raise RuntimeError(f"enable_gqa=True needs the query heads ({Hq}) to be a multiple of the key/value "
+                               f"heads ({Hk})")
+    elif Hq != Hk and Hk != 1:
+        if Hq != 1:
+            raise RuntimeError(f"The size of tensor a ({Hq}) must match the size of tensor b ({Hk}) at non-singleton "
+                               f"dimension {nd - 3}: query has {Hq} heads, key/value {Hk}; pass enable_gqa=True for "
+                               f"grouped-query attention")
+        query = query.expand(*query.shape[:-3], Hk, L, query.shape[-1])  # broadcast the single query head
+        Hq = Hk
+    try:
+        batch = torch.broadcast_shapes(*(t.shape[:-3] for t in (query, key, value)))
+    except RuntimeError as e:
+        raise RuntimeError(f"batch dims of query {tuple(query.shape)}, key {tuple(key.shape)}, value "
+                           f"{tuple(value.shape)} do not broadcast: {e}") from None
+    full = (*batch, Hq, L, S)
+    if attn_mask is not None:
+        try:
+            ok = attn_mask.dim() <= len(full) and torch.broadcast_shapes(attn_mask.shape, full) == torch.Size(full)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {list(full)}")
+
+    def to4(t, heads, length, dim):
+        t = t.expand(*batch, heads, length, dim)
+        return t.reshape(-1, heads, length, dim) if len(batch) != 1 else t  # views except for >4-D broadcasts
+
+    q4 = to4(query, Hq, L, query.shape[-1])
+    k4 = to4(key, Hk, S, key.shape[-1])
+    v4 = to4(value, Hk, S, value.shape[-1])
+    mask4 = attn_mask
+    if attn_mask is not None and len(batch) != 1:
+        m = attn_mask[(None,) * (len(full) - attn_mask.dim())]
+        lead = m.shape[:len(batch)]
+        # (…, L, S) masks whose batch dims are all 1 stay un-materialised; others are expanded first
+        mask4 = m.reshape(1, *m.shape[len(batch):]) if all(d == 1 for d in lead) else m.expand(full).reshape(
+            -1, Hq, L, S)
+    out = attention(q4, k4, v4, causal=is_causal, attn_mask=mask4, dropout_p=dropout_p, scale=scale)
+    out = out.reshape(*batch, Hq, L, out.shape[-1])
+    return out.reshape(L, out.shape[-1]) if out_2d else out

@@ -1,0 +1,97 @@
+"""The dense oracle: the whole score pipeline of DESIGN.md §3 in plain PyTorch.
+
+Any device, any floating dtype (float64 for tests), autograd for every gradient. It
+materialises the (B, H, L, S) scores, so it is O(L·S) in memory: it is the definition
+that the kernels are tested against, and the ``"reference"`` backend.
+
+Position encodings plug in through their spec objects (``python/posattn/positions.py``):
+a rotary spec rotates q and k (``spec.reference_rotate``), a bias spec returns its dense
+additive bias (``spec.reference_bias``), a URPE spec its post-softmax gate
+(``spec.reference_gate``). Adding a spec adds a case there, not here.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import check_attention_inputs, positions_tensor
+
+
+def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window) -> torch.Tensor | None:
+    """Bool (B or 1, 1, L, S): which keys each query sees under causal / window (None: all)."""
+    qp = q_pos[:, None, :, None]
+    kp = k_pos[:, None, None, :]
+    keep = None
+
+    def both(a, b):
+        return b if a is None else a & b
+
+    if causal:
+        keep = both(keep, kp <= qp)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            keep = both(keep, kp >= qp - left)
+        if right >= 0:
+            keep = both(keep, kp <= qp + right)
+    return keep
+
+
+def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, bias=None, urpe=None, softcap=None,
+              dropout_p=0.0, scale=None, q_pos=0, k_pos=0, return_lse=False, dropout_mask=None):
+    """Dense attention with posattn's exact semantics (see :func:`posattn.attention`).
+
+    ``dropout_mask``: optional bool keep-mask broadcastable to [B, H, L, S] to use instead of
+    drawing one (True keeps); the tests pass the kernels' own mask here to compare dropout
+    exactly. Returns out [B, H, L, Dv] (and lse [B, H, L] in q's dtype, natural log).
+    """
+    check_attention_inputs(q, k, v, window=window, attn_mask=attn_mask, softcap=softcap, dropout_p=dropout_p,
+                           scale=scale, q_pos=q_pos, k_pos=k_pos)
+    B, H, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qp = positions_tensor(q_pos, B, L, q.device)
+    kp = positions_tensor(k_pos, B, S, q.device)
+
+    # 1. rotary encodings act on q and k themselves
+    if rope is not None:
+        q, k = rope.reference_rotate(q, qp, "q"), rope.reference_rotate(k, kp, "k")
+    if H != Hkv:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    # 2. scaled scores
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, L, S]
+    # 3. position bias
+    if bias is not None:
+        s = s + bias.reference_bias(qp, kp, H).to(s.dtype)
+    # 4. float mask
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        s = s + attn_mask.to(s.dtype)
+    # 5. softcap
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    # 6. masking to −inf
+    keep = visibility(qp, kp, causal, window)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        keep = attn_mask if keep is None else keep & attn_mask
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    # 7. softmax; a fully masked row gives p = 0 and lse = −inf. Its scores are replaced by
+    # zeros first so that neither the forward nor the backward ever sees NaN.
+    dead = torch.isneginf(s).all(dim=-1, keepdim=True)
+    s_safe = s.masked_fill(dead, 0.0)
+    lse = torch.logsumexp(s_safe, dim=-1, keepdim=True)
+    p = torch.exp(s_safe - lse).masked_fill(dead, 0.0)
+    lse = lse.masked_fill(dead, float("-inf")).squeeze(-1)
+    # 8. URPE gate (after the normaliser)
+    if urpe is not None:
+        p = p * urpe.reference_gate(qp, kp, H).to(p.dtype)
+    # 9. dropout
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
+        p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
+    # 10. output
+    out = torch.matmul(p.to(v.dtype), v)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,8 @@
+"""Triton kernels of posattn, installed as ``posattn.triton_kernels``.
+
+Importing this package imports Triton; ``posattn`` imports it lazily, on the first call
+that uses ``backend="triton"``.
+"""
+from .attention import attn_bwd, attn_fwd, dropout_mask
+
+__all__ = ["attn_bwd", "attn_fwd", "dropout_mask"]

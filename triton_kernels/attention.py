@@ -1,0 +1,552 @@
+"""Fused attention in Triton: FlashAttention-2 forward, dK/dV and dQ backward kernels.
+
+Layout: q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], any strides with a contiguous
+last dim. Query head h reads KV head h // GROUP (grouped-query attention by index math).
+Every mask is a function of absolute positions (q_pos, k_pos) and is applied by the shared
+``score_tile``; whole key (or query) tiles that no position pair can see are skipped.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from posattn import _config
+
+from ._common import (MASK_BOOL, MASK_FLOAT, MASK_NONE, dropout_keep, load_positions, position_range, score_tile,
+                      tile_visible)
+
+_NO_SPECIALIZE = ["L", "S", "q_offset", "k_offset", "window_left", "window_right", "seed"]
+
+
+@triton.jit
+def _key_range(q_lo, q_hi, k_offset, window_left, window_right, S, BLOCK_N: tl.constexpr, K_POS_TENSOR: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """Key rows [lo, hi) that queries with positions in [q_lo, q_hi] can see (keys = offset + index)."""
+    lo = 0
+    hi = S
+    if not K_POS_TENSOR:
+        if WINDOW_LEFT:
+            lo = tl.maximum(q_lo - window_left - k_offset, 0)
+            lo = (lo // BLOCK_N) * BLOCK_N
+        if IS_CAUSAL:
+            hi = tl.minimum(q_hi - k_offset + 1, hi)
+        if WINDOW_RIGHT:
+            hi = tl.minimum(q_hi + window_right - k_offset + 1, hi)
+    return lo, hi
+
+
+@triton.jit
+def _query_range(k_lo, k_hi, q_offset, window_left, window_right, L, BLOCK_M: tl.constexpr, Q_POS_TENSOR: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """Query rows [lo, hi) that can see keys with positions in [k_lo, k_hi] (queries = offset + index)."""
+    lo = 0
+    hi = L
+    if not Q_POS_TENSOR:
+        if IS_CAUSAL:
+            lo = tl.maximum(k_lo - q_offset, lo)
+        if WINDOW_RIGHT:
+            lo = tl.maximum(k_lo - window_right - q_offset, lo)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        if WINDOW_LEFT:
+            hi = tl.minimum(k_hi + window_left - q_offset + 1, hi)
+    return lo, hi
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _attn_fwd_kernel(
+    # pointers
+    Q, K, V, O, LSE, MASK, QPOS, KPOS,
+    # sizes
+    H, L, S, D, DV, GROUP,
+    # strides
+    stride_q_b, stride_q_h, stride_q_l,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    stride_o_b, stride_o_h, stride_o_l,
+    stride_mask_b, stride_mask_h, stride_mask_l, stride_mask_s,
+    stride_qpos_b, stride_qpos_l, stride_kpos_b, stride_kpos_l,
+    # scalars
+    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, seed,
+    # constexprs
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, Q_POS_TENSOR: tl.constexpr, K_POS_TENSOR: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hkv = h // GROUP
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_valid = offs_m < L
+    q = tl.load(Q + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_l + offs_d[None, :],
+                mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_M, BLOCK_D]
+    q_pos = load_positions(QPOS, q_offset, b, offs_m, m_valid, stride_qpos_b, stride_qpos_l, Q_POS_TENSOR)
+    q_lo, q_hi = position_range(q_pos, m_valid)
+
+    K_base = K + b * stride_k_b + hkv * stride_k_h
+    V_base = V + b * stride_v_b + hkv * stride_v_h
+    MASK_base = MASK + b * stride_mask_b + h * stride_mask_h + offs_m[:, None] * stride_mask_l
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    lo, hi = _key_range(q_lo, q_hi, k_offset, window_left, window_right, S, BLOCK_N, K_POS_TENSOR,
+                        IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < S
+        k_pos = load_positions(KPOS, k_offset, b, offs_n, n_valid, stride_kpos_b, stride_kpos_l, K_POS_TENSOR)
+        k_lo, k_hi = position_range(k_pos, n_valid)
+        if tile_visible(q_lo, q_hi, k_lo, k_hi, window_left, window_right, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT):
+            k = tl.load(K_base + offs_n[:, None] * stride_k_s + offs_d[None, :],
+                        mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+            s = score_tile(qk, scale, q_pos, k_pos, m_valid, n_valid, MASK_base + offs_n[None, :] * stride_mask_s,
+                           softcap, window_left, window_right, MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT,
+                           WINDOW_RIGHT)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row that has seen only masked keys keeps m = −inf; subtracting 0 instead keeps
+            # exp() at 0 rather than NaN, and that row's output/lse are fixed up at the end.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
+                p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :],
+                        mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    # Fully masked rows: l = 0 → output 0 and lse = −inf (no NaN).
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    tl.store(O + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_l + offs_dv[None, :],
+             out.to(O.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + bh * L + offs_m, lse, mask=m_valid)
+
+
+@triton.jit(do_not_specialize=["L"])
+def _attn_bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA,
+    H, L, DV,
+    stride_o_b, stride_o_h, stride_o_l,
+    stride_do_b, stride_do_h, stride_do_l,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """delta = rowsum(dO ⊙ O) − dlse: the softmax-backward row term (dlse: gradient into lse)."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    valid = (offs_m[:, None] < L) & (offs_dv[None, :] < DV)
+    o = tl.load(O + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_l + offs_dv[None, :],
+                mask=valid, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_l + offs_dv[None, :],
+                 mask=valid, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, axis=1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + bh * L + offs_m, mask=offs_m < L, other=0.0)
+    tl.store(DELTA + bh * L + offs_m, delta, mask=offs_m < L)
+
+
+@triton.jit
+def _recompute_p(q, k, scale, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left, window_right, lse,
+                 MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """P = exp(S − lse) for one tile, and ∂(capped score)/∂(raw score) for the softcap chain rule."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s = score_tile(qk, scale, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left, window_right,
+                   MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
+    # lse = −inf marks a fully masked row: every s there is −inf, and exp(−inf − inf) = 0.
+    p = tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)[:, None])  # [BLOCK_M, BLOCK_N]
+    if HAS_SOFTCAP:
+        t = tl.where(p > 0.0, s / softcap, 0.0)
+        dcap = 1.0 - t * t
+    else:
+        dcap = 1.0
+    return p, dcap
+
+
+@triton.jit
+def _dscore(p, dcap, dp, delta, keep_scale, seed, bh, offs_m, offs_n, dropout_p, HAS_DROPOUT: tl.constexpr):
+    """dS w.r.t. the raw score (before softcap) from dP = dO·Vᵀ; dropout's mask reapplied to dP."""
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    return p * (dp - delta[:, None]) * dcap
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _attn_bwd_dkdv_kernel(
+    # pointers
+    Q, K, V, DO, LSE, DELTA, DK, DV_OUT, MASK, QPOS, KPOS,
+    # sizes
+    H, HKV, L, S, D, DV, GROUP,
+    # strides
+    stride_q_b, stride_q_h, stride_q_l,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    stride_do_b, stride_do_h, stride_do_l,
+    stride_dk_b, stride_dk_h, stride_dk_s,
+    stride_dv_b, stride_dv_h, stride_dv_s,
+    stride_mask_b, stride_mask_h, stride_mask_l, stride_mask_s,
+    stride_qpos_b, stride_qpos_l, stride_kpos_b, stride_kpos_l,
+    # scalars
+    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, seed,
+    # constexprs
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, Q_POS_TENSOR: tl.constexpr, K_POS_TENSOR: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One key tile of one KV head: dK, dV summed over every query head of its group (no atomics)."""
+    start_n = tl.program_id(0)
+    bhkv = tl.program_id(1).to(tl.int64)
+    b = bhkv // HKV
+    hkv = bhkv % HKV
+
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_valid = offs_n < S
+    k = tl.load(K + b * stride_k_b + hkv * stride_k_h + offs_n[:, None] * stride_k_s + offs_d[None, :],
+                mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(V + b * stride_v_b + hkv * stride_v_h + offs_n[:, None] * stride_v_s + offs_dv[None, :],
+                mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
+    k_pos = load_positions(KPOS, k_offset, b, offs_n, n_valid, stride_kpos_b, stride_kpos_l, K_POS_TENSOR)
+    k_lo, k_hi = position_range(k_pos, n_valid)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    lo, hi = _query_range(k_lo, k_hi, q_offset, window_left, window_right, L, BLOCK_M, Q_POS_TENSOR,
+                          IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
+    for g in range(0, GROUP):
+        h = hkv * GROUP + g
+        bh = b * H + h
+        Q_base = Q + b * stride_q_b + h * stride_q_h
+        DO_base = DO + b * stride_do_b + h * stride_do_h
+        MASK_base = MASK + b * stride_mask_b + h * stride_mask_h + offs_n[None, :] * stride_mask_s
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_valid = offs_m < L
+            q_pos = load_positions(QPOS, q_offset, b, offs_m, m_valid, stride_qpos_b, stride_qpos_l, Q_POS_TENSOR)
+            q_lo, q_hi = position_range(q_pos, m_valid)
+            if tile_visible(q_lo, q_hi, k_lo, k_hi, window_left, window_right, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT):
+                q = tl.load(Q_base + offs_m[:, None] * stride_q_l + offs_d[None, :],
+                            mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_M, BLOCK_D]
+                do = tl.load(DO_base + offs_m[:, None] * stride_do_l + offs_dv[None, :],
+                             mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_M, BLOCK_DV]
+                lse = tl.load(LSE + bh * L + offs_m, mask=m_valid, other=float("-inf"))
+                delta = tl.load(DELTA + bh * L + offs_m, mask=m_valid, other=0.0)
+                p, dcap = _recompute_p(q, k, scale, q_pos, k_pos, m_valid, n_valid,
+                                       MASK_base + offs_m[:, None] * stride_mask_l, softcap, window_left,
+                                       window_right, lse, MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT,
+                                       WINDOW_RIGHT, DOT_PRECISION)
+                if HAS_DROPOUT:
+                    keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
+                    p_drop = tl.where(keep, p * keep_scale, 0.0)
+                else:
+                    p_drop = p
+                dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+                ds = _dscore(p, dcap, dp, delta, keep_scale, seed, bh, offs_m, offs_n, dropout_p, HAS_DROPOUT)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+
+    tl.store(DK + b * stride_dk_b + hkv * stride_dk_h + offs_n[:, None] * stride_dk_s + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=n_valid[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_OUT + b * stride_dv_b + hkv * stride_dv_h + offs_n[:, None] * stride_dv_s + offs_dv[None, :],
+             dv.to(DV_OUT.dtype.element_ty), mask=n_valid[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _attn_bwd_dq_kernel(
+    # pointers
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, DMASK, QPOS, KPOS,
+    # sizes
+    H, L, S, D, DV, GROUP,
+    # strides
+    stride_q_b, stride_q_h, stride_q_l,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    stride_do_b, stride_do_h, stride_do_l,
+    stride_dq_b, stride_dq_h, stride_dq_l,
+    stride_mask_b, stride_mask_h, stride_mask_l, stride_mask_s,
+    stride_dmask_b, stride_dmask_h, stride_dmask_l, stride_dmask_s,
+    stride_qpos_b, stride_qpos_l, stride_kpos_b, stride_kpos_l,
+    # scalars
+    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, seed,
+    # constexprs
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, Q_POS_TENSOR: tl.constexpr, K_POS_TENSOR: tl.constexpr,
+    MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One query tile of one query head: dQ, and the float mask's gradient when it needs one."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hkv = h // GROUP
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_valid = offs_m < L
+    q = tl.load(Q + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_l + offs_d[None, :],
+                mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_M, BLOCK_D]
+    do = tl.load(DO + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_l + offs_dv[None, :],
+                 mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_M, BLOCK_DV]
+    lse = tl.load(LSE + bh * L + offs_m, mask=m_valid, other=float("-inf"))
+    delta = tl.load(DELTA + bh * L + offs_m, mask=m_valid, other=0.0)
+    q_pos = load_positions(QPOS, q_offset, b, offs_m, m_valid, stride_qpos_b, stride_qpos_l, Q_POS_TENSOR)
+    q_lo, q_hi = position_range(q_pos, m_valid)
+
+    K_base = K + b * stride_k_b + hkv * stride_k_h
+    V_base = V + b * stride_v_b + hkv * stride_v_h
+    MASK_base = MASK + b * stride_mask_b + h * stride_mask_h + offs_m[:, None] * stride_mask_l
+    DMASK_base = DMASK + b * stride_dmask_b + h * stride_dmask_h + offs_m[:, None] * stride_dmask_l
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    lo, hi = _key_range(q_lo, q_hi, k_offset, window_left, window_right, S, BLOCK_N, K_POS_TENSOR,
+                        IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < S
+        k_pos = load_positions(KPOS, k_offset, b, offs_n, n_valid, stride_kpos_b, stride_kpos_l, K_POS_TENSOR)
+        k_lo, k_hi = position_range(k_pos, n_valid)
+        if tile_visible(q_lo, q_hi, k_lo, k_hi, window_left, window_right, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT):
+            k = tl.load(K_base + offs_n[:, None] * stride_k_s + offs_d[None, :],
+                        mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
+            v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :],
+                        mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
+            p, dcap = _recompute_p(q, k, scale, q_pos, k_pos, m_valid, n_valid,
+                                   MASK_base + offs_n[None, :] * stride_mask_s, softcap, window_left, window_right,
+                                   lse, MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+            ds = _dscore(p, dcap, dp, delta, keep_scale, seed, bh, offs_m, offs_n, dropout_p, HAS_DROPOUT)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            if MASK_GRAD:
+                # The mask may broadcast over batch, heads, rows or keys (stride 0), so several
+                # programs (or lanes) add into one element: fp32 atomics. A mask of full shape
+                # gets exactly one add per element into a zeroed buffer, hence deterministic.
+                tl.atomic_add(DMASK_base + offs_n[None, :] * stride_dmask_s, ds,
+                              mask=m_valid[:, None] & n_valid[None, :])
+
+    tl.store(DQ + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_l + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=m_valid[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dropout_mask_kernel(KEEP, H, L, S, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0)
+    start_n = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
+    tl.store(KEEP + bh * L * S + offs_m[:, None] * S + offs_n[None, :], keep,
+             mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers: the only code that checks devices, allocates and builds grids
+# --------------------------------------------------------------------------------------------------
+
+def _check_device(*tensors):
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and _config.triton_interpret():
+            if not _is_interpreted():
+                raise RuntimeError(
+                    "TRITON_INTERPRET=1 was set after posattn.triton_kernels was imported; set it before the "
+                    "first use of the Triton backend (Triton decides at import time)")
+            continue
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors, got a tensor on {t.device}; move the inputs to a GPU, use "
+            f"backend='reference', or set TRITON_INTERPRET=1 (before importing posattn) to run the Triton kernels "
+            f"on the CPU through Triton's (slow) interpreter")
+
+
+def _is_interpreted() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_attn_fwd_kernel, InterpretedFunction)
+
+
+def _alloc(shape, dtype, device, zero=False):
+    if zero:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if _config.poison_allocations():
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _alloc_like(t):
+    out = torch.empty_like(t)
+    if _config.poison_allocations():
+        out.fill_(float("nan"))
+    return out
+
+
+def _mask_args(attn_mask, shape4):
+    """(pointer tensor, its 4 strides over [B, H, L, S], kind): masks are read by broadcast strides."""
+    if attn_mask is None:
+        return None, (0, 0, 0, 0), MASK_NONE
+    view = attn_mask.expand(shape4)  # a view: broadcast dims get stride 0, nothing is copied
+    kind = MASK_BOOL if attn_mask.dtype == torch.bool else MASK_FLOAT
+    return view, tuple(view.stride()), kind
+
+
+def _pos_args(pos, B, L):
+    """Positions: an int offset (no tensor) or an integer tensor (L,) / (B, L)."""
+    if isinstance(pos, int):
+        return None, pos, (0, 0), False
+    if pos.dim() == 1:
+        return pos, 0, (0, pos.stride(0)), True
+    return pos, 0, (pos.stride(0) if pos.shape[0] != 1 else 0, pos.stride(1)), True
+
+
+def _window_args(window):
+    left, right = window if window is not None else (-1, -1)
+    return max(left, 0), max(right, 0), left >= 0, right >= 0
+
+
+def _dot_precision(dtype):
+    if dtype == torch.float32 and not _config.allow_tf32():
+        return "ieee"
+    return "tf32"
+
+
+def _common_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p):
+    B, H, L, D = q.shape
+    _, HKV, S, _ = k.shape
+    DV = v.shape[-1]
+    mask, mask_strides, mask_kind = _mask_args(attn_mask, (B, H, L, S))
+    qpos, q_offset, qpos_strides, q_tensor = _pos_args(q_pos, B, L)
+    kpos, k_offset, kpos_strides, k_tensor = _pos_args(k_pos, B, S)
+    w_left, w_right, has_left, has_right = _window_args(window)
+    # Absent tensors are replaced by q: their loads are compiled out by the constexpr flags,
+    # but the pointer arithmetic around them is still traced.
+    pointers = {name: q if t is None else t for name, t in dict(MASK=mask, QPOS=qpos, KPOS=kpos).items()}
+    strides = dict(mask=mask_strides, pos=qpos_strides + kpos_strides)
+    scalars = (q_offset, k_offset, w_left, w_right)
+    constexprs = dict(
+        BLOCK_D=_config.padded_head_dim(D), BLOCK_DV=_config.padded_head_dim(DV), IS_CAUSAL=causal,
+        WINDOW_LEFT=has_left, WINDOW_RIGHT=has_right, MASK_KIND=mask_kind, HAS_SOFTCAP=softcap is not None,
+        HAS_DROPOUT=dropout_p > 0.0, Q_POS_TENSOR=q_tensor, K_POS_TENSOR=k_tensor,
+        DOT_PRECISION=_dot_precision(q.dtype))
+    return (B, H, HKV, L, S, D, DV), pointers, strides, scalars, constexprs
+
+
+def attn_fwd(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale):
+    """Forward. Returns out [B, H, L, Dv] (q's dtype) and lse [B, H, L] (fp32, natural log)."""
+    _check_device(q, k, v, attn_mask)
+    (B, H, HKV, L, S, D, DV), ptrs, strides, scalars, cx = _common_meta(
+        q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p)
+    out = _alloc((B, H, L, DV), q.dtype, q.device)
+    lse = _alloc((B, H, L), torch.float32, q.device)
+    cfg = _config.tile_config("fwd", max(D, DV), _config.triton_interpret())
+    grid = (triton.cdiv(L, cfg.block_m), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, ptrs["MASK"], ptrs["QPOS"], ptrs["KPOS"],
+        H, L, S, D, DV, H // HKV,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *strides["mask"], *strides["pos"],
+        *scalars, scale, softcap or 0.0, dropout_p, seed,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale,
+             mask_grad):
+    """Backward. Returns dq, dk, dv (like q, k, v) and, if ``mask_grad``, the float mask's
+    gradient reduced to the mask's own shape (else None)."""
+    _check_device(do, q, k, v, attn_mask)
+    (B, H, HKV, L, S, D, DV), ptrs, strides, scalars, cx = _common_meta(
+        q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    if dlse is not None:
+        dlse = dlse.contiguous()  # autograd hands out expanded (stride-0) gradients, e.g. of lse.sum()
+    cfg = _config.tile_config("bwd", max(D, DV), _config.triton_interpret())
+
+    delta = _alloc((B, H, L), torch.float32, q.device)
+    pre_block = 64
+    _attn_bwd_preprocess_kernel[(triton.cdiv(L, pre_block), B * H)](
+        out, do, q if dlse is None else dlse, delta, H, L, DV,
+        out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        BLOCK_M=pre_block, BLOCK_DV=cx["BLOCK_DV"], HAS_DLSE=dlse is not None,
+    )
+
+    dq, dk, dv = _alloc_like(q), _alloc_like(k), _alloc_like(v)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), B * HKV)](
+        q, k, v, do, lse, delta, dk, dv, ptrs["MASK"], ptrs["QPOS"], ptrs["KPOS"],
+        H, HKV, L, S, D, DV, H // HKV,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        *strides["mask"], *strides["pos"],
+        *scalars, scale, softcap or 0.0, dropout_p, seed,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+    dmask = dmask_view = None
+    if mask_grad:
+        dmask = _alloc(attn_mask.shape, torch.float32, q.device, zero=True)
+        dmask_view = dmask.expand(B, H, L, S)
+    _attn_bwd_dq_kernel[(triton.cdiv(L, cfg.block_m), B * H)](
+        q, k, v, do, lse, delta, dq, ptrs["MASK"], q if dmask_view is None else dmask_view, ptrs["QPOS"], ptrs["KPOS"],
+        H, L, S, D, DV, H // HKV,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        *strides["mask"], *(dmask_view.stride() if mask_grad else (0, 0, 0, 0)), *strides["pos"],
+        *scalars, scale, softcap or 0.0, dropout_p, seed,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_GRAD=mask_grad, **cx,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if dmask is not None:
+        dmask = dmask.to(attn_mask.dtype)
+    return dq, dk, dv, dmask
+
+
+def dropout_mask(seed, B, H, L, S, dropout_p, device):
+    """The keep-mask (bool [B, H, L, S]) that the kernels draw for ``seed``: for tests and debugging."""
+    _check_device(torch.empty(0, device=device))
+    keep = torch.empty((B, H, L, S), dtype=torch.bool, device=device)
+    block = 64
+    _dropout_mask_kernel[(triton.cdiv(L, block), triton.cdiv(S, block), B * H)](
+        keep, H, L, S, dropout_p, seed, BLOCK_M=block, BLOCK_N=block)
+    return keep
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+# Where the CPU build comes from when no local wheel is configured for pip, e.g.
+# `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX ?=
 TRITON_VERSION ?= 3.9.0
 PYTEST_ARGS ?=
 
@@ -16,8 +19,9 @@ $(VENV)/.installed: setup.py Makefile
 		echo "NVIDIA GPU found: installing torch from the default index"; \
 		$(PY) -m pip install -q torch; \
 	else \
-		echo "no NVIDIA GPU: installing the CPU build torch==$(TORCH_VERSION)"; \
-		$(PY) -m pip install -q torch==$(TORCH_VERSION); \
+		echo "no NVIDIA GPU: installing the CPU build torch==$(TORCH_VERSION)+cpu"; \
+		$(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
+			|| { echo "no CPU build of torch $(TORCH_VERSION) found: rerun with TORCH_INDEX=https://download.pytorch.org/whl/cpu"; exit 1; }; \
 	fi
 	$(PY) -m pip install -q triton==$(TRITON_VERSION) numpy pytest
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .

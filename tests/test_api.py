@@ -103,3 +103,19 @@ def test_opcheck(mask, device):
     for args in [(q, k, v, m, None, None, 0, 0, True, -1, -1, 0.0, 0.0, None, 0.25),
                  (q, k, v, m, torch.arange(7, device=device), None, 2, 0, False, 3, 1, 2.0, 0.2, seed, 0.25)]:
         torch.library.opcheck(ops.triton_attention_fwd, args)
+
+
+def test_torch_compile_fullgraph_forward_and_backward(device):
+    q, k, v = (t.requires_grad_() for t in qkv(L=7, S=9, device=device))
+    mask = torch.randn(7, 9, device=device, requires_grad=True)
+
+    def f(q, k, v, mask):
+        return posattn.attention(q, k, v, attn_mask=mask, causal=True, q_pos=2, backend="triton")
+
+    eager = f(q, k, v, mask)
+    eager_grads = torch.autograd.grad(eager.sum(), (q, k, v, mask))
+    compiled = torch.compile(f, fullgraph=True)(q, k, v, mask)
+    compiled_grads = torch.autograd.grad(compiled.sum(), (q, k, v, mask))
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

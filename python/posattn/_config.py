@@ -21,7 +21,7 @@ Environment knobs (read at call time, so tests can set them with ``monkeypatch``
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -56,13 +56,12 @@ def triton_interpret() -> bool:
     return env_flag("TRITON_INTERPRET")
 
 
-@functools.lru_cache(maxsize=None)
+# A file-system lookup only: Triton itself is imported on first use, not here.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_FOUND
 
 
 @dataclass(frozen=True)

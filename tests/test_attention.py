@@ -281,3 +281,24 @@ def test_dropout_expectation(device):
     outs = torch.stack([posattn.attention(q, k, v, dropout_p=0.3, backend="triton") for _ in range(120)])
     stderr = outs.std(dim=0) / outs.shape[0] ** 0.5
     assert torch.all((outs.mean(dim=0) - clean).abs() <= 5 * stderr + 1e-6)
+
+
+def test_dropout_p_one_drops_everything(device):
+    c = Case(L=63, S=130, D=40)
+    q, k, v, _ = make_inputs(c, torch.float32, device)
+    dout = torch.randn(c.B, c.H, c.L, c.Dv, device=device, dtype=torch.float64)
+    got = run(q, k, v, None, dout, None, "triton", torch.float32, {"dropout_p": 1.0}, False)
+    for name in ("out", "dq", "dk", "dv"):
+        assert torch.all(got[name] == 0), name
+
+
+@pytest.mark.parametrize("L, S", [(0, 9), (7, 0)], ids=["L0", "S0"])
+def test_empty_sequences(L, S, device):
+    c = Case(L=L, S=S, D=16)
+    q, k, v, _ = make_inputs(c, torch.float32, device)
+    q.requires_grad_()
+    out, lse = posattn.attention(q, k, v, return_lse=True, backend="triton")
+    assert out.shape == (1, 2, L, 16) and lse.shape == (1, 2, L)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    out.sum().backward()
+    assert torch.all(q.grad == 0)

@@ -67,7 +67,7 @@ def _attn_fwd_kernel(
     stride_mask_b, stride_mask_h, stride_mask_l, stride_mask_s,
     stride_qpos_b, stride_qpos_l, stride_kpos_b, stride_kpos_l,
     # scalars
-    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, seed,
+    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
     # constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -120,7 +120,7 @@ def _attn_fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
-                p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                p = tl.where(keep, p * dropout_scale, 0.0)
             v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :],
                         mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -180,11 +180,11 @@ def _recompute_p(q, k, scale, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap
 
 
 @triton.jit
-def _dscore(p, dcap, dp, delta, keep_scale, seed, bh, offs_m, offs_n, dropout_p, HAS_DROPOUT: tl.constexpr):
+def _dscore(p, dcap, dp, delta, dropout_scale, seed, bh, offs_m, offs_n, dropout_p, HAS_DROPOUT: tl.constexpr):
     """dS w.r.t. the raw score (before softcap) from dP = dO·Vᵀ; dropout's mask reapplied to dP."""
     if HAS_DROPOUT:
         keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
-        dp = tl.where(keep, dp * keep_scale, 0.0)
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
     return p * (dp - delta[:, None]) * dcap
 
 
@@ -204,7 +204,7 @@ def _attn_bwd_dkdv_kernel(
     stride_mask_b, stride_mask_h, stride_mask_l, stride_mask_s,
     stride_qpos_b, stride_qpos_l, stride_kpos_b, stride_kpos_l,
     # scalars
-    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, seed,
+    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
     # constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -230,7 +230,6 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    keep_scale = 1.0 / (1.0 - dropout_p)
     lo, hi = _query_range(k_lo, k_hi, q_offset, window_left, window_right, L, BLOCK_M, Q_POS_TENSOR,
                           IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
     for g in range(0, GROUP):
@@ -257,12 +256,12 @@ def _attn_bwd_dkdv_kernel(
                                        WINDOW_RIGHT, DOT_PRECISION)
                 if HAS_DROPOUT:
                     keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
-                    p_drop = tl.where(keep, p * keep_scale, 0.0)
+                    p_drop = tl.where(keep, p * dropout_scale, 0.0)
                 else:
                     p_drop = p
                 dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-                ds = _dscore(p, dcap, dp, delta, keep_scale, seed, bh, offs_m, offs_n, dropout_p, HAS_DROPOUT)
+                ds = _dscore(p, dcap, dp, delta, dropout_scale, seed, bh, offs_m, offs_n, dropout_p, HAS_DROPOUT)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
 
     tl.store(DK + b * stride_dk_b + hkv * stride_dk_h + offs_n[:, None] * stride_dk_s + offs_d[None, :],
@@ -287,7 +286,7 @@ def _attn_bwd_dq_kernel(
     stride_dmask_b, stride_dmask_h, stride_dmask_l, stride_dmask_s,
     stride_qpos_b, stride_qpos_l, stride_kpos_b, stride_kpos_l,
     # scalars
-    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, seed,
+    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
     # constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -320,7 +319,6 @@ def _attn_bwd_dq_kernel(
     DMASK_base = DMASK + b * stride_dmask_b + h * stride_dmask_h + offs_m[:, None] * stride_dmask_l
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    keep_scale = 1.0 / (1.0 - dropout_p)
     lo, hi = _key_range(q_lo, q_hi, k_offset, window_left, window_right, S, BLOCK_N, K_POS_TENSOR,
                         IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
     for start_n in range(lo, hi, BLOCK_N):
@@ -337,7 +335,7 @@ def _attn_bwd_dq_kernel(
                                    MASK_base + offs_n[None, :] * stride_mask_s, softcap, window_left, window_right,
                                    lse, MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, DOT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-            ds = _dscore(p, dcap, dp, delta, keep_scale, seed, bh, offs_m, offs_n, dropout_p, HAS_DROPOUT)
+            ds = _dscore(p, dcap, dp, delta, dropout_scale, seed, bh, offs_m, offs_n, dropout_p, HAS_DROPOUT)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             if MASK_GRAD:
                 # The mask may broadcast over batch, heads, rows or keys (stride 0), so several
@@ -427,6 +425,11 @@ def _window_args(window):
     return max(left, 0), max(right, 0), left >= 0, right >= 0
 
 
+def _dropout_scale(dropout_p):
+    # kept elements are scaled by 1/(1 − p); with p = 1 nothing is kept and the scale is unused
+    return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+
+
 def _dot_precision(dtype):
     if dtype == torch.float32 and not _config.allow_tf32():
         return "ieee"
@@ -471,7 +474,7 @@ def attn_fwd(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *strides["mask"], *strides["pos"],
-        *scalars, scale, softcap or 0.0, dropout_p, seed,
+        *scalars, scale, softcap or 0.0, dropout_p, _dropout_scale(dropout_p), seed,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -511,7 +514,7 @@ def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, windo
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         *strides["mask"], *strides["pos"],
-        *scalars, scale, softcap or 0.0, dropout_p, seed,
+        *scalars, scale, softcap or 0.0, dropout_p, _dropout_scale(dropout_p), seed,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -529,7 +532,7 @@ def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, windo
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         *strides["mask"], *(dmask_view.stride() if mask_grad else (0, 0, 0, 0)), *strides["pos"],
-        *scalars, scale, softcap or 0.0, dropout_p, seed,
+        *scalars, scale, softcap or 0.0, dropout_p, _dropout_scale(dropout_p), seed,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_GRAD=mask_grad, **cx,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -69,9 +69,9 @@ def check_attention_inputs(q, k, v, *, window=None, attn_mask=None, softcap=None
     if Hkv == 0 or H % Hkv != 0:
         raise ValueError(f"q has {H} heads but k/v have {Hkv}; the query heads must be a multiple of the "
                          f"key/value heads (grouped-query attention)")
-    if L == 0 or S == 0 or D == 0 or v.shape[3] == 0:
-        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; every "
-                         f"length and head dim must be ≥ 1")
+    if D == 0 or v.shape[3] == 0:
+        raise ValueError(f"empty head dim: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; head "
+                         f"dims must be ≥ 1")
     if window is not None:
         if (not isinstance(window, (tuple, list)) or len(window) != 2 or not all(_is_int(w) for w in window)
                 or any(w < -1 for w in window)):
@@ -79,8 +79,8 @@ def check_attention_inputs(q, k, v, *, window=None, attn_mask=None, softcap=None
                              f"unbounded")
     if softcap is not None and not (isinstance(softcap, numbers.Real) and softcap > 0):
         raise ValueError(f"softcap={softcap!r} must be a positive number (or None)")
-    if not (isinstance(dropout_p, numbers.Real) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p={dropout_p!r} must lie in [0, 1)")
+    if not (isinstance(dropout_p, numbers.Real) and 0.0 <= dropout_p <= 1.0):
+        raise ValueError(f"dropout_p={dropout_p!r} must lie in [0, 1]")
     if scale is not None and not isinstance(scale, numbers.Real):
         raise TypeError(f"scale={scale!r} must be a number or None (None means 1/sqrt(D))")
     check_positions(q_pos, "q_pos", B, L, q.device)

@@ -74,7 +74,9 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     check_attention_inputs(q, k, v, window=window, attn_mask=attn_mask, softcap=softcap, dropout_p=dropout_p,
                            scale=scale, q_pos=q_pos, k_pos=k_pos)
     backend = select_backend(backend, q)
-    if backend == "reference":
+    # An empty sequence has nothing to compute (L = 0: empty output; S = 0: every row sees no
+    # key, so output 0 and lse −inf); the dense path handles it without launching a kernel.
+    if backend == "reference" or q.shape[2] == 0 or k.shape[2] == 0:
         return reference.attention(q, k, v, causal=causal, window=window, attn_mask=attn_mask, softcap=softcap,
                                    dropout_p=dropout_p, scale=scale, q_pos=q_pos, k_pos=k_pos, return_lse=return_lse)
 
@@ -102,7 +104,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, Ev); batch dims
     broadcast; 2-D and 3-D inputs work as in torch. ``attn_mask``: bool (True = takes part)
-    or float in query's dtype (added), broadcastable to (N, ..., Hq, L, S). ``is_causal``:
+    or float in query's dtype or float32 (added), broadcastable to (N, ..., Hq, L, S). ``is_causal``:
     top-left causal mask; together with ``attn_mask`` it raises. ``scale`` defaults to
     1/√E. ``enable_gqa``: Hq a multiple of H. ``dropout_p`` is always applied. A query row
     that sees no key returns 0. Returns (N, ..., Hq, L, Ev).
@@ -120,9 +122,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if not (query.dtype == key.dtype == value.dtype):
         raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got query.dtype: "
                            f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
-    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-        raise RuntimeError(f"Expected attn_mask dtype to be bool or to match query dtype, but got attn_mask.dtype: "
-                           f"{attn_mask.dtype} and query.dtype: {query.dtype} instead.")
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        raise RuntimeError(f"Expected attn_mask dtype to be bool or float32 or to match query dtype, but got "
+                           f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
     out_2d = all(t.dim() == 2 for t in tensors)
     nd = max(3, *(t.dim() for t in tensors))
     query, key, value = (t[(None,) * (nd - t.dim())] for t in (query, key, value))

@@ -91,7 +91,7 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     if dropout_p > 0.0:
         if dropout_mask is None:
             dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
-        p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
+        p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p) if dropout_p < 1.0 else p * 0.0
     # 10. output
     out = torch.matmul(p.to(v.dtype), v)
     return (out, lse) if return_lse else out

@@ -1,12 +1,10 @@
 """Fused attention in Triton: FlashAttention-2 forward, dK/dV and dQ backward kernels.
 
 Layout: q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], any strides with a contiguous
-last dim. Query head h reads KV head h // GROUP (grouped-query attention by index math).
+last dim. Query head h reads KV head h // (H / Hkv) (grouped-query attention by index math).
 Every mask is a function of absolute positions (q_pos, k_pos) and is applied by the shared
 ``score_tile``; whole key (or query) tiles that no position pair can see are skipped.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -55,18 +53,17 @@ def _query_range(k_lo, k_hi, q_offset, window_left, window_right, L, BLOCK_M: tl
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd_kernel(
-    # pointers
-    Q, K, V, O, LSE, MASK, QPOS, KPOS,
-    # sizes
-    H, L, S, D, DV, GROUP,
-    # strides
+    # outputs
+    O, LSE,
+    stride_o_b, stride_o_h, stride_o_l,
+    # shared by every kernel (one list, built once by the launcher): inputs, sizes, strides, scalars
+    Q, K, V, MASK, QPOS, KPOS,
+    H, HKV, L, S, D, DV,
     stride_q_b, stride_q_h, stride_q_l,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
-    stride_o_b, stride_o_h, stride_o_l,
     stride_mask_b, stride_mask_h, stride_mask_l, stride_mask_s,
     stride_qpos_b, stride_qpos_l, stride_kpos_b, stride_kpos_l,
-    # scalars
     q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
     # constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -78,7 +75,7 @@ def _attn_fwd_kernel(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    hkv = h // GROUP
+    hkv = h // (H // HKV)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -190,20 +187,19 @@ def _dscore(p, dcap, dp, delta, dropout_scale, seed, bh, offs_m, offs_n, dropout
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv_kernel(
-    # pointers
-    Q, K, V, DO, LSE, DELTA, DK, DV_OUT, MASK, QPOS, KPOS,
-    # sizes
-    H, HKV, L, S, D, DV, GROUP,
-    # strides
-    stride_q_b, stride_q_h, stride_q_l,
-    stride_k_b, stride_k_h, stride_k_s,
-    stride_v_b, stride_v_h, stride_v_s,
+    # backward inputs and outputs
+    DO, LSE, DELTA, DK, DV_OUT,
     stride_do_b, stride_do_h, stride_do_l,
     stride_dk_b, stride_dk_h, stride_dk_s,
     stride_dv_b, stride_dv_h, stride_dv_s,
+    # shared by every kernel (one list, built once by the launcher): inputs, sizes, strides, scalars
+    Q, K, V, MASK, QPOS, KPOS,
+    H, HKV, L, S, D, DV,
+    stride_q_b, stride_q_h, stride_q_l,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
     stride_mask_b, stride_mask_h, stride_mask_l, stride_mask_s,
     stride_qpos_b, stride_qpos_l, stride_kpos_b, stride_kpos_l,
-    # scalars
     q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
     # constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -232,8 +228,9 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     lo, hi = _query_range(k_lo, k_hi, q_offset, window_left, window_right, L, BLOCK_M, Q_POS_TENSOR,
                           IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
-    for g in range(0, GROUP):
-        h = hkv * GROUP + g
+    group = H // HKV
+    for g in range(0, group):
+        h = hkv * group + g
         bh = b * H + h
         Q_base = Q + b * stride_q_b + h * stride_q_h
         DO_base = DO + b * stride_do_b + h * stride_do_h
@@ -272,20 +269,19 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq_kernel(
-    # pointers
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, DMASK, QPOS, KPOS,
-    # sizes
-    H, L, S, D, DV, GROUP,
-    # strides
+    # backward inputs and outputs
+    DO, LSE, DELTA, DQ, DMASK,
+    stride_do_b, stride_do_h, stride_do_l,
+    stride_dq_b, stride_dq_h, stride_dq_l,
+    stride_dmask_b, stride_dmask_h, stride_dmask_l, stride_dmask_s,
+    # shared by every kernel (one list, built once by the launcher): inputs, sizes, strides, scalars
+    Q, K, V, MASK, QPOS, KPOS,
+    H, HKV, L, S, D, DV,
     stride_q_b, stride_q_h, stride_q_l,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
-    stride_do_b, stride_do_h, stride_do_l,
-    stride_dq_b, stride_dq_h, stride_dq_l,
     stride_mask_b, stride_mask_h, stride_mask_l, stride_mask_s,
-    stride_dmask_b, stride_dmask_h, stride_dmask_l, stride_dmask_s,
     stride_qpos_b, stride_qpos_l, stride_kpos_b, stride_kpos_l,
-    # scalars
     q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
     # constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -298,7 +294,7 @@ def _attn_bwd_dq_kernel(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    hkv = h // GROUP
+    hkv = h // (H // HKV)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -436,7 +432,8 @@ def _dot_precision(dtype):
     return "tf32"
 
 
-def _common_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p):
+def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale):
+    """Sizes, the shared argument list (the common tail of every kernel's signature) and constexprs."""
     B, H, L, D = q.shape
     _, HKV, S, _ = k.shape
     DV = v.shape[-1]
@@ -446,38 +443,32 @@ def _common_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, drop
     w_left, w_right, has_left, has_right = _window_args(window)
     # Absent tensors are replaced by q: their loads are compiled out by the constexpr flags,
     # but the pointer arithmetic around them is still traced.
-    pointers = {name: q if t is None else t for name, t in dict(MASK=mask, QPOS=qpos, KPOS=kpos).items()}
-    strides = dict(mask=mask_strides, pos=qpos_strides + kpos_strides)
-    scalars = (q_offset, k_offset, w_left, w_right)
+    shared = [q, k, v, *(q if t is None else t for t in (mask, qpos, kpos)),
+              H, HKV, L, S, D, DV,
+              *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *qpos_strides, *kpos_strides,
+              q_offset, k_offset, w_left, w_right, scale, softcap or 0.0, dropout_p, _dropout_scale(dropout_p), seed]
     constexprs = dict(
         BLOCK_D=_config.padded_head_dim(D), BLOCK_DV=_config.padded_head_dim(DV), IS_CAUSAL=causal,
         WINDOW_LEFT=has_left, WINDOW_RIGHT=has_right, MASK_KIND=mask_kind, HAS_SOFTCAP=softcap is not None,
         HAS_DROPOUT=dropout_p > 0.0, Q_POS_TENSOR=q_tensor, K_POS_TENSOR=k_tensor,
         DOT_PRECISION=_dot_precision(q.dtype))
-    return (B, H, HKV, L, S, D, DV), pointers, strides, scalars, constexprs
+    return (B, H, HKV, L, S, D, DV), shared, constexprs
+
+
+def _tile_args(kind, head_dim):
+    cfg = _config.tile_config(kind, head_dim, _config.triton_interpret())
+    return cfg, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def attn_fwd(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale):
     """Forward. Returns out [B, H, L, Dv] (q's dtype) and lse [B, H, L] (fp32, natural log)."""
     _check_device(q, k, v, attn_mask)
-    (B, H, HKV, L, S, D, DV), ptrs, strides, scalars, cx = _common_meta(
-        q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p)
+    (B, H, HKV, L, S, D, DV), shared, cx = _launch_meta(
+        q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale)
     out = _alloc((B, H, L, DV), q.dtype, q.device)
     lse = _alloc((B, H, L), torch.float32, q.device)
-    cfg = _config.tile_config("fwd", max(D, DV), _config.triton_interpret())
-    grid = (triton.cdiv(L, cfg.block_m), B * H)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, ptrs["MASK"], ptrs["QPOS"], ptrs["KPOS"],
-        H, L, S, D, DV, H // HKV,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        *strides["mask"], *strides["pos"],
-        *scalars, scale, softcap or 0.0, dropout_p, _dropout_scale(dropout_p), seed,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    cfg, tiles = _tile_args("fwd", max(D, DV))
+    _attn_fwd_kernel[(triton.cdiv(L, cfg.block_m), B * H)](out, lse, *out.stride()[:3], *shared, **tiles, **cx)
     return out, lse
 
 
@@ -486,56 +477,33 @@ def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, windo
     """Backward. Returns dq, dk, dv (like q, k, v) and, if ``mask_grad``, the float mask's
     gradient reduced to the mask's own shape (else None)."""
     _check_device(do, q, k, v, attn_mask)
-    (B, H, HKV, L, S, D, DV), ptrs, strides, scalars, cx = _common_meta(
-        q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p)
+    (B, H, HKV, L, S, D, DV), shared, cx = _launch_meta(
+        q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale)
     if do.stride(-1) != 1:
         do = do.contiguous()
     if dlse is not None:
         dlse = dlse.contiguous()  # autograd hands out expanded (stride-0) gradients, e.g. of lse.sum()
-    cfg = _config.tile_config("bwd", max(D, DV), _config.triton_interpret())
+    cfg, tiles = _tile_args("bwd", max(D, DV))
 
     delta = _alloc((B, H, L), torch.float32, q.device)
     pre_block = 64
     _attn_bwd_preprocess_kernel[(triton.cdiv(L, pre_block), B * H)](
-        out, do, q if dlse is None else dlse, delta, H, L, DV,
-        out.stride(0), out.stride(1), out.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
+        out, do, q if dlse is None else dlse, delta, H, L, DV, *out.stride()[:3], *do.stride()[:3],
         BLOCK_M=pre_block, BLOCK_DV=cx["BLOCK_DV"], HAS_DLSE=dlse is not None,
     )
 
     dq, dk, dv = _alloc_like(q), _alloc_like(k), _alloc_like(v)
     _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), B * HKV)](
-        q, k, v, do, lse, delta, dk, dv, ptrs["MASK"], ptrs["QPOS"], ptrs["KPOS"],
-        H, HKV, L, S, D, DV, H // HKV,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        *strides["mask"], *strides["pos"],
-        *scalars, scale, softcap or 0.0, dropout_p, _dropout_scale(dropout_p), seed,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cx,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        do, lse, delta, dk, dv, *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *shared, **tiles, **cx)
 
-    dmask = dmask_view = None
+    dmask = None
+    dmask_view = q  # a dummy pointer when no mask gradient is taken (MASK_GRAD=False)
     if mask_grad:
         dmask = _alloc(attn_mask.shape, torch.float32, q.device, zero=True)
         dmask_view = dmask.expand(B, H, L, S)
     _attn_bwd_dq_kernel[(triton.cdiv(L, cfg.block_m), B * H)](
-        q, k, v, do, lse, delta, dq, ptrs["MASK"], q if dmask_view is None else dmask_view, ptrs["QPOS"], ptrs["KPOS"],
-        H, L, S, D, DV, H // HKV,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        *strides["mask"], *(dmask_view.stride() if mask_grad else (0, 0, 0, 0)), *strides["pos"],
-        *scalars, scale, softcap or 0.0, dropout_p, _dropout_scale(dropout_p), seed,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_GRAD=mask_grad, **cx,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        do, lse, delta, dq, dmask_view, *do.stride()[:3], *dq.stride()[:3],
+        *(dmask_view.stride() if mask_grad else (0, 0, 0, 0)), *shared, MASK_GRAD=mask_grad, **tiles, **cx)
     if dmask is not None:
         dmask = dmask.to(attn_mask.dtype)
     return dq, dk, dv, dmask
@@ -549,7 +517,3 @@ def dropout_mask(seed, B, H, L, S, dropout_p, device):
     _dropout_mask_kernel[(triton.cdiv(L, block), triton.cdiv(S, block), B * H)](
         keep, H, L, S, dropout_p, seed, BLOCK_M=block, BLOCK_N=block)
     return keep
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

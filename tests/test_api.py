@@ -119,3 +119,10 @@ def test_torch_compile_fullgraph_forward_and_backward(device):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sdpa_float64_runs_on_reference_even_when_triton_is_forced(monkeypatch):
+    monkeypatch.setenv("POSATTN_BACKEND", "triton")
+    q, k, v = qkv(dtype=torch.float64)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(posattn.scaled_dot_product_attention(q, k, v, is_causal=True), expected)

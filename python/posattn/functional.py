@@ -109,7 +109,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     1/√E. ``enable_gqa``: Hq a multiple of H. ``dropout_p`` is always applied. A query row
     that sees no key returns 0. Returns (N, ..., Hq, L, Ev).
 
-    Runs on the backend that ``posattn.attention(backend=None)`` picks.
+    Runs on the backend that ``posattn.attention(backend=None)`` picks; float64 inputs always
+    run on the dense reference.
     """
     if attn_mask is not None and is_causal:
         raise RuntimeError("scaled_dot_product_attention: pass either attn_mask or is_causal=True, not both (torch "
@@ -171,6 +172,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         # (…, L, S) masks whose batch dims are all 1 stay un-materialised; others are expanded first
         mask4 = m.reshape(1, *m.shape[len(batch):]) if all(d == 1 for d in lead) else m.expand(full).reshape(
             -1, Hq, L, S)
-    out = attention(q4, k4, v4, causal=is_causal, attn_mask=mask4, dropout_p=dropout_p, scale=scale)
+    # float64 always runs on the dense reference (torch's SDPA takes it; the kernels do not)
+    backend = "reference" if q4.dtype == torch.float64 else None
+    out = attention(q4, k4, v4, causal=is_causal, attn_mask=mask4, dropout_p=dropout_p, scale=scale, backend=backend)
     out = out.reshape(*batch, Hq, L, out.shape[-1])
     return out.reshape(L, out.shape[-1]) if out_2d else out

@@ -89,6 +89,14 @@ def check_attention_inputs(q, k, v, *, window=None, attn_mask=None, softcap=None
         check_mask(attn_mask, (B, H, L, S), q)
 
 
+def broadcasts_to(shape, full) -> bool:
+    """True when a tensor of ``shape`` broadcasts to exactly ``full`` (no more dims than it)."""
+    try:
+        return len(shape) <= len(full) and torch.broadcast_shapes(shape, full) == torch.Size(full)
+    except RuntimeError:
+        return False
+
+
 def check_mask(attn_mask, shape4, q):
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
@@ -97,10 +105,6 @@ def check_mask(attn_mask, shape4, q):
                         f"mask (added to the scores)")
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but the inputs are on {q.device}")
-    try:
-        ok = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, shape4) == torch.Size(shape4)
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(attn_mask.shape, shape4):
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, H, L, S] = "
                          f"{list(shape4)}")

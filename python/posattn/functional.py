@@ -6,7 +6,7 @@ import math
 import torch
 
 from . import _config, ops, reference
-from ._checks import check_attention_inputs
+from ._checks import broadcasts_to, check_attention_inputs
 
 _PENDING = {
     "rope": "rotary encodings (RoPE, XPos, RotaryAngles) land with issue #3",
@@ -151,11 +151,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                            f"{tuple(value.shape)} do not broadcast: {e}") from None
     full = (*batch, Hq, L, S)
     if attn_mask is not None:
-        try:
-            ok = attn_mask.dim() <= len(full) and torch.broadcast_shapes(attn_mask.shape, full) == torch.Size(full)
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not broadcasts_to(attn_mask.shape, full):
             raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {list(full)}")
 
     def to4(t, heads, length, dim):

@@ -497,13 +497,13 @@ def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, windo
         do, lse, delta, dk, dv, *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *shared, **tiles, **cx)
 
     dmask = None
-    dmask_view = q  # a dummy pointer when no mask gradient is taken (MASK_GRAD=False)
+    dmask_view = q  # a dummy pointer (and strides) when no mask gradient is taken: MASK_GRAD=False never reads it
     if mask_grad:
         dmask = _alloc(attn_mask.shape, torch.float32, q.device, zero=True)
         dmask_view = dmask.expand(B, H, L, S)
     _attn_bwd_dq_kernel[(triton.cdiv(L, cfg.block_m), B * H)](
         do, lse, delta, dq, dmask_view, *do.stride()[:3], *dq.stride()[:3],
-        *(dmask_view.stride() if mask_grad else (0, 0, 0, 0)), *shared, MASK_GRAD=mask_grad, **tiles, **cx)
+        *dmask_view.stride(), *shared, MASK_GRAD=mask_grad, **tiles, **cx)
     if dmask is not None:
         dmask = dmask.to(attn_mask.dtype)
     return dq, dk, dv, dmask

@@ -5,7 +5,7 @@ materialises the (B, H, L, S) scores, so it is O(L·S) in memory: it is the defi
 that the kernels are tested against, and the ``"reference"`` backend.
 
 Position encodings plug in through their spec objects (``python/posattn/positions.py``):
-a rotary spec rotates q and k (``spec.reference_rotate``), a bias spec returns its dense
+a rotary spec rotates q and k (``spec.reference_rotate(q, k, q_pos, k_pos)``), a bias spec returns its dense
 additive bias (``spec.reference_bias``), a URPE spec its post-softmax gate
 (``spec.reference_gate``). Adding a spec adds a case there, not here.
 """
@@ -16,6 +16,7 @@ import math
 import torch
 
 from ._checks import check_attention_inputs, positions_tensor
+from .positions import check_specs
 
 
 def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window) -> torch.Tensor | None:
@@ -39,13 +40,16 @@ def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window) -
 
 
 def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, bias=None, urpe=None, softcap=None,
-              dropout_p=0.0, scale=None, q_pos=0, k_pos=0, return_lse=False, dropout_mask=None):
+              dropout_p=0.0, scale=None, q_pos=0, k_pos=0, return_lse=False, dropout_mask=None, deterministic=False):
     """Dense attention with posattn's exact semantics (see :func:`posattn.attention`).
 
     ``dropout_mask``: optional bool keep-mask broadcastable to [B, H, L, S] to use instead of
     drawing one (True keeps); the tests pass the kernels' own mask here to compare dropout
-    exactly. Returns out [B, H, L, Dv] (and lse [B, H, L] in q's dtype, natural log).
+    exactly. ``deterministic`` is accepted for symmetry with :func:`posattn.attention`
+    (the dense path always is). Returns out [B, H, L, Dv] (and lse [B, H, L] in q's dtype,
+    natural log).
     """
+    check_specs(rope, bias, urpe)
     check_attention_inputs(q, k, v, window=window, attn_mask=attn_mask, softcap=softcap, dropout_p=dropout_p,
                            scale=scale, q_pos=q_pos, k_pos=k_pos)
     B, H, L, D = q.shape
@@ -56,7 +60,7 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
 
     # 1. rotary encodings act on q and k themselves
     if rope is not None:
-        q, k = rope.reference_rotate(q, qp, "q"), rope.reference_rotate(k, kp, "k")
+        q, k = rope.reference_rotate(q, k, qp, kp)
     if H != Hkv:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)

@@ -9,6 +9,8 @@ TORCH_VERSION ?= 2.13.0
 # `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
 TORCH_INDEX ?=
 TRITON_VERSION ?= 3.9.0
+# Tests compare RoPE scalings, T5 buckets and whole attention layers with HF transformers itself.
+TRANSFORMERS_VERSION ?= 5.23.0
 PYTEST_ARGS ?=
 
 .PHONY: demo test install clean
@@ -23,7 +25,7 @@ $(VENV)/.installed: setup.py Makefile
 		$(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
 			|| { echo "no CPU build of torch $(TORCH_VERSION) found: rerun with TORCH_INDEX=https://download.pytorch.org/whl/cpu"; exit 1; }; \
 	fi
-	$(PY) -m pip install -q triton==$(TRITON_VERSION) numpy pytest
+	$(PY) -m pip install -q triton==$(TRITON_VERSION) numpy pytest transformers==$(TRANSFORMERS_VERSION)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

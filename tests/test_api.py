@@ -36,9 +36,9 @@ def qkv(B=1, H=2, Hkv=2, L=7, S=9, D=16, Dv=16, dtype=torch.float32, device="cpu
     (qkv, {"attn_mask": torch.ones(1, 1, 1, 7, 9)}, ValueError, "does not broadcast"),
     (qkv, {"backend": "cuda"}, ValueError, "backend='cuda' is not a backend"),
     (qkv, {"backend": "cpu"}, NotImplementedError, "issue #5"),
-    (qkv, {"rope": object()}, NotImplementedError, "issue #3"),
-    (qkv, {"bias": object()}, NotImplementedError, "issue #4"),
-    (qkv, {"urpe": object()}, NotImplementedError, "issue #4"),
+    (qkv, {"rope": object()}, TypeError, "posattn.RoPE, posattn.XPos or posattn.RotaryAngles"),
+    (qkv, {"bias": object()}, TypeError, "ALiBi, RelativeBias, T5Bias or ManhattanDecay"),
+    (qkv, {"urpe": object()}, TypeError, "posattn.URPE"),
     (lambda: qkv(dtype=torch.float64), {"backend": "triton"}, TypeError, "float64 runs on backend='reference'"),
     (lambda: qkv(D=320, Dv=16), {"backend": "triton"}, ValueError, "head dims up to 256"),
 ], ids=["heads", "ndim", "head-dim", "dtype-mix", "int-dtype", "kv-length", "batch", "empty", "window-len",
@@ -100,8 +100,29 @@ def test_opcheck(mask, device):
     q, k, v = (t.requires_grad_() for t in qkv(L=7, S=9, Dv=8, device=device))
     m = torch.randn(1, 1, 7, 9, device=device, requires_grad=True) if mask else None
     seed = torch.tensor(1234)
-    for args in [(q, k, v, m, None, None, 0, 0, True, -1, -1, 0.0, 0.0, None, 0.25),
-                 (q, k, v, m, torch.arange(7, device=device), None, 2, 0, False, 3, 1, 2.0, 0.2, seed, 0.25)]:
+    no_specs = (None, None, None, None, None, None, [0] * 8, 1.0, False)
+    for args in [(q, k, v, m, None, None, 0, 0, True, -1, -1, 0.0, 0.0, None, 0.25, *no_specs),
+                 (q, k, v, m, torch.arange(7, device=device), None, 2, 0, False, 3, 1, 2.0, 0.2, seed, 0.25,
+                  *no_specs)]:
+        torch.library.opcheck(ops.triton_attention_fwd, args)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_opcheck_with_position_specs(deterministic, device):
+    from posattn.positions import kernel_positions
+
+    q, k, v = (t.requires_grad_() for t in qkv(L=7, S=9, Dv=8, device=device))
+    angles_q = torch.randn(1, 2, 7, 4, device=device, requires_grad=True)
+    angles_k = torch.randn(1, 1, 9, 4, device=device, requires_grad=True)
+    table = torch.randn(2, 32, device=device, requires_grad=True)
+    gate = torch.randn(2, 5, device=device, requires_grad=True)
+    for rope, bias in [(posattn.RotaryAngles(angles_q, angles_k), posattn.T5Bias(table, bidirectional=False)),
+                       (posattn.RoPE(dim=8, interleaved=True), posattn.ALiBi(posattn.alibi_slopes(2, device=device)
+                                                                             .requires_grad_()))]:
+        kp = kernel_positions(rope, bias, posattn.URPE(gate), q, k, 2, 0)
+        args = (q, k, v, None, None, None, 2, 0, True, -1, -1, 0.0, 0.0, None, 0.25, kp.rope_table, kp.q_angles,
+                kp.k_angles, kp.bias_tensor, kp.bias_lut, kp.urpe_table, ops.spec_ints(kp), kp.rope_scale,
+                deterministic)
         torch.library.opcheck(ops.triton_attention_fwd, args)
 
 
@@ -119,6 +140,30 @@ def test_torch_compile_fullgraph_forward_and_backward(device):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph_with_position_specs(device):
+    q, k, v = (t.requires_grad_() for t in qkv(L=7, S=9, device=device))
+    table = torch.randn(2, 32, device=device, requires_grad=True)
+    gate = torch.randn(2, 7, device=device, requires_grad=True)
+
+    def f(q, k, v, table, gate):
+        return posattn.attention(q, k, v, causal=True, q_pos=2, rope=posattn.RoPE(scaling=LLAMA3),
+                                 bias=posattn.T5Bias(table, bidirectional=False), urpe=posattn.URPE(gate),
+                                 backend="triton")
+
+    inputs = (q, k, v, table, gate)
+    eager = f(*inputs)
+    eager_grads = torch.autograd.grad(eager.sum(), inputs)
+    compiled = torch.compile(f, fullgraph=True)(*inputs)
+    compiled_grads = torch.autograd.grad(compiled.sum(), inputs)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
 
 
 def test_sdpa_float64_runs_on_reference_even_when_triton_is_forced(monkeypatch):

@@ -54,11 +54,14 @@ def tanh(x):
 
 
 @triton.jit
-def score_tile(qk, scale, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left, window_right,
+def score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left, window_right,
                MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IS_CAUSAL: tl.constexpr,
                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
-    """Steps 2–6 of the score pipeline on one [BLOCK_M, BLOCK_N] tile; masked entries are −inf."""
-    s = qk * scale  # [BLOCK_M, BLOCK_N]
+    """Steps 2–6 of the score pipeline on one [BLOCK_M, BLOCK_N] tile; masked entries are −inf.
+
+    ``bias`` is the tile's position bias (step 3, see :func:`bias_tile`) or 0.0.
+    """
+    s = qk * scale + bias  # [BLOCK_M, BLOCK_N]
     valid = m_valid[:, None] & n_valid[None, :]
     if MASK_KIND == 2:
         s += tl.load(mask_ptrs, mask=valid, other=0.0).to(tl.float32)
@@ -89,3 +92,189 @@ def dropout_keep(seed, bh, offs_m, offs_n, dropout_p):
     c2 = tl.zeros_like(c0) + bh.to(tl.uint32)
     r, _, _, _ = philox(seed, c0, c1, c2, tl.zeros_like(c0))
     return uint_to_uniform_float(r) >= dropout_p
+
+
+# --------------------------------------------------------------------------------------------------
+# rotary encodings (constexpr ROPE_KIND: 0 none, 1 RoPE frequencies, 2 xPos, 3 explicit angles)
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def rope_channels(offs_d, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Per channel: its pair index t, its partner channel and the sign of its sin term.
+
+    Pairs are (2t, 2t+1) interleaved, (t, t + r/2) in the half layout; the first channel
+    of a pair gets −sin, the second +sin; channels ≥ ROTARY_DIM pass through (sign 0,
+    partner itself).
+    """
+    rot = offs_d < ROTARY_DIM
+    if INTERLEAVED:
+        first = (offs_d % 2) == 0
+        t = offs_d // 2
+        partner = tl.where(first, offs_d + 1, offs_d - 1)
+    else:
+        first = offs_d < ROTARY_DIM // 2
+        t = tl.where(first, offs_d, offs_d - ROTARY_DIM // 2)
+        partner = tl.where(first, offs_d + ROTARY_DIM // 2, offs_d - ROTARY_DIM // 2)
+    t = tl.where(rot, t, 0)
+    partner = tl.where(rot, partner, offs_d)
+    sign = tl.where(rot, tl.where(first, -1.0, 1.0), 0.0)
+    return t, partner, sign, rot
+
+
+@triton.jit
+def rope_coefficients(pos, rel, row_valid, ANG_rows, stride_ang_t, ROPE_TABLE, rope_scale, offs_d,
+                      ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """cos and signed sin [ROWS, BLOCK_D] of one tile's rows, so that y = x·cos + x[partner]·sin.
+
+    Angles are pos·inv_freq in fp32 (RoPE, xPos) or loaded (explicit angles). ``rope_scale``
+    (YaRN's attention factor) scales both. xPos multiplies both by ζ_t^rel, ``rel`` being
+    the row's position relative to the tile pair's centre (+ for queries, − for keys).
+    """
+    t, partner, sign, rot = rope_channels(offs_d, ROTARY_DIM, INTERLEAVED)
+    if ROPE_KIND == 3:
+        angle = tl.load(ANG_rows[:, None] + t[None, :] * stride_ang_t, mask=row_valid[:, None] & rot[None, :],
+                        other=0.0).to(tl.float32)  # [ROWS, BLOCK_D]
+    else:
+        inv_freq = tl.load(ROPE_TABLE + t, mask=rot, other=0.0)
+        angle = pos.to(tl.float32)[:, None] * inv_freq[None, :]
+    cos = tl.cos(angle) * rope_scale
+    sin = tl.sin(angle) * rope_scale
+    if ROPE_KIND == 2:
+        log2_zeta = tl.load(ROPE_TABLE + ROTARY_DIM // 2 + t, mask=rot, other=0.0)  # log2(ζ_t) / scale_base
+        decay = tl.exp2(rel.to(tl.float32)[:, None] * log2_zeta[None, :])
+        cos = cos * decay
+        sin = sin * decay
+    return tl.where(rot[None, :], cos, 1.0), sin * sign[None, :], partner
+
+
+@triton.jit
+def load_rotated(X_rows, row_valid, offs_d, D, pos, rel, ANG_rows, stride_ang_t, ROPE_TABLE, rope_scale,
+                 ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Load a [ROWS, BLOCK_D] tile of q or k and rotate it in fp32 (step 1 of the pipeline).
+
+    The partner channels are a second, permuted load of the same rows (cache hits), so
+    no register shuffle is needed. xPos tiles stay fp32 (their decay can exceed the half
+    range); the others go back to the input dtype for the tensor-core dot.
+    """
+    d_valid = offs_d < D
+    x = tl.load(X_rows[:, None] + offs_d[None, :], mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    if ROPE_KIND != 0:
+        cos, sin, partner = rope_coefficients(pos, rel, row_valid, ANG_rows, stride_ang_t, ROPE_TABLE, rope_scale,
+                                              offs_d, ROPE_KIND, ROTARY_DIM, INTERLEAVED)
+        xp = tl.load(X_rows[:, None] + partner[None, :], mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        y = x.to(tl.float32) * cos + xp.to(tl.float32) * sin
+        if ROPE_KIND == 2:
+            x = y
+        else:
+            x = y.to(x.dtype)
+    return x
+
+
+@triton.jit
+def permute_pairs(x, offs_d, partner):
+    """x[:, partner] for a register tile, as a product with a 0/1 permutation matrix.
+
+    Exact: every output is one input times 1 (fp32 "ieee" dot). Used once per program, to
+    rotate the accumulated dQ / dK back.
+    """
+    perm = (offs_d[:, None] == partner[None, :]).to(tl.float32)  # [BLOCK_D, BLOCK_D]
+    return tl.dot(x, perm, input_precision="ieee")
+
+
+@triton.jit
+def unrotate(dy, pos, rel, row_valid, ANG_rows, stride_ang_t, ROPE_TABLE, rope_scale, offs_d,
+             ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """dx = Rᵀ dy: the gradient w.r.t. the un-rotated rows (rotation by −angle, same scales)."""
+    if ROPE_KIND != 0:
+        cos, sin, partner = rope_coefficients(pos, rel, row_valid, ANG_rows, stride_ang_t, ROPE_TABLE, rope_scale,
+                                              offs_d, ROPE_KIND, ROTARY_DIM, INTERLEAVED)
+        dy = dy * cos - permute_pairs(dy, offs_d, partner) * sin
+    return dy
+
+
+@triton.jit
+def angle_grad(dx, X_rows, row_valid, offs_d, D, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+               BLOCK_R: tl.constexpr):
+    """∂L/∂φ_t [ROWS, BLOCK_R] of explicit angles from dx (gradient w.r.t. the un-rotated x).
+
+    For a pair (a, b): ∂L/∂φ = −dy_a·y_b + dy_b·y_a = −dx_a·x_b + dx_b·x_a (the rotation's
+    generator commutes with the rotation). Each channel contributes sign·dx·x[partner];
+    the two channels of a pair are summed by a 0/1 matrix product (exact, deterministic).
+    """
+    t, partner, sign, rot = rope_channels(offs_d, ROTARY_DIM, INTERLEAVED)
+    xp = tl.load(X_rows[:, None] + partner[None, :], mask=row_valid[:, None] & (offs_d < D)[None, :],
+                 other=0.0).to(tl.float32)
+    contrib = dx * xp * sign[None, :]  # [ROWS, BLOCK_D]
+    offs_r = tl.arange(0, BLOCK_R)
+    pairs = ((t[:, None] == offs_r[None, :]) & rot[:, None]).to(tl.float32)  # [BLOCK_D, BLOCK_R]
+    return tl.dot(contrib, pairs, input_precision="ieee")
+
+
+# --------------------------------------------------------------------------------------------------
+# position biases (constexpr BIAS_KIND: 0 none, 1 ALiBi, 2 RelativeBias, 3 T5Bias, 4 ManhattanDecay)
+# and the URPE gate
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _floor_divmod(p, w):
+    # floor division for any sign of p (w > 0), whatever the integer division rounds to
+    q = p // w
+    r = p - q * w
+    neg = r < 0
+    return tl.where(neg, q - 1, q), tl.where(neg, r + w, r)
+
+
+@triton.jit
+def bias_operand(q_pos, k_pos, valid, LUT, bias_i0, bias_i1, bias_i2, BIAS_KIND: tl.constexpr):
+    """Per element of a tile: the table index (RelativeBias, T5) or the multiplier of the
+    head's parameter (ALiBi: −|r|, Manhattan: grid distance), r = k_pos − q_pos."""
+    rel = k_pos[None, :] - q_pos[:, None]  # [BLOCK_M, BLOCK_N]
+    if BIAS_KIND == 1:
+        out = -tl.abs(rel).to(tl.float32)
+    elif BIAS_KIND == 2:
+        out = tl.minimum(tl.maximum(rel, -bias_i0), bias_i0) + bias_i0
+    elif BIAS_KIND == 3:
+        # HF's bucket of the distance, from a table built on the host by HF's own float32
+        # expression (exact at every bucket boundary, whatever this device's logf rounds
+        # to); the function saturates at max_distance (bias_i0). bias_i1: bucket offset of
+        # keys after the query (bidirectional), bias_i2: bidirectional.
+        bidirectional = bias_i2 != 0
+        n = tl.where(bidirectional, tl.abs(rel), tl.maximum(-rel, 0))
+        offset = tl.where(bidirectional & (rel > 0), bias_i1, 0)
+        out = offset + tl.load(LUT + tl.minimum(n, bias_i0), mask=valid, other=0)
+    else:
+        row_q, col_q = _floor_divmod(q_pos, bias_i0)
+        row_k, col_k = _floor_divmod(k_pos, bias_i0)
+        out = (tl.abs(row_k[None, :] - row_q[:, None]) + tl.abs(col_k[None, :] - col_q[:, None])).to(tl.float32)
+    return out
+
+
+@triton.jit
+def bias_tile(operand, valid, BIAS_h, BIAS_KIND: tl.constexpr):
+    """Step 3 of the pipeline: the additive bias of one tile (BIAS_h: this head's parameters)."""
+    if BIAS_KIND == 1 or BIAS_KIND == 4:
+        bias = tl.load(BIAS_h).to(tl.float32) * operand
+    else:
+        bias = tl.load(BIAS_h + operand, mask=valid, other=0.0).to(tl.float32)
+    return bias
+
+
+@triton.jit
+def urpe_index(q_pos, k_pos, urpe_m):
+    rel = k_pos[None, :] - q_pos[:, None]
+    return tl.minimum(tl.maximum(rel, -urpe_m), urpe_m) + urpe_m
+
+
+@triton.jit
+def table_grad_add(g, idx, live, DT_row):
+    """Add Σ g over each table entry of one tile into DT_row[entry].
+
+    The tile is reduced entry by entry first (a tile touches at most BLOCK_M + BLOCK_N − 1
+    entries of a relative table, fewer for buckets), then one scalar atomic per (tile,
+    entry). Into a per-program row (deterministic mode) the adds of one program land in
+    program order, so the result is bitwise reproducible.
+    """
+    lo = tl.min(tl.min(tl.where(live, idx, 2147483647), axis=1), axis=0)
+    hi = tl.max(tl.max(tl.where(live, idx, -1), axis=1), axis=0)
+    for e in range(lo, hi + 1):
+        tl.atomic_add(DT_row + e, tl.sum(tl.sum(tl.where(live & (idx == e), g, 0.0), axis=1), axis=0))

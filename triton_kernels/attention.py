@@ -10,11 +10,14 @@ import triton
 import triton.language as tl
 
 from posattn import _config
+from posattn.positions import BIAS_ALIBI, BIAS_MANHATTAN, ROPE_ANGLES, ROPE_NONE, KernelPositions
 
-from ._common import (MASK_BOOL, MASK_FLOAT, MASK_NONE, dropout_keep, load_positions, position_range, score_tile,
-                      tile_visible)
+from ._common import (MASK_BOOL, MASK_FLOAT, MASK_NONE, angle_grad, bias_operand, bias_tile, dropout_keep,
+                      load_positions, load_rotated, position_range, score_tile, table_grad_add, tile_visible, unrotate,
+                      urpe_index)
 
-_NO_SPECIALIZE = ["L", "S", "q_offset", "k_offset", "window_left", "window_right", "seed"]
+_NO_SPECIALIZE = ["L", "S", "q_offset", "k_offset", "window_left", "window_right", "seed", "bias_i0", "bias_i1",
+                  "bias_i2", "urpe_m"]
 
 
 @triton.jit
@@ -57,19 +60,24 @@ def _attn_fwd_kernel(
     O, LSE,
     stride_o_b, stride_o_h, stride_o_l,
     # shared by every kernel (one list, built once by the launcher): inputs, sizes, strides, scalars
-    Q, K, V, MASK, QPOS, KPOS,
+    Q, K, V, MASK, QPOS, KPOS, ROPE_TABLE, QANG, KANG, BIAS, BIAS_LUT, URPE_T,
     H, HKV, L, S, D, DV,
     stride_q_b, stride_q_h, stride_q_l,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
     stride_mask_b, stride_mask_h, stride_mask_l, stride_mask_s,
     stride_qpos_b, stride_qpos_l, stride_kpos_b, stride_kpos_l,
+    stride_qang_b, stride_qang_h, stride_qang_l, stride_qang_t,
+    stride_kang_b, stride_kang_h, stride_kang_s, stride_kang_t,
+    stride_bias_b, stride_bias_h, stride_urpe_h,
     q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+    rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
     # constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, Q_POS_TENSOR: tl.constexpr, K_POS_TENSOR: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -81,14 +89,20 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_valid = offs_m < L
-    q = tl.load(Q + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_l + offs_d[None, :],
-                mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_M, BLOCK_D]
     q_pos = load_positions(QPOS, q_offset, b, offs_m, m_valid, stride_qpos_b, stride_qpos_l, Q_POS_TENSOR)
     q_lo, q_hi = position_range(q_pos, m_valid)
+    # xPos decays relative to this tile's first position: the q-side factor stays ≤ 1 and
+    # the k-side factor carries the distance (it decays for keys behind the queries).
+    q = load_rotated(Q + b * stride_q_b + h * stride_q_h + offs_m * stride_q_l, m_valid, offs_d, D, q_pos,
+                     q_pos - q_lo, QANG + b * stride_qang_b + h * stride_qang_h + offs_m * stride_qang_l,
+                     stride_qang_t, ROPE_TABLE, rope_scale, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED)  # [BLOCK_M, BLOCK_D]
 
     K_base = K + b * stride_k_b + hkv * stride_k_h
     V_base = V + b * stride_v_b + hkv * stride_v_h
+    KANG_base = KANG + b * stride_kang_b + hkv * stride_kang_h
     MASK_base = MASK + b * stride_mask_b + h * stride_mask_h + offs_m[:, None] * stride_mask_l
+    BIAS_h = BIAS + b * stride_bias_b + h * stride_bias_h
+    URPE_h = URPE_T + h * stride_urpe_h
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -102,19 +116,27 @@ def _attn_fwd_kernel(
         k_pos = load_positions(KPOS, k_offset, b, offs_n, n_valid, stride_kpos_b, stride_kpos_l, K_POS_TENSOR)
         k_lo, k_hi = position_range(k_pos, n_valid)
         if tile_visible(q_lo, q_hi, k_lo, k_hi, window_left, window_right, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT):
-            k = tl.load(K_base + offs_n[:, None] * stride_k_s + offs_d[None, :],
-                        mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
+            valid = m_valid[:, None] & n_valid[None, :]
+            k = load_rotated(K_base + offs_n * stride_k_s, n_valid, offs_d, D, k_pos, q_lo - k_pos,
+                             KANG_base + offs_n * stride_kang_s, stride_kang_t, ROPE_TABLE, rope_scale, ROPE_KIND,
+                             ROTARY_DIM, ROPE_INTERLEAVED)  # [BLOCK_N, BLOCK_D]
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-            s = score_tile(qk, scale, q_pos, k_pos, m_valid, n_valid, MASK_base + offs_n[None, :] * stride_mask_s,
-                           softcap, window_left, window_right, MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT,
-                           WINDOW_RIGHT)
+            bias = 0.0
+            if BIAS_KIND != 0:
+                bias = bias_tile(bias_operand(q_pos, k_pos, valid, BIAS_LUT, bias_i0, bias_i1, bias_i2, BIAS_KIND),
+                                 valid, BIAS_h, BIAS_KIND)
+            s = score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid,
+                           MASK_base + offs_n[None, :] * stride_mask_s, softcap, window_left, window_right, MASK_KIND,
+                           HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # A row that has seen only masked keys keeps m = −inf; subtracting 0 instead keeps
             # exp() at 0 rather than NaN, and that row's output/lse are fixed up at the end.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
             alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            l_i = l_i * alpha + tl.sum(p, axis=1)  # the normaliser never sees the URPE gate
+            if HAS_URPE:
+                p = p * tl.load(URPE_h + urpe_index(q_pos, k_pos, urpe_m), mask=valid, other=0.0)
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
                 p = tl.where(keep, p * dropout_scale, 0.0)
@@ -140,7 +162,10 @@ def _attn_bwd_preprocess_kernel(
     stride_do_b, stride_do_h, stride_do_l,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    """delta = rowsum(dO ⊙ O) − dlse: the softmax-backward row term (dlse: gradient into lse)."""
+    """delta = rowsum(dO ⊙ O) − dlse: the softmax-backward row term (dlse: gradient into lse).
+
+    With a URPE gate O = (P ⊙ C)·V, so rowsum(dO ⊙ O) = Σ_j dA_ij·A_ij still holds.
+    """
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -159,12 +184,12 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _recompute_p(q, k, scale, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left, window_right, lse,
-                 MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IS_CAUSAL: tl.constexpr,
+def _recompute_p(q, k, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left, window_right,
+                 lse, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IS_CAUSAL: tl.constexpr,
                  WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """P = exp(S − lse) for one tile, and ∂(capped score)/∂(raw score) for the softcap chain rule."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = score_tile(qk, scale, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left, window_right,
+    s = score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left, window_right,
                    MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
     # lse = −inf marks a fully masked row: every s there is −inf, and exp(−inf − inf) = 0.
     p = tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)[:, None])  # [BLOCK_M, BLOCK_N]
@@ -177,35 +202,44 @@ def _recompute_p(q, k, scale, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap
 
 
 @triton.jit
-def _dscore(p, dcap, dp, delta, dropout_scale, seed, bh, offs_m, offs_n, dropout_p, HAS_DROPOUT: tl.constexpr):
-    """dS w.r.t. the raw score (before softcap) from dP = dO·Vᵀ; dropout's mask reapplied to dP."""
+def _dscore(p, dcap, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT: tl.constexpr, HAS_URPE: tl.constexpr):
+    """dS w.r.t. the raw score (before softcap) from dP = dO·Vᵀ, and dA, the gradient w.r.t.
+    the gated probabilities before dropout (URPE: dS = P ⊙ (dA ⊙ C − Δ), dC = dA ⊙ P)."""
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
-    return p * (dp - delta[:, None]) * dcap
+    if HAS_URPE:
+        ds = p * (dp * gate - delta[:, None]) * dcap
+    else:
+        ds = p * (dp - delta[:, None]) * dcap
+    return ds, dp
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv_kernel(
     # backward inputs and outputs
-    DO, LSE, DELTA, DK, DV_OUT,
+    DO, LSE, DELTA, DK, DV_OUT, DKANG,
     stride_do_b, stride_do_h, stride_do_l,
     stride_dk_b, stride_dk_h, stride_dk_s,
     stride_dv_b, stride_dv_h, stride_dv_s,
     # shared by every kernel (one list, built once by the launcher): inputs, sizes, strides, scalars
-    Q, K, V, MASK, QPOS, KPOS,
+    Q, K, V, MASK, QPOS, KPOS, ROPE_TABLE, QANG, KANG, BIAS, BIAS_LUT, URPE_T,
     H, HKV, L, S, D, DV,
     stride_q_b, stride_q_h, stride_q_l,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
     stride_mask_b, stride_mask_h, stride_mask_l, stride_mask_s,
     stride_qpos_b, stride_qpos_l, stride_kpos_b, stride_kpos_l,
+    stride_qang_b, stride_qang_h, stride_qang_l, stride_qang_t,
+    stride_kang_b, stride_kang_h, stride_kang_s, stride_kang_t,
+    stride_bias_b, stride_bias_h, stride_urpe_h,
     q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+    rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
     # constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, Q_POS_TENSOR: tl.constexpr, K_POS_TENSOR: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr, ANGLE_GRAD: tl.constexpr,
 ):
     """One key tile of one KV head: dK, dV summed over every query head of its group (no atomics)."""
     start_n = tl.program_id(0)
@@ -217,79 +251,110 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_valid = offs_n < S
-    k = tl.load(K + b * stride_k_b + hkv * stride_k_h + offs_n[:, None] * stride_k_s + offs_d[None, :],
-                mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
-    v = tl.load(V + b * stride_v_b + hkv * stride_v_h + offs_n[:, None] * stride_v_s + offs_dv[None, :],
-                mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
     k_pos = load_positions(KPOS, k_offset, b, offs_n, n_valid, stride_kpos_b, stride_kpos_l, K_POS_TENSOR)
     k_lo, k_hi = position_range(k_pos, n_valid)
+    K_rows = K + b * stride_k_b + hkv * stride_k_h + offs_n * stride_k_s
+    KANG_rows = KANG + b * stride_kang_b + hkv * stride_kang_h + offs_n * stride_kang_s
+    # xPos: here the centre is this key tile's first position (k-side factor ≤ 1).
+    k = load_rotated(K_rows, n_valid, offs_d, D, k_pos, k_lo - k_pos, KANG_rows, stride_kang_t, ROPE_TABLE,
+                     rope_scale, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(V + b * stride_v_b + hkv * stride_v_h + offs_n[:, None] * stride_v_s + offs_dv[None, :],
+                mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    lo, hi = _query_range(k_lo, k_hi, q_offset, window_left, window_right, L, BLOCK_M, Q_POS_TENSOR,
-                          IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
-    group = H // HKV
-    for g in range(0, group):
-        h = hkv * group + g
+    GROUP = H // HKV
+    for g in range(0, GROUP):
+        h = hkv * GROUP + g
         bh = b * H + h
         Q_base = Q + b * stride_q_b + h * stride_q_h
+        QANG_base = QANG + b * stride_qang_b + h * stride_qang_h
         DO_base = DO + b * stride_do_b + h * stride_do_h
         MASK_base = MASK + b * stride_mask_b + h * stride_mask_h + offs_n[None, :] * stride_mask_s
+        BIAS_h = BIAS + b * stride_bias_b + h * stride_bias_h
+        URPE_h = URPE_T + h * stride_urpe_h
+        lo, hi = _query_range(k_lo, k_hi, q_offset, window_left, window_right, L, BLOCK_M, Q_POS_TENSOR,
+                              IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < L
             q_pos = load_positions(QPOS, q_offset, b, offs_m, m_valid, stride_qpos_b, stride_qpos_l, Q_POS_TENSOR)
             q_lo, q_hi = position_range(q_pos, m_valid)
             if tile_visible(q_lo, q_hi, k_lo, k_hi, window_left, window_right, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT):
-                q = tl.load(Q_base + offs_m[:, None] * stride_q_l + offs_d[None, :],
-                            mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_M, BLOCK_D]
+                valid = m_valid[:, None] & n_valid[None, :]
+                q = load_rotated(Q_base + offs_m * stride_q_l, m_valid, offs_d, D, q_pos, q_pos - k_lo,
+                                 QANG_base + offs_m * stride_qang_l, stride_qang_t, ROPE_TABLE, rope_scale, ROPE_KIND,
+                                 ROTARY_DIM, ROPE_INTERLEAVED)  # [BLOCK_M, BLOCK_D]
                 do = tl.load(DO_base + offs_m[:, None] * stride_do_l + offs_dv[None, :],
                              mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_M, BLOCK_DV]
                 lse = tl.load(LSE + bh * L + offs_m, mask=m_valid, other=float("-inf"))
                 delta = tl.load(DELTA + bh * L + offs_m, mask=m_valid, other=0.0)
-                p, dcap = _recompute_p(q, k, scale, q_pos, k_pos, m_valid, n_valid,
+                bias = 0.0
+                if BIAS_KIND != 0:
+                    bias = bias_tile(bias_operand(q_pos, k_pos, valid, BIAS_LUT, bias_i0, bias_i1, bias_i2,
+                                                  BIAS_KIND), valid, BIAS_h, BIAS_KIND)
+                p, dcap = _recompute_p(q, k, scale, bias, q_pos, k_pos, m_valid, n_valid,
                                        MASK_base + offs_m[:, None] * stride_mask_l, softcap, window_left,
                                        window_right, lse, MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT,
                                        WINDOW_RIGHT, DOT_PRECISION)
+                gate = 1.0
+                if HAS_URPE:
+                    gate = tl.load(URPE_h + urpe_index(q_pos, k_pos, urpe_m), mask=valid, other=0.0)
+                a = p * gate  # [BLOCK_M, BLOCK_N], the probabilities that multiply V
+                keep = True
                 if HAS_DROPOUT:
                     keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
-                    p_drop = tl.where(keep, p * dropout_scale, 0.0)
-                else:
-                    p_drop = p
-                dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
+                    a = tl.where(keep, a * dropout_scale, 0.0)
+                dv += tl.dot(tl.trans(a.to(do.dtype)), do, input_precision=DOT_PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-                ds = _dscore(p, dcap, dp, delta, dropout_scale, seed, bh, offs_m, offs_n, dropout_p, HAS_DROPOUT)
+                ds, _ = _dscore(p, dcap, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT, HAS_URPE)
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
 
+    # dK so far is w.r.t. the rotated keys; rotate it back by −angle (RoPE's Rᵀ).
+    dk = unrotate(dk * scale, k_pos, k_lo - k_pos, n_valid, KANG_rows, stride_kang_t, ROPE_TABLE, rope_scale, offs_d,
+                  ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED)
     tl.store(DK + b * stride_dk_b + hkv * stride_dk_h + offs_n[:, None] * stride_dk_s + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=n_valid[:, None] & (offs_d[None, :] < D))
+             dk.to(DK.dtype.element_ty), mask=n_valid[:, None] & (offs_d[None, :] < D))
     tl.store(DV_OUT + b * stride_dv_b + hkv * stride_dv_h + offs_n[:, None] * stride_dv_s + offs_dv[None, :],
              dv.to(DV_OUT.dtype.element_ty), mask=n_valid[:, None] & (offs_dv[None, :] < DV))
+    if ANGLE_GRAD:
+        dang = angle_grad(dk, K_rows, n_valid, offs_d, D, ROTARY_DIM, ROPE_INTERLEAVED, BLOCK_R)
+        offs_r = tl.arange(0, BLOCK_R)
+        tl.store(DKANG + (bhkv * S + offs_n[:, None]) * (ROTARY_DIM // 2) + offs_r[None, :], dang,
+                 mask=n_valid[:, None] & (offs_r[None, :] < ROTARY_DIM // 2))
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq_kernel(
     # backward inputs and outputs
-    DO, LSE, DELTA, DQ, DMASK,
+    DO, LSE, DELTA, DQ, DMASK, DQANG, DBIAS, DURPE,
     stride_do_b, stride_do_h, stride_do_l,
     stride_dq_b, stride_dq_h, stride_dq_l,
     stride_dmask_b, stride_dmask_h, stride_dmask_l, stride_dmask_s,
+    stride_dbias_b, stride_dbias_h, stride_dbias_m, stride_durpe_b, stride_durpe_h, stride_durpe_m,
     # shared by every kernel (one list, built once by the launcher): inputs, sizes, strides, scalars
-    Q, K, V, MASK, QPOS, KPOS,
+    Q, K, V, MASK, QPOS, KPOS, ROPE_TABLE, QANG, KANG, BIAS, BIAS_LUT, URPE_T,
     H, HKV, L, S, D, DV,
     stride_q_b, stride_q_h, stride_q_l,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
     stride_mask_b, stride_mask_h, stride_mask_l, stride_mask_s,
     stride_qpos_b, stride_qpos_l, stride_kpos_b, stride_kpos_l,
+    stride_qang_b, stride_qang_h, stride_qang_l, stride_qang_t,
+    stride_kang_b, stride_kang_h, stride_kang_s, stride_kang_t,
+    stride_bias_b, stride_bias_h, stride_urpe_h,
     q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+    rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
     # constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, Q_POS_TENSOR: tl.constexpr, K_POS_TENSOR: tl.constexpr,
-    MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr, ANGLE_GRAD: tl.constexpr,
+    MASK_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, URPE_GRAD: tl.constexpr,
 ):
-    """One query tile of one query head: dQ, and the float mask's gradient when it needs one."""
+    """One query tile of one query head: dQ, the float mask's gradient, and the gradients of
+    the position parameters (angles, slopes / log-decays, bias and URPE tables)."""
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -300,21 +365,31 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_valid = offs_m < L
-    q = tl.load(Q + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_l + offs_d[None, :],
-                mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_M, BLOCK_D]
+    q_pos = load_positions(QPOS, q_offset, b, offs_m, m_valid, stride_qpos_b, stride_qpos_l, Q_POS_TENSOR)
+    q_lo, q_hi = position_range(q_pos, m_valid)
+    Q_rows = Q + b * stride_q_b + h * stride_q_h + offs_m * stride_q_l
+    QANG_rows = QANG + b * stride_qang_b + h * stride_qang_h + offs_m * stride_qang_l
+    q = load_rotated(Q_rows, m_valid, offs_d, D, q_pos, q_pos - q_lo, QANG_rows, stride_qang_t, ROPE_TABLE,
+                     rope_scale, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED)  # [BLOCK_M, BLOCK_D]
     do = tl.load(DO + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_l + offs_dv[None, :],
                  mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_M, BLOCK_DV]
     lse = tl.load(LSE + bh * L + offs_m, mask=m_valid, other=float("-inf"))
     delta = tl.load(DELTA + bh * L + offs_m, mask=m_valid, other=0.0)
-    q_pos = load_positions(QPOS, q_offset, b, offs_m, m_valid, stride_qpos_b, stride_qpos_l, Q_POS_TENSOR)
-    q_lo, q_hi = position_range(q_pos, m_valid)
 
     K_base = K + b * stride_k_b + hkv * stride_k_h
     V_base = V + b * stride_v_b + hkv * stride_v_h
+    KANG_base = KANG + b * stride_kang_b + hkv * stride_kang_h
     MASK_base = MASK + b * stride_mask_b + h * stride_mask_h + offs_m[:, None] * stride_mask_l
     DMASK_base = DMASK + b * stride_dmask_b + h * stride_dmask_h + offs_m[:, None] * stride_dmask_l
+    BIAS_h = BIAS + b * stride_bias_b + h * stride_bias_h
+    URPE_h = URPE_T + h * stride_urpe_h
+    # Table gradients go to this program's own row (deterministic mode) or straight into
+    # the [H, T] gradient (strides choose); ALiBi / Manhattan store one partial per program.
+    DBIAS_row = DBIAS + b * stride_dbias_b + h * stride_dbias_h + start_m * stride_dbias_m
+    DURPE_row = DURPE + b * stride_durpe_b + h * stride_durpe_h + start_m * stride_durpe_m
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dparam = tl.zeros([BLOCK_M], tl.float32)
     lo, hi = _key_range(q_lo, q_hi, k_offset, window_left, window_right, S, BLOCK_N, K_POS_TENSOR,
                         IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
     for start_n in range(lo, hi, BLOCK_N):
@@ -323,25 +398,57 @@ def _attn_bwd_dq_kernel(
         k_pos = load_positions(KPOS, k_offset, b, offs_n, n_valid, stride_kpos_b, stride_kpos_l, K_POS_TENSOR)
         k_lo, k_hi = position_range(k_pos, n_valid)
         if tile_visible(q_lo, q_hi, k_lo, k_hi, window_left, window_right, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT):
-            k = tl.load(K_base + offs_n[:, None] * stride_k_s + offs_d[None, :],
-                        mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
+            valid = m_valid[:, None] & n_valid[None, :]
+            k = load_rotated(K_base + offs_n * stride_k_s, n_valid, offs_d, D, k_pos, q_lo - k_pos,
+                             KANG_base + offs_n * stride_kang_s, stride_kang_t, ROPE_TABLE, rope_scale, ROPE_KIND,
+                             ROTARY_DIM, ROPE_INTERLEAVED)  # [BLOCK_N, BLOCK_D]
             v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :],
                         mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
-            p, dcap = _recompute_p(q, k, scale, q_pos, k_pos, m_valid, n_valid,
+            bias = 0.0
+            operand = 0
+            if BIAS_KIND != 0:
+                operand = bias_operand(q_pos, k_pos, valid, BIAS_LUT, bias_i0, bias_i1, bias_i2, BIAS_KIND)
+                bias = bias_tile(operand, valid, BIAS_h, BIAS_KIND)
+            p, dcap = _recompute_p(q, k, scale, bias, q_pos, k_pos, m_valid, n_valid,
                                    MASK_base + offs_n[None, :] * stride_mask_s, softcap, window_left, window_right,
                                    lse, MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, DOT_PRECISION)
+            gate = 1.0
+            if HAS_URPE:
+                uidx = urpe_index(q_pos, k_pos, urpe_m)
+                gate = tl.load(URPE_h + uidx, mask=valid, other=0.0)
+            keep = True
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-            ds = _dscore(p, dcap, dp, delta, dropout_scale, seed, bh, offs_m, offs_n, dropout_p, HAS_DROPOUT)
+            ds, da = _dscore(p, dcap, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT, HAS_URPE)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
             if MASK_GRAD:
                 # The mask may broadcast over batch, heads, rows or keys (stride 0), so several
                 # programs (or lanes) add into one element: fp32 atomics. A mask of full shape
                 # gets exactly one add per element into a zeroed buffer, hence deterministic.
-                tl.atomic_add(DMASK_base + offs_n[None, :] * stride_dmask_s, ds,
-                              mask=m_valid[:, None] & n_valid[None, :])
+                tl.atomic_add(DMASK_base + offs_n[None, :] * stride_dmask_s, ds, mask=valid)
+            live = valid & (p > 0.0)  # dS and dA·P vanish elsewhere
+            if BIAS_GRAD:
+                if BIAS_KIND == 1 or BIAS_KIND == 4:
+                    dparam += tl.sum(tl.where(live, ds * operand, 0.0), axis=1)
+                else:
+                    table_grad_add(ds, operand, live, DBIAS_row)
+            if URPE_GRAD:
+                table_grad_add(da * p, uidx, live, DURPE_row)
 
+    # dQ so far is w.r.t. the rotated queries; rotate it back by −angle (RoPE's Rᵀ).
+    dq = unrotate(dq * scale, q_pos, q_pos - q_lo, m_valid, QANG_rows, stride_qang_t, ROPE_TABLE, rope_scale, offs_d,
+                  ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED)
     tl.store(DQ + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_l + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=m_valid[:, None] & (offs_d[None, :] < D))
+             dq.to(DQ.dtype.element_ty), mask=m_valid[:, None] & (offs_d[None, :] < D))
+    if ANGLE_GRAD:
+        dang = angle_grad(dq, Q_rows, m_valid, offs_d, D, ROTARY_DIM, ROPE_INTERLEAVED, BLOCK_R)
+        offs_r = tl.arange(0, BLOCK_R)
+        tl.store(DQANG + (bh * L + offs_m[:, None]) * (ROTARY_DIM // 2) + offs_r[None, :], dang,
+                 mask=m_valid[:, None] & (offs_r[None, :] < ROTARY_DIM // 2))
+    if BIAS_GRAD:
+        if BIAS_KIND == 1 or BIAS_KIND == 4:
+            tl.store(DBIAS_row, tl.sum(dparam, axis=0))
 
 
 @triton.jit
@@ -432,7 +539,32 @@ def _dot_precision(dtype):
     return "tf32"
 
 
-def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale):
+def _rope_args(kp, q, B, H, HKV, L, S):
+    """Rotary pointers (frequency table, q / k angles), their strides and constexprs."""
+    table = qa = ka = None
+    qa_strides = ka_strides = (0, 0, 0, 0)
+    if kp.rope_kind == ROPE_ANGLES:
+        qa = kp.q_angles.expand(B, H, L, kp.rotary_dim // 2)  # views: broadcast dims get stride 0
+        ka = (kp.q_angles if kp.k_angles is None else kp.k_angles).expand(B, HKV, S, kp.rotary_dim // 2)
+        qa_strides, ka_strides = qa.stride(), ka.stride()
+    elif kp.rope_kind != ROPE_NONE:
+        table = kp.rope_table
+    constexprs = dict(ROPE_KIND=kp.rope_kind, ROTARY_DIM=kp.rotary_dim, ROPE_INTERLEAVED=bool(kp.interleaved),
+                      BLOCK_R=_config.padded_head_dim(max(kp.rotary_dim // 2, 1)))
+    return (table, qa, ka), (*qa_strides, *ka_strides), constexprs
+
+
+def _bias_strides(kp):
+    """(batch, head) strides of the bias parameter: slopes (H,) / (B, H), tables [H, T], log-decays (H,)."""
+    t = kp.bias_tensor
+    if t is None:
+        return 0, 0
+    if kp.bias_kind == BIAS_ALIBI and t.dim() == 2:
+        return (t.stride(0) if t.shape[0] > 1 else 0), t.stride(1)
+    return 0, t.stride(0)
+
+
+def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp):
     """Sizes, the shared argument list (the common tail of every kernel's signature) and constexprs."""
     B, H, L, D = q.shape
     _, HKV, S, _ = k.shape
@@ -441,17 +573,24 @@ def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, drop
     qpos, q_offset, qpos_strides, q_tensor = _pos_args(q_pos, B, L)
     kpos, k_offset, kpos_strides, k_tensor = _pos_args(k_pos, B, S)
     w_left, w_right, has_left, has_right = _window_args(window)
+    (rope_table, qa, ka), angle_strides, rope_cx = _rope_args(kp, q, B, H, HKV, L, S)
+    urpe_stride = kp.urpe_table.stride(0) if kp.urpe_table is not None else 0
     # Absent tensors are replaced by q: their loads are compiled out by the constexpr flags,
     # but the pointer arithmetic around them is still traced.
-    shared = [q, k, v, *(q if t is None else t for t in (mask, qpos, kpos)),
+    pointers = (mask, qpos, kpos, rope_table, qa, ka, kp.bias_tensor, kp.bias_lut, kp.urpe_table)
+    shared = [q, k, v, *(q if t is None else t for t in pointers),
               H, HKV, L, S, D, DV,
               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *qpos_strides, *kpos_strides,
-              q_offset, k_offset, w_left, w_right, scale, softcap or 0.0, dropout_p, _dropout_scale(dropout_p), seed]
+              *angle_strides, *_bias_strides(kp), urpe_stride,
+              q_offset, k_offset, w_left, w_right, scale, softcap or 0.0, dropout_p, _dropout_scale(dropout_p), seed,
+              float(kp.rope_scale), *kp.bias_ints, kp.urpe_m]
+    # xPos keeps its rotated tiles in fp32 (see load_rotated): half inputs then use TF32 dots.
     constexprs = dict(
         BLOCK_D=_config.padded_head_dim(D), BLOCK_DV=_config.padded_head_dim(DV), IS_CAUSAL=causal,
         WINDOW_LEFT=has_left, WINDOW_RIGHT=has_right, MASK_KIND=mask_kind, HAS_SOFTCAP=softcap is not None,
         HAS_DROPOUT=dropout_p > 0.0, Q_POS_TENSOR=q_tensor, K_POS_TENSOR=k_tensor,
-        DOT_PRECISION=_dot_precision(q.dtype))
+        DOT_PRECISION=_dot_precision(q.dtype), BIAS_KIND=kp.bias_kind, HAS_URPE=kp.urpe_table is not None,
+        **rope_cx)
     return (B, H, HKV, L, S, D, DV), shared, constexprs
 
 
@@ -460,11 +599,15 @@ def _tile_args(kind, head_dim):
     return cfg, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def attn_fwd(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale):
-    """Forward. Returns out [B, H, L, Dv] (q's dtype) and lse [B, H, L] (fp32, natural log)."""
+def attn_fwd(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp=None):
+    """Forward. Returns out [B, H, L, Dv] (q's dtype) and lse [B, H, L] (fp32, natural log).
+
+    ``kp``: the flattened position specs (:class:`posattn.positions.KernelPositions`).
+    """
+    kp = KernelPositions() if kp is None else kp
     _check_device(q, k, v, attn_mask)
     (B, H, HKV, L, S, D, DV), shared, cx = _launch_meta(
-        q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale)
+        q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp)
     out = _alloc((B, H, L, DV), q.dtype, q.device)
     lse = _alloc((B, H, L), torch.float32, q.device)
     cfg, tiles = _tile_args("fwd", max(D, DV))
@@ -472,41 +615,110 @@ def attn_fwd(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_
     return out, lse
 
 
+def _sum_to(grad, shape):
+    """Reduce a full-shape gradient over the dims that ``shape`` broadcasts (size 1)."""
+    dims = [i for i, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1]
+    return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
 def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale,
-             mask_grad):
-    """Backward. Returns dq, dk, dv (like q, k, v) and, if ``mask_grad``, the float mask's
-    gradient reduced to the mask's own shape (else None)."""
+             mask_grad, kp=None, grads=(False, False, False), deterministic=False):
+    """Backward. Returns dq, dk, dv (like q, k, v), the float mask's gradient reduced to the
+    mask's own shape (if ``mask_grad``, else None), and the gradients of the position
+    parameters that ``grads`` = (angles, bias, urpe) asks for (else None): the angles'
+    (q_angles' shape; k_angles' shape or None when q_angles rotates the keys too), the
+    bias parameter's (its shape) and the URPE table's.
+
+    ``deterministic``: bitwise-reproducible parameter and mask gradients (per-program
+    partial sums, reduced afterwards) instead of fp32 atomics into one buffer.
+    """
+    kp = KernelPositions() if kp is None else kp
+    angle_grad, bias_grad, urpe_grad = grads
     _check_device(do, q, k, v, attn_mask)
     (B, H, HKV, L, S, D, DV), shared, cx = _launch_meta(
-        q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale)
+        q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp)
     if do.stride(-1) != 1:
         do = do.contiguous()
     if dlse is not None:
         dlse = dlse.contiguous()  # autograd hands out expanded (stride-0) gradients, e.g. of lse.sum()
     cfg, tiles = _tile_args("bwd", max(D, DV))
+    n_m = triton.cdiv(L, cfg.block_m)
+    dev = q.device
 
-    delta = _alloc((B, H, L), torch.float32, q.device)
+    delta = _alloc((B, H, L), torch.float32, dev)
     pre_block = 64
     _attn_bwd_preprocess_kernel[(triton.cdiv(L, pre_block), B * H)](
         out, do, q if dlse is None else dlse, delta, H, L, DV, *out.stride()[:3], *do.stride()[:3],
         BLOCK_M=pre_block, BLOCK_DV=cx["BLOCK_DV"], HAS_DLSE=dlse is not None,
     )
 
+    r2 = kp.rotary_dim // 2
+    dq_ang = _alloc((B, H, L, r2), torch.float32, dev) if angle_grad else None
+    dk_ang = _alloc((B, HKV, S, r2), torch.float32, dev) if angle_grad else None
     dq, dk, dv = _alloc_like(q), _alloc_like(k), _alloc_like(v)
     _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), B * HKV)](
-        do, lse, delta, dk, dv, *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *shared, **tiles, **cx)
+        do, lse, delta, dk, dv, q if dk_ang is None else dk_ang, *do.stride()[:3], *dk.stride()[:3],
+        *dv.stride()[:3], *shared, ANGLE_GRAD=angle_grad, **tiles, **cx)
 
-    dmask = None
+    dmask = dmask_buf = None
     dmask_view = q  # a dummy pointer (and strides) when no mask gradient is taken: MASK_GRAD=False never reads it
     if mask_grad:
-        dmask = _alloc(attn_mask.shape, torch.float32, q.device, zero=True)
-        dmask_view = dmask.expand(B, H, L, S)
-    _attn_bwd_dq_kernel[(triton.cdiv(L, cfg.block_m), B * H)](
-        do, lse, delta, dq, dmask_view, *do.stride()[:3], *dq.stride()[:3],
-        *dmask_view.stride(), *shared, MASK_GRAD=mask_grad, **tiles, **cx)
-    if dmask is not None:
-        dmask = dmask.to(attn_mask.dtype)
-    return dq, dk, dv, dmask
+        # One add per element into a zeroed full-shape buffer is deterministic; a broadcast
+        # mask shares elements between programs, hence atomics unless deterministic.
+        shape = (B, H, L, S) if deterministic else attn_mask.shape
+        dmask_buf = _alloc(shape, torch.float32, dev, zero=True)
+        dmask_view = dmask_buf.expand(B, H, L, S)
+
+    dbias, dbias_buf, dbias_strides = None, q, (0, 0, 0)
+    if bias_grad:
+        if kp.bias_kind in (BIAS_ALIBI, BIAS_MANHATTAN):  # one partial sum per program
+            dbias_buf = _alloc((B, H, n_m), torch.float32, dev)
+            dbias_strides = dbias_buf.stride()
+        else:
+            dbias_buf, dbias_strides = _table_grad_buffer(kp.bias_tensor, B, H, n_m, deterministic, dev)
+    durpe_buf, durpe_strides = (_table_grad_buffer(kp.urpe_table, B, H, n_m, deterministic, dev) if urpe_grad
+                                else (q, (0, 0, 0)))
+
+    _attn_bwd_dq_kernel[(n_m, B * H)](
+        do, lse, delta, dq, dmask_view, q if dq_ang is None else dq_ang, dbias_buf, durpe_buf,
+        *do.stride()[:3], *dq.stride()[:3], *dmask_view.stride(), *dbias_strides, *durpe_strides,
+        *shared, ANGLE_GRAD=angle_grad, MASK_GRAD=mask_grad, BIAS_GRAD=bias_grad, URPE_GRAD=urpe_grad,
+        **tiles, **cx)
+
+    if mask_grad:
+        dmask = _sum_to(dmask_buf, attn_mask.shape).to(attn_mask.dtype)
+    dq_angles = dk_angles = None
+    if angle_grad:
+        dq_angles = _sum_to(dq_ang, kp.q_angles.shape)
+        if kp.k_angles is None:
+            dq_angles = dq_angles + _sum_to(dk_ang, kp.q_angles.shape)
+        else:
+            dk_angles = _sum_to(dk_ang, kp.k_angles.shape)
+    if bias_grad:
+        if kp.bias_kind == BIAS_ALIBI:
+            dbias = _sum_to(dbias_buf.sum(-1), kp.bias_tensor.shape if kp.bias_tensor.dim() == 2 else (1, H))
+            dbias = dbias.reshape(kp.bias_tensor.shape)
+        elif kp.bias_kind == BIAS_MANHATTAN:
+            dbias = dbias_buf.sum(dim=(0, 2))
+        else:
+            dbias = _reduce_table_grad(dbias_buf, kp.bias_tensor, B, H, n_m, deterministic)
+    durpe = _reduce_table_grad(durpe_buf, kp.urpe_table, B, H, n_m, deterministic) if urpe_grad else None
+    return dq, dk, dv, dmask, dq_angles, dk_angles, dbias, durpe
+
+
+def _table_grad_buffer(table, B, H, n_m, deterministic, device):
+    """Zeroed fp32 buffer for a table gradient and the (batch, head, query-tile) strides of
+    each program's row: one row per program (deterministic) or the [H, T] gradient itself."""
+    T = table.shape[1]
+    if deterministic:
+        buf = _alloc((B, H, n_m, T), torch.float32, device, zero=True)
+        return buf, buf.stride()[:3]
+    buf = _alloc((H, T), torch.float32, device, zero=True)
+    return buf, (0, buf.stride(0), 0)
+
+
+def _reduce_table_grad(buf, table, B, H, n_m, deterministic):
+    return buf.sum(dim=(0, 2)) if deterministic else buf
 
 
 def dropout_mask(seed, B, H, L, S, dropout_p, device):

@@ -7,12 +7,7 @@ import torch
 
 from . import _config, ops, reference
 from ._checks import broadcasts_to, check_attention_inputs
-
-_PENDING = {
-    "rope": "rotary encodings (RoPE, XPos, RotaryAngles) land with issue #3",
-    "bias": "position biases (ALiBi, RelativeBias, T5Bias, ManhattanDecay) land with issue #4",
-    "urpe": "the URPE gate lands with issue #4",
-}
+from .positions import check_specs, kernel_positions
 
 
 def select_backend(backend, q: torch.Tensor) -> str:
@@ -40,7 +35,7 @@ def select_backend(backend, q: torch.Tensor) -> str:
 
 
 def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, bias=None, urpe=None, softcap=None,
-              dropout_p=0.0, scale=None, q_pos=0, k_pos=0, return_lse=False, backend=None):
+              dropout_p=0.0, scale=None, q_pos=0, k_pos=0, return_lse=False, backend=None, deterministic=False):
     """Fused attention with positions: ``softmax(scale·q·kᵀ + bias + mask) · v``.
 
     Shapes: q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], H a multiple of Hkv
@@ -64,21 +59,32 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     lse [B, H, L] = log Σ_j exp(s_ij), natural log, fp32 on the kernel backends (gradients
     flow through lse too).
 
+    Position encodings (specs from :mod:`posattn.positions`, all computed inside the kernel,
+    all composable with each other and with everything above): ``rope`` = RoPE | XPos |
+    RotaryAngles rotates q and k (step 1); ``bias`` = ALiBi | RelativeBias | T5Bias |
+    ManhattanDecay is added to the scaled scores before the float mask (step 3); ``urpe`` =
+    URPE multiplies the probabilities after the softmax (step 8). Learnable spec tensors
+    (slopes, tables, log-decays, angles) receive gradients.
+
+    ``deterministic``: bitwise-reproducible gradients for the position parameters (tables,
+    slopes, log-decays) and for a broadcast float mask: per-program partial sums reduced
+    afterwards, at the cost of a scratch buffer (B·H·⌈L/BLOCK_M⌉ rows per table; the mask's
+    full [B, H, L, S]). Default False: fp32 atomics, one per (tile, table entry).
+
     ``backend``: "triton" (CUDA tensors; CPU tensors under TRITON_INTERPRET=1),
     "reference" (dense PyTorch, any dtype incl. float64) or None (best available: triton for
     CUDA, reference for CPU and float64; the environment variable POSATTN_BACKEND overrides).
     """
-    for name, spec in (("rope", rope), ("bias", bias), ("urpe", urpe)):
-        if spec is not None:
-            raise NotImplementedError(f"{name}={spec!r}: {_PENDING[name]}")
+    check_specs(rope, bias, urpe)
     check_attention_inputs(q, k, v, window=window, attn_mask=attn_mask, softcap=softcap, dropout_p=dropout_p,
                            scale=scale, q_pos=q_pos, k_pos=k_pos)
     backend = select_backend(backend, q)
     # An empty sequence has nothing to compute (L = 0: empty output; S = 0: every row sees no
     # key, so output 0 and lse −inf); the dense path handles it without launching a kernel.
     if backend == "reference" or q.shape[2] == 0 or k.shape[2] == 0:
-        return reference.attention(q, k, v, causal=causal, window=window, attn_mask=attn_mask, softcap=softcap,
-                                   dropout_p=dropout_p, scale=scale, q_pos=q_pos, k_pos=k_pos, return_lse=return_lse)
+        return reference.attention(q, k, v, causal=causal, window=window, attn_mask=attn_mask, rope=rope, bias=bias,
+                                   urpe=urpe, softcap=softcap, dropout_p=dropout_p, scale=scale, q_pos=q_pos,
+                                   k_pos=k_pos, return_lse=return_lse)
 
     D = q.shape[-1]
     if max(D, v.shape[-1]) > _config.MAX_HEAD_DIM:
@@ -91,10 +97,13 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     k_tensor = k_pos if isinstance(k_pos, torch.Tensor) else None
     left, right = window if window is not None else (-1, -1)
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else None
+    kp = kernel_positions(rope, bias, urpe, q, k, q_pos, k_pos)
     out, lse = ops.triton_attention_fwd(
         q, k, v, attn_mask, q_tensor, k_tensor, 0 if q_tensor is not None else int(q_pos),
         0 if k_tensor is not None else int(k_pos), bool(causal), left, right, float(softcap or 0.0),
-        float(dropout_p), seed, 1.0 / math.sqrt(D) if scale is None else float(scale))
+        float(dropout_p), seed, 1.0 / math.sqrt(D) if scale is None else float(scale), kp.rope_table, kp.q_angles,
+        kp.k_angles, kp.bias_tensor, kp.bias_lut, kp.urpe_table, ops.spec_ints(kp), float(kp.rope_scale),
+        bool(deterministic))
     return (out, lse) if return_lse else out
 
 

@@ -4,13 +4,20 @@ The ops are opaque to autograd and to ``torch.compile``: each one calls a launch
 backward is itself an op. Positions travel as an optional tensor plus an int offset, the
 window as two ints (−1: unbounded), softcap as a float (0: off), and the dropout seed as a
 0-d int64 CPU tensor so that drawing it needs no ``.item()`` outside the op.
+
+Position specs travel flattened (:class:`posattn.positions.KernelPositions`): the tensors
+the kernels read (rotary frequency table, q / k angles, bias parameter, T5 bucket table,
+URPE table), ``spec_ints`` = [rope_kind, rotary_dim, interleaved, bias_kind, bias_i0,
+bias_i1, bias_i2, urpe_m] and ``rope_scale``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
+
+from .positions import KernelPositions
 
 
 def _triton():
@@ -27,19 +34,37 @@ def _window(left: int, right: int):
     return None if left < 0 and right < 0 else (left, right)
 
 
+def spec_ints(kp: KernelPositions) -> list[int]:
+    return [int(kp.rope_kind), int(kp.rotary_dim), int(bool(kp.interleaved)), int(kp.bias_kind), *map(int, kp.bias_ints),
+            int(kp.urpe_m)]
+
+
+def _unflatten(rope_table, q_angles, k_angles, bias_tensor, bias_lut, urpe_table, ints, rope_scale):
+    rope_kind, rotary_dim, interleaved, bias_kind, i0, i1, i2, urpe_m = ints
+    return KernelPositions(rope_kind=rope_kind, rotary_dim=rotary_dim, interleaved=bool(interleaved),
+                           rope_scale=rope_scale, rope_table=rope_table, q_angles=q_angles, k_angles=k_angles,
+                           bias_kind=bias_kind, bias_tensor=bias_tensor, bias_lut=bias_lut, bias_ints=(i0, i1, i2),
+                           urpe_table=urpe_table, urpe_m=urpe_m)
+
+
 @torch.library.custom_op("posattn::triton_attention_fwd", mutates_args=())
 def triton_attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], q_pos: Optional[Tensor],
                          k_pos: Optional[Tensor], q_offset: int, k_offset: int, causal: bool, window_left: int,
                          window_right: int, softcap: float, dropout_p: float, seed: Optional[Tensor],
-                         scale: float) -> tuple[Tensor, Tensor]:
+                         scale: float, rope_table: Optional[Tensor], q_angles: Optional[Tensor],
+                         k_angles: Optional[Tensor], bias_tensor: Optional[Tensor], bias_lut: Optional[Tensor],
+                         urpe_table: Optional[Tensor], spec_ints: List[int], rope_scale: float,
+                         deterministic: bool) -> tuple[Tensor, Tensor]:
+    kp = _unflatten(rope_table, q_angles, k_angles, bias_tensor, bias_lut, urpe_table, spec_ints, rope_scale)
     return _triton().attn_fwd(q, k, v, attn_mask, _pos(q_pos, q_offset), _pos(k_pos, k_offset), causal,
                               _window(window_left, window_right), softcap or None, dropout_p,
-                              0 if seed is None else int(seed), scale)
+                              0 if seed is None else int(seed), scale, kp)
 
 
 @triton_attention_fwd.register_fake
 def _(q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset, causal, window_left, window_right, softcap, dropout_p,
-      seed, scale):
+      seed, scale, rope_table, q_angles, k_angles, bias_tensor, bias_lut, urpe_table, spec_ints, rope_scale,
+      deterministic):
     B, H, L, _ = q.shape
     return q.new_empty((B, H, L, v.shape[-1])), q.new_empty((B, H, L), dtype=torch.float32)
 
@@ -49,46 +74,73 @@ def triton_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                          dlse: Optional[Tensor], attn_mask: Optional[Tensor], q_pos: Optional[Tensor],
                          k_pos: Optional[Tensor], q_offset: int, k_offset: int, causal: bool, window_left: int,
                          window_right: int, softcap: float, dropout_p: float, seed: Optional[Tensor], scale: float,
-                         mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dmask = _triton().attn_bwd(
+                         rope_table: Optional[Tensor], q_angles: Optional[Tensor], k_angles: Optional[Tensor],
+                         bias_tensor: Optional[Tensor], bias_lut: Optional[Tensor], urpe_table: Optional[Tensor],
+                         spec_ints: List[int], rope_scale: float, deterministic: bool, mask_grad: bool,
+                         angle_grad: bool, bias_grad: bool, urpe_grad: bool) -> List[Tensor]:
+    kp = _unflatten(rope_table, q_angles, k_angles, bias_tensor, bias_lut, urpe_table, spec_ints, rope_scale)
+    grads = _triton().attn_bwd(
         dout, q, k, v, out, lse, dlse, attn_mask, _pos(q_pos, q_offset), _pos(k_pos, k_offset), causal,
         _window(window_left, window_right), softcap or None, dropout_p, 0 if seed is None else int(seed), scale,
-        mask_grad)
-    # custom ops cannot return None: an empty tensor stands for "no mask gradient"
-    return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
+        mask_grad, kp, (angle_grad, bias_grad, urpe_grad), deterministic)
+    dq, dk, dv, dmask, dq_angles, dk_angles, dbias, durpe = grads
+    if dq_angles is not None:
+        dq_angles = dq_angles.to(q_angles.dtype)
+    if dk_angles is not None:
+        dk_angles = dk_angles.to(k_angles.dtype)
+    # custom ops cannot return None: an empty tensor stands for "no gradient"
+    return [dq, dk, dv, *(g if g is not None else q.new_empty(0) for g in (dmask, dq_angles, dk_angles, dbias, durpe))]
 
 
 @triton_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, q_offset, k_offset, causal, window_left, window_right,
-      softcap, dropout_p, seed, scale, mask_grad):
-    dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+      softcap, dropout_p, seed, scale, rope_table, q_angles, k_angles, bias_tensor, bias_lut, urpe_table, spec_ints,
+      rope_scale, deterministic, mask_grad, angle_grad, bias_grad, urpe_grad):
+    def like(t, wanted):
+        return torch.empty_like(t) if wanted and t is not None else q.new_empty(0)
+
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(attn_mask, mask_grad),
+            like(q_angles, angle_grad), like(k_angles, angle_grad), like(bias_tensor, bias_grad),
+            like(urpe_table, urpe_grad)]
 
 
 _FWD_ARGS = ("q", "k", "v", "attn_mask", "q_pos", "k_pos", "q_offset", "k_offset", "causal", "window_left",
-             "window_right", "softcap", "dropout_p", "seed", "scale")
+             "window_right", "softcap", "dropout_p", "seed", "scale", "rope_table", "q_angles", "k_angles",
+             "bias_tensor", "bias_lut", "urpe_table", "spec_ints", "rope_scale", "deterministic")
+_PARAMS = ("q_offset", "k_offset", "causal", "window_left", "window_right", "softcap", "dropout_p")
+_SPEC_TENSORS = ("rope_table", "q_angles", "k_angles", "bias_tensor", "bias_lut", "urpe_table")
 
 
 def _setup_context(ctx, inputs, output):
     args = dict(zip(_FWD_ARGS, inputs))
     out, lse = output
     ctx.save_for_backward(args["q"], args["k"], args["v"], out, lse, args["attn_mask"], args["q_pos"],
-                          args["k_pos"], args["seed"])
-    ctx.params = tuple(args[n] for n in ("q_offset", "k_offset", "causal", "window_left", "window_right",
-                                         "softcap", "dropout_p"))
-    ctx.scale = args["scale"]
+                          args["k_pos"], args["seed"], *(args[n] for n in _SPEC_TENSORS))
+    ctx.params = tuple(args[n] for n in _PARAMS)
+    ctx.scale, ctx.spec_ints, ctx.rope_scale = args["scale"], args["spec_ints"], args["rope_scale"]
+    ctx.deterministic = args["deterministic"]
+    need = dict(zip(_FWD_ARGS, ctx.needs_input_grad))
     mask = args["attn_mask"]
-    ctx.mask_grad = mask is not None and mask.dtype.is_floating_point and ctx.needs_input_grad[3]
+    ctx.mask_grad = mask is not None and mask.dtype.is_floating_point and need["attn_mask"]
+    ctx.angle_grad = need["q_angles"] or need["k_angles"]
+    ctx.bias_grad = need["bias_tensor"]
+    ctx.urpe_grad = need["urpe_table"]
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, attn_mask, q_pos, k_pos, seed = ctx.saved_tensors
+    q, k, v, out, lse, attn_mask, q_pos, k_pos, seed, *specs = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv, dmask = triton_attention_bwd(dout, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, *ctx.params,
-                                             seed, ctx.scale, ctx.mask_grad)
-    return (dq, dk, dv, dmask if ctx.mask_grad else None) + (None,) * (len(_FWD_ARGS) - 4)
+    dq, dk, dv, dmask, dqa, dka, dbias, durpe = triton_attention_bwd(
+        dout, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, *ctx.params, seed, ctx.scale, *specs,
+        ctx.spec_ints, ctx.rope_scale, ctx.deterministic, ctx.mask_grad, ctx.angle_grad, ctx.bias_grad,
+        ctx.urpe_grad)
+    grads = dict(q=dq, k=dk, v=dv, attn_mask=dmask if ctx.mask_grad else None,
+                 q_angles=dqa if ctx.angle_grad else None,
+                 k_angles=dka if ctx.angle_grad and specs[2] is not None else None,
+                 bias_tensor=dbias if ctx.bias_grad else None, urpe_table=durpe if ctx.urpe_grad else None)
+    return tuple(grads.get(name) for name in _FWD_ARGS)
 
 
 torch.library.register_autograd("posattn::triton_attention_fwd", _backward, setup_context=_setup_context)

@@ -30,6 +30,8 @@ class Case:
     mask: tuple = None  # (shape, "bool" | "float" | "float-grad")
     blhd: bool = False  # q, k, v as transposed (B, L, H, D) views
     lse_grad: bool = True
+    # position specs: (id, make(device) -> {name: (float64 tensor, takes grad)}, build({name: tensor}) -> kwargs)
+    spec: tuple = None
 
     def __post_init__(self):
         self.Dv = self.D if self.Dv is None else self.Dv
@@ -42,6 +44,8 @@ class Case:
             parts.append(k if v is True else f"{k}{v}" if not isinstance(v, str) else v)
         if self.mask:
             parts.append(f"{self.mask[1]}mask{'x'.join(map(str, self.mask[0]))}")
+        if self.spec:
+            parts.append(self.spec[0])
         if self.blhd:
             parts.append("blhd")
         if not self.lse_grad:
@@ -70,8 +74,13 @@ def positions_for(kw, device):
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
 
 
-def run(q, k, v, mask, dout, dlse, backend, dtype, kw, mask_grad):
+def run(q, k, v, mask, dout, dlse, backend, dtype, kw, mask_grad, spec=None):
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    params = {}
+    if spec is not None:
+        _, tensors, build = spec
+        params = {name: t.detach().to(dtype).requires_grad_(g) for name, (t, g) in tensors.items()}
+        kw = {**kw, **build(params)}
     if mask is not None:
         mask = mask.detach()
         if mask.is_floating_point():
@@ -86,6 +95,7 @@ def run(q, k, v, mask, dout, dlse, backend, dtype, kw, mask_grad):
     grads = {"dq": q.grad, "dk": k.grad, "dv": v.grad}
     if mask_grad:
         grads["dmask"] = mask.grad
+    grads.update({f"d{name}": t.grad for name, t in params.items() if t.requires_grad})
     return {"out": out.detach(), "lse": lse.detach(), **grads}
 
 
@@ -95,9 +105,12 @@ def check(c: Case, dtype, device, backend="triton"):
     dout = torch.randn(c.B, c.H, c.L, c.Dv, device=device, dtype=torch.float64)
     dlse = torch.randn(c.B, c.H, c.L, device=device, dtype=torch.float64) if c.lse_grad else None
     mask_grad = c.mask is not None and c.mask[1] == "float-grad"
-    ref = run(q, k, v, mask, dout, dlse, "reference", torch.float64, kw, mask_grad)
-    low = run(q, k, v, mask, dout, dlse, "reference", dtype, kw, mask_grad)
-    got = run(q, k, v, mask, dout, dlse, backend, dtype, kw, mask_grad)
+    spec = None
+    if c.spec is not None:
+        spec = (c.spec[0], c.spec[1](device), c.spec[2])
+    ref = run(q, k, v, mask, dout, dlse, "reference", torch.float64, kw, mask_grad, spec)
+    low = run(q, k, v, mask, dout, dlse, "reference", dtype, kw, mask_grad, spec)
+    got = run(q, k, v, mask, dout, dlse, backend, dtype, kw, mask_grad, spec)
     for name in ref:
         assert_close(f"{c.id}-{dtype}-{name}", got[name], ref[name], low[name])
     return got
@@ -248,15 +261,22 @@ def test_dropout_matches_reference_with_same_mask(c, device):
     p = c.kw["dropout_p"]
     keep = dropout_mask(_seed_drawn_after(11), c.B, c.H, c.L, c.S, p, device)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.03
+    check_dropout_with_kernel_mask(c.id, q, k, v, mask, positions_for(c.kw, device), 11, c, device)
+
+
+def check_dropout_with_kernel_mask(label, q, k, v, mask, kw, seed, c, device, spec=None):
+    """Kernel with dropout against the reference given the kernel's own keep-mask."""
+    from posattn.triton_kernels import dropout_mask
+
+    keep = dropout_mask(_seed_drawn_after(seed), c.B, c.H, c.L, c.S, kw["dropout_p"], device)
     dout = torch.randn(c.B, c.H, c.L, c.Dv, device=device, dtype=torch.float64)
-    kw = positions_for(c.kw, device)
-    mask_grad = c.mask is not None and c.mask[1] == "float-grad"
-    ref = run(q, k, v, mask, dout, None, "reference", torch.float64, {**kw, "dropout_mask": keep}, mask_grad)
-    low = run(q, k, v, mask, dout, None, "reference", torch.float32, {**kw, "dropout_mask": keep}, mask_grad)
-    torch.manual_seed(11)
-    got = run(q, k, v, mask, dout, None, "triton", torch.float32, kw, mask_grad)
+    mask_grad = mask is not None and c.mask[1] == "float-grad"
+    ref = run(q, k, v, mask, dout, None, "reference", torch.float64, {**kw, "dropout_mask": keep}, mask_grad, spec)
+    low = run(q, k, v, mask, dout, None, "reference", torch.float32, {**kw, "dropout_mask": keep}, mask_grad, spec)
+    torch.manual_seed(seed)
+    got = run(q, k, v, mask, dout, None, "triton", torch.float32, kw, mask_grad, spec)
     for name in ref:
-        assert_close(f"{c.id}-{name}", got[name], ref[name], low[name])
+        assert_close(f"{label}-{name}", got[name], ref[name], low[name])
 
 
 def test_dropout_same_seed_same_result(device):
@@ -302,3 +322,269 @@ def test_empty_sequences(L, S, device):
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
     out.sum().backward()
     assert torch.all(q.grad == 0)
+
+
+# ---- position specs inside the kernels (issues #3, #4) ---------------------------------------------
+
+def fixed(name, **specs):
+    """A spec without tensors (RoPE, XPos): nothing learnable to check."""
+    return name, lambda device: {}, lambda params: specs
+
+
+def rope(name, **kw):
+    return fixed(name, rope=posattn.RoPE(**kw))
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    # dynamic NTK grows the base once positions pass the original length (here: 200 > 64)
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64},
+    "yarn-mscale": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.707,
+                    "mscale_all_dim": 1.0, "beta_fast": 16},
+    "llama3": LLAMA3,
+    "longrope": {"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": 64,
+                 "short_factor": [1.0 + 0.1 * i for i in range(20)], "long_factor": [1.0 + 0.5 * i for i in range(20)]},
+}
+
+
+@pytest.mark.parametrize("c", [
+    Case(L=63, S=130, D=40, spec=rope("half"), kw={"causal": True, "q_pos": 67}),
+    Case(L=63, S=130, D=40, spec=rope("interleaved", interleaved=True), kw={"causal": True, "q_pos": 67}),
+    Case(L=63, S=63, D=72, spec=rope("partial32", dim=32), kw={"causal": True}),
+    Case(L=63, S=63, D=72, spec=rope("partial32-interleaved", dim=32, interleaved=True)),
+    Case(L=130, S=63, D=128, H=4, Hkv=2, spec=rope("half-dim-gqa", dim=64, theta=5e5)),
+    Case(L=7, S=130, D=16, Dv=40, spec=rope("decode-theta", theta=1e6), kw={"causal": True, "q_pos": 123}),
+    Case(L=63, S=63, D=40, spec=fixed("inv-freq", rope=posattn.RoPE(inv_freq=torch.linspace(1.0, 1e-3, 20)))),
+], ids=lambda c: c.id)
+def test_rope_layouts(c, device):
+    check(c, torch.float32, device)
+
+
+@pytest.mark.parametrize("name", list(SCALINGS))
+def test_rope_scalings(name, device):
+    check(Case(L=63, S=63, D=40, spec=rope(name, scaling=SCALINGS[name], theta=500.0),
+               kw={"causal": True, "q_pos": 137, "k_pos": 137}), torch.float32, device)
+
+
+@pytest.mark.parametrize("c", [
+    # (B, L) position ids, unsorted per batch, GQA: angles come from q_pos / k_pos themselves
+    Case(B=2, H=4, Hkv=2, L=63, S=130, D=40, spec=rope("half"),
+         kw={"causal": True, "q_pos": _perm_positions(63, 9, batch=2), "k_pos": _perm_positions(130, 10, batch=2)}),
+    # long contexts: angles pos·θ computed in fp32 from the integer positions, as HF does
+    Case(L=63, S=63, D=40, spec=rope("llama3-1e5", theta=5e5, scaling={**LLAMA3, "original_max_position_embeddings":
+                                                                         8192}),
+         kw={"causal": True, "q_pos": 100_000, "k_pos": 99_990}),
+    Case(B=2, L=63, S=130, D=72, spec=rope("window-blhd", dim=64, interleaved=True), blhd=True,
+         kw={"window": (20, 3), "q_pos": 50}),
+], ids=lambda c: c.id)
+def test_rope_positions(c, device):
+    check(c, torch.float32, device)
+
+
+@pytest.mark.parametrize("c", [
+    Case(B=2, H=2, L=63, S=130, D=72, spec=rope("half-partial", dim=64), kw={"causal": True, "q_pos": 67}),
+    Case(L=63, S=63, D=40, spec=fixed("xpos", rope=posattn.XPos()), kw={"causal": True}),
+], ids=lambda c: c.id)
+def test_rope_half_precision(c, device):
+    check(c, torch.float16, device)
+
+
+@pytest.mark.parametrize("c", [
+    Case(L=63, S=130, D=40, spec=fixed("xpos", rope=posattn.XPos()), kw={"causal": True, "q_pos": 67}),
+    Case(L=63, S=63, D=72, spec=fixed("xpos-half-partial", rope=posattn.XPos(dim=32, interleaved=False))),
+    Case(H=4, Hkv=1, L=130, S=130, D=40, spec=fixed("xpos-gqa-window", rope=posattn.XPos(scale_base=64.0)),
+         kw={"causal": True, "window": (70, 0)}),
+], ids=lambda c: c.id)
+def test_xpos(c, device):
+    check(c, torch.float32, device)
+
+
+def test_xpos_fp16_long_positions(device):
+    # Pre-scaling q and k by ζ^{±pos/512} overflows fp16 near position 4.5k; the kernels
+    # apply the decay per tile relative to a nearby centre, so positions ~9k stay finite.
+    c = Case(L=63, S=130, D=40, spec=fixed("xpos", rope=posattn.XPos()),
+             kw={"causal": True, "q_pos": 9067, "k_pos": 9000})
+    got = check(c, torch.float16, device)
+    assert all(torch.isfinite(t).all() for name, t in got.items() if name != "lse")
+
+
+def test_rope_composes_with_everything(device):
+    # rotary + ALiBi + float mask + softcap + window + GQA + position tensors in one call
+    def make(device):
+        return {"slopes": (posattn.alibi_slopes(4, dtype=torch.float64, device=device), True)}
+
+    c = Case(B=2, H=4, Hkv=2, L=63, S=130, D=40, mask=((2, 1, 63, 130), "float-grad"),
+             spec=("rope+alibi", make, lambda p: {"rope": posattn.RoPE(dim=32), "bias": posattn.ALiBi(p["slopes"])}),
+             kw={"causal": True, "softcap": 4.0, "window": (50, -1), "q_pos": _perm_positions(63, 11).add(67)})
+    check(c, torch.float32, device)
+
+
+def test_rope_dropout_same_mask(device):
+    c = Case(B=2, H=2, L=63, S=63, D=40)
+    q, k, v, _ = make_inputs(c, torch.float32, device)
+    kw = {"dropout_p": 0.25, "causal": True, "rope": posattn.RoPE(interleaved=True),
+          "bias": posattn.ALiBi(posattn.alibi_slopes(2, device=device))}
+    check_dropout_with_kernel_mask("rope-dropout", q, k, v, None, kw, 5, c, device)
+
+
+# biases ---------------------------------------------------------------------------------------------
+
+def alibi(per_batch=False, heads=2, batch=2):
+    def make(device):
+        slopes = posattn.alibi_slopes(heads, dtype=torch.float64, device=device)
+        if per_batch:
+            slopes = slopes * torch.rand(batch, 1, dtype=torch.float64, device=device).add(0.5)
+        return {"slopes": (slopes, True)}
+
+    return "alibi" + ("-BH" if per_batch else ""), make, lambda p: {"bias": posattn.ALiBi(p["slopes"])}
+
+
+def table_spec(name, cls, width, heads=2, grad=True, **kw):
+    def make(device):
+        return {"table": (torch.randn(heads, width, dtype=torch.float64, device=device), grad)}
+
+    return name, make, lambda p: {"bias": cls(p["table"], **kw)}
+
+
+def manhattan(heads=2, width=9):
+    def make(device):
+        return {"log_gamma": (-torch.rand(heads, dtype=torch.float64, device=device) * 0.3, True)}
+
+    return f"manhattan-w{width}", make, lambda p: {"bias": posattn.ManhattanDecay(p["log_gamma"], width)}
+
+
+def urpe(width, heads=2, ones=False, bias=None):
+    def make(device):
+        t = torch.ones if ones else torch.randn
+        params = {"gate": (t(heads, width, dtype=torch.float64, device=device), True)}
+        if bias is not None:
+            params["table"] = (torch.randn(heads, bias, dtype=torch.float64, device=device), True)
+        return params
+
+    def build(p):
+        kw = {"urpe": posattn.URPE(p["gate"])}
+        if "table" in p:
+            kw["bias"] = posattn.RelativeBias(p["table"])
+        return kw
+
+    return f"urpe{width}" + ("-ones" if ones else "") + (f"-rel{bias}" if bias else ""), make, build
+
+
+@pytest.mark.parametrize("H", [1, 3, 8, 12, 16])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_alibi_heads(H, causal, device):
+    check(Case(H=H, Hkv=1, L=33, S=40, D=16, spec=alibi(heads=H), kw={"causal": causal, "q_pos": 7}),
+          torch.float32, device)
+
+
+@pytest.mark.parametrize("c", [
+    Case(B=2, L=63, S=130, D=40, spec=alibi(per_batch=True), kw={"causal": True, "q_pos": 67}),
+    Case(B=2, H=4, Hkv=2, L=130, S=63, D=40, spec=alibi(heads=4), kw={"window": (30, 30)}),
+], ids=lambda c: c.id)
+def test_alibi(c, device):
+    check(c, torch.float32, device)
+
+
+@pytest.mark.parametrize("c", [
+    # M smaller than the sequence: most offsets clamp to the two end entries
+    Case(B=2, L=63, S=130, D=40, spec=table_spec("rel-M5", posattn.RelativeBias, 11), kw={"q_pos": 30}),
+    # M larger than the sequence: every offset has its own entry, some entries are never used
+    Case(L=130, S=63, D=16, spec=table_spec("rel-M200", posattn.RelativeBias, 401), kw={"causal": True,
+                                                                                         "q_pos": -67}),
+    Case(B=2, H=4, Hkv=1, L=63, S=63, D=72, spec=table_spec("rel-M16-gqa", posattn.RelativeBias, 33, heads=4),
+         kw={"window": (20, 8), "q_pos": _perm_positions(63, 12, batch=2), "k_pos": _perm_positions(63, 13, 2)}),
+], ids=lambda c: c.id)
+def test_relative_bias(c, device):
+    check(c, torch.float32, device)
+
+
+@pytest.mark.parametrize("c", [
+    Case(B=2, L=130, S=130, D=16, spec=table_spec("t5-enc", posattn.T5Bias, 32), kw={"scale": 1.0}),
+    # decoder self-attention while decoding: 7 new queries after 123 cached keys
+    Case(L=7, S=130, D=40, spec=table_spec("t5-dec", posattn.T5Bias, 32, bidirectional=False),
+         kw={"scale": 1.0, "causal": True, "q_pos": 123}),
+    Case(L=63, S=63, D=40, spec=table_spec("t5-dec-md20", posattn.T5Bias, 16, bidirectional=False, max_distance=20),
+         kw={"causal": True, "q_pos": 1000, "k_pos": 990}),
+    Case(H=4, Hkv=2, L=63, S=130, D=40, spec=table_spec("t5-64b", posattn.T5Bias, 64, heads=4, max_distance=40),
+         kw={"q_pos": _perm_positions(63, 14)}),
+], ids=lambda c: c.id)
+def test_t5_bias(c, device):
+    check(c, torch.float32, device)
+
+
+@pytest.mark.parametrize("c", [
+    Case(L=63, S=63, D=16, spec=manhattan(width=9)),  # a 7×9 grid
+    Case(B=2, H=4, Hkv=2, L=63, S=63, D=40, spec=manhattan(heads=4, width=7), kw={"window": (20, 20)}),
+    Case(L=63, S=63, D=16, spec=manhattan(width=9), kw={"q_pos": -30, "k_pos": -30}),  # floor division below 0
+], ids=lambda c: c.id)
+def test_manhattan_decay(c, device):
+    check(c, torch.float32, device)
+
+
+@pytest.mark.parametrize("c", [
+    Case(B=2, L=63, S=130, D=40, spec=urpe(21), kw={"causal": True, "q_pos": 67}),
+    Case(H=4, Hkv=2, L=130, S=63, D=16, spec=urpe(301, heads=4, bias=41), kw={"window": (-1, 10)}),
+    Case(L=63, S=63, D=40, spec=urpe(9, bias=9), mask=((63, 63), "float-grad"), kw={"softcap": 3.0}),
+], ids=lambda c: c.id)
+def test_urpe(c, device):
+    check(c, torch.float32, device)
+
+
+def test_urpe_ones_is_plain_attention(device):
+    c = Case(B=2, L=63, S=130, D=40)
+    q, k, v, _ = make_inputs(c, torch.float32, device)
+    gate = torch.ones(2, 41, device=device)
+    for kw in ({"causal": True, "q_pos": 67}, {"bias": posattn.RelativeBias(torch.randn(2, 21, device=device))}):
+        plain = posattn.attention(q, k, v, backend="triton", **kw)
+        gated = posattn.attention(q, k, v, urpe=posattn.URPE(gate), backend="triton", **kw)
+        assert torch.equal(plain, gated)
+    check(Case(L=63, S=63, D=40, spec=urpe(41, ones=True), kw={"causal": True}), torch.float32, device)
+
+
+def test_urpe_with_dropout_same_mask(device):
+    c = Case(B=2, H=2, L=63, S=63, D=40)
+    q, k, v, _ = make_inputs(c, torch.float32, device)
+    name, _, build = urpe(31)
+    spec = (name, {"gate": (torch.randn(2, 31, dtype=torch.float64, device=device), True)}, build)
+    check_dropout_with_kernel_mask("urpe-dropout", q, k, v, None, {"dropout_p": 0.3, "causal": True}, 8, c, device,
+                                   spec)
+
+
+@pytest.mark.parametrize("window", [(0, 0), (5, 5), (40, 0), (-1, 20), (64, 64)], ids=lambda w: f"w{w[0]}_{w[1]}")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_window_with_bias_tables(window, causal, device):
+    # key tiles outside the window are skipped in all three kernels; their table entries
+    # must still get exactly the gradient of the visible pairs
+    check(Case(L=130, S=130, D=16, spec=table_spec("rel-M70", posattn.RelativeBias, 141),
+               kw={"window": window, "causal": causal}), torch.float32, device)
+
+
+@pytest.mark.parametrize("spec", [table_spec("t5", posattn.T5Bias, 32), urpe(21, bias=41),
+                                  manhattan(width=9), alibi(per_batch=True)],
+                         ids=lambda s: s[0])
+def test_deterministic_gradients(spec, device):
+    c = Case(B=2, H=2, L=130, S=130, D=16, spec=spec, mask=((1, 2, 1, 130), "float-grad"))
+    q, k, v, mask = make_inputs(c, torch.float32, device)
+    dout = torch.randn(c.B, c.H, c.L, c.Dv, device=device, dtype=torch.float64)
+    tensors = spec[1](device)
+    kw = {"causal": True, "deterministic": True}
+    first = run(q, k, v, mask, dout, None, "triton", torch.float32, kw, True, (spec[0], tensors, spec[2]))
+    second = run(q, k, v, mask, dout, None, "triton", torch.float32, kw, True, (spec[0], tensors, spec[2]))
+    ref = run(q, k, v, mask, dout, None, "reference", torch.float64, kw, True, (spec[0], tensors, spec[2]))
+    low = run(q, k, v, mask, dout, None, "reference", torch.float32, kw, True, (spec[0], tensors, spec[2]))
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+        assert_close(f"deterministic-{spec[0]}-{name}", first[name], ref[name], low[name])
+
+
+@pytest.mark.parametrize("c", [
+    Case(B=2, H=4, Hkv=2, L=63, S=130, D=40, spec=table_spec("t5", posattn.T5Bias, 32, heads=4),
+         kw={"causal": True, "q_pos": 67}),
+    Case(L=63, S=63, D=40, spec=urpe(21, bias=41), kw={"causal": True}),
+    Case(L=63, S=63, D=40, spec=alibi(), kw={"causal": True}),
+], ids=lambda c: c.id)
+def test_biases_half_precision(c, device):
+    check(c, torch.float16, device)

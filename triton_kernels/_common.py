@@ -122,6 +122,30 @@ def rope_channels(offs_d, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
+def sincos(x):
+    """(sin x, cos x) in fp32 for |x| up to ~1e6, within ~2 ulp of the correctly rounded values.
+
+    Cody–Waite reduction by π/2 with fused multiply-adds, then the cephes sinf/cosf minimax
+    polynomials on [−π/4, π/4] and a quadrant swap. One reduction serves both functions and
+    there is no slow path: libdevice's sinf/cosf carry a Payne–Hanek branch for huge
+    arguments whose local array made the rotary kernels spill heavily.
+    """
+    k = tl.floor(x * 0.6366197723675814 + 0.5)  # nearest multiple of π/2
+    r = tl.fma(k, -1.5707963705062866, x)  # π/2 split into fp32(π/2) …
+    r = tl.fma(k, 4.371139000186243e-08, r)  # … and its residual
+    z = r * r
+    sin_r = r + r * z * (-1.6666654611e-1 + z * (8.3321608736e-3 + z * -1.9515295891e-4))
+    cos_r = 1.0 - 0.5 * z + z * z * (4.166664568298827e-2 + z * (-1.388731625493765e-3 + z * 2.443315711809948e-5))
+    quadrant = k.to(tl.int32) & 3
+    odd = (quadrant & 1) != 0
+    sin = tl.where(odd, cos_r, sin_r)
+    cos = tl.where(odd, sin_r, cos_r)
+    sin = tl.where((quadrant & 2) != 0, -sin, sin)
+    cos = tl.where(((quadrant + 1) & 2) != 0, -cos, cos)
+    return sin, cos
+
+
+@triton.jit
 def rope_coefficients(pos, rel, row_valid, ANG_rows, stride_ang_t, ROPE_TABLE, rope_scale, offs_d,
                       ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
     """cos and signed sin [ROWS, BLOCK_D] of one tile's rows, so that y = x·cos + x[partner]·sin.
@@ -131,20 +155,36 @@ def rope_coefficients(pos, rel, row_valid, ANG_rows, stride_ang_t, ROPE_TABLE, r
     the row's position relative to the tile pair's centre (+ for queries, − for keys).
     """
     t, partner, sign, rot = rope_channels(offs_d, ROTARY_DIM, INTERLEAVED)
-    if ROPE_KIND == 3:
-        angle = tl.load(ANG_rows[:, None] + t[None, :] * stride_ang_t, mask=row_valid[:, None] & rot[None, :],
-                        other=0.0).to(tl.float32)  # [ROWS, BLOCK_D]
-    else:
-        inv_freq = tl.load(ROPE_TABLE + t, mask=rot, other=0.0)
-        angle = pos.to(tl.float32)[:, None] * inv_freq[None, :]
-    cos = tl.cos(angle) * rope_scale
-    sin = tl.sin(angle) * rope_scale
+    # One angle per channel: per-pair angles expanded to channels by register reshuffles
+    # spilled more (sm_90 AOT: 604 vs 259 LDL/STL in the forward at D = 64).
+    angle = _rope_angles(pos, row_valid, ANG_rows, stride_ang_t, ROPE_TABLE, t, rot, ROPE_KIND)  # [ROWS, BLOCK_D]
+    sin, cos = sincos(angle)
+    cos = cos * rope_scale
+    sin = sin * rope_scale
     if ROPE_KIND == 2:
-        log2_zeta = tl.load(ROPE_TABLE + ROTARY_DIM // 2 + t, mask=rot, other=0.0)  # log2(ζ_t) / scale_base
-        decay = tl.exp2(rel.to(tl.float32)[:, None] * log2_zeta[None, :])
+        decay = _xpos_decay(rel, ROPE_TABLE, t, rot, ROTARY_DIM)
         cos = cos * decay
         sin = sin * decay
     return tl.where(rot[None, :], cos, 1.0), sin * sign[None, :], partner
+
+
+@triton.jit
+def _rope_angles(pos, row_valid, ANG_rows, stride_ang_t, ROPE_TABLE, t, t_valid, ROPE_KIND: tl.constexpr):
+    """Rotation angles [ROWS, len(t)] of pairs t: loaded (explicit angles) or pos·inv_freq in fp32."""
+    if ROPE_KIND == 3:
+        angle = tl.load(ANG_rows[:, None] + t[None, :] * stride_ang_t, mask=row_valid[:, None] & t_valid[None, :],
+                        other=0.0).to(tl.float32)
+    else:
+        inv_freq = tl.load(ROPE_TABLE + t, mask=t_valid, other=0.0)
+        angle = pos.to(tl.float32)[:, None] * inv_freq[None, :]
+    return angle
+
+
+@triton.jit
+def _xpos_decay(rel, ROPE_TABLE, t, t_valid, ROTARY_DIM: tl.constexpr):
+    """ζ_t^(rel/scale_base) [ROWS, len(t)]; the table's second row holds log2(ζ_t)/scale_base."""
+    log2_zeta = tl.load(ROPE_TABLE + ROTARY_DIM // 2 + t, mask=t_valid, other=0.0)
+    return tl.exp2(rel.to(tl.float32)[:, None] * log2_zeta[None, :])
 
 
 @triton.jit
@@ -171,14 +211,27 @@ def load_rotated(X_rows, row_valid, offs_d, D, pos, rel, ANG_rows, stride_ang_t,
 
 
 @triton.jit
-def permute_pairs(x, offs_d, partner):
-    """x[:, partner] for a register tile, as a product with a 0/1 permutation matrix.
+def permute_pairs(x, offs_d, partner, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """x[:, partner] for a register tile [ROWS, BLOCK_D]: swaps the two channels of each pair.
 
-    Exact: every output is one input times 1 (fp32 "ieee" dot). Used once per program, to
-    rotate the accumulated dQ / dK back.
+    When the pairs fill the tile (ROTARY_DIM == BLOCK_D) this is a register reshuffle
+    (reshape / split / join). Otherwise (partial rotary, padded head dims) it is a product
+    with a 0/1 permutation matrix: exact (every output is one input times 1, fp32 "ieee"
+    dot), used once per program to rotate the accumulated dQ / dK back.
     """
-    perm = (offs_d[:, None] == partner[None, :]).to(tl.float32)  # [BLOCK_D, BLOCK_D]
-    return tl.dot(x, perm, input_precision="ieee")
+    ROWS: tl.constexpr = x.shape[0]
+    BLOCK_D: tl.constexpr = x.shape[1]
+    if ROTARY_DIM == BLOCK_D:
+        if INTERLEAVED:
+            a, b = tl.split(tl.reshape(x, [ROWS, BLOCK_D // 2, 2]))
+            y = tl.reshape(tl.join(b, a), [ROWS, BLOCK_D])
+        else:
+            a, b = tl.split(tl.permute(tl.reshape(x, [ROWS, 2, BLOCK_D // 2]), (0, 2, 1)))
+            y = tl.reshape(tl.permute(tl.join(b, a), (0, 2, 1)), [ROWS, BLOCK_D])
+    else:
+        perm = (offs_d[:, None] == partner[None, :]).to(tl.float32)  # [BLOCK_D, BLOCK_D]
+        y = tl.dot(x, perm, input_precision="ieee")
+    return y
 
 
 @triton.jit
@@ -188,7 +241,7 @@ def unrotate(dy, pos, rel, row_valid, ANG_rows, stride_ang_t, ROPE_TABLE, rope_s
     if ROPE_KIND != 0:
         cos, sin, partner = rope_coefficients(pos, rel, row_valid, ANG_rows, stride_ang_t, ROPE_TABLE, rope_scale,
                                               offs_d, ROPE_KIND, ROTARY_DIM, INTERLEAVED)
-        dy = dy * cos - permute_pairs(dy, offs_d, partner) * sin
+        dy = dy * cos - permute_pairs(dy, offs_d, partner, ROTARY_DIM, INTERLEAVED) * sin
     return dy
 
 

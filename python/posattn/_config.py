@@ -85,7 +85,7 @@ def padded_head_dim(d: int) -> int:
 # Triton tutorial's choices for sm_80/sm_90: large head dims shrink the tiles to keep
 # the Q/K/V/acc tiles in registers. They are revisited with the AOT register/spill report
 # (issue #7).
-_FWD_GPU = {16: TileConfig(128, 64, 4, 3), 32: TileConfig(128, 64, 4, 3), 64: TileConfig(128, 64, 4, 3),
+_FWD_GPU = {16: TileConfig(128, 64, 8, 3), 32: TileConfig(128, 64, 8, 3), 64: TileConfig(128, 64, 8, 3),
             128: TileConfig(128, 64, 8, 2), 256: TileConfig(64, 32, 4, 2)}
 _BWD_GPU = {16: TileConfig(64, 64, 4, 2), 32: TileConfig(64, 64, 4, 2), 64: TileConfig(64, 64, 4, 2),
             128: TileConfig(64, 64, 8, 2), 256: TileConfig(32, 32, 4, 1)}

@@ -388,8 +388,9 @@ def test_rope_positions(c, device):
     Case(B=2, H=2, L=63, S=130, D=72, spec=rope("half-partial", dim=64), kw={"causal": True, "q_pos": 67}),
     Case(L=63, S=63, D=40, spec=fixed("xpos", rope=posattn.XPos()), kw={"causal": True}),
 ], ids=lambda c: c.id)
-def test_rope_half_precision(c, device):
-    check(c, torch.float16, device)
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+def test_rope_half_precision(c, dtype, device):
+    check(c, dtype, device)
 
 
 @pytest.mark.parametrize("c", [
@@ -586,5 +587,6 @@ def test_deterministic_gradients(spec, device):
     Case(L=63, S=63, D=40, spec=urpe(21, bias=41), kw={"causal": True}),
     Case(L=63, S=63, D=40, spec=alibi(), kw={"causal": True}),
 ], ids=lambda c: c.id)
-def test_biases_half_precision(c, device):
-    check(c, torch.float16, device)
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+def test_biases_half_precision(c, dtype, device):
+    check(c, dtype, device)

@@ -594,8 +594,8 @@ def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, drop
     return (B, H, HKV, L, S, D, DV), shared, constexprs
 
 
-def _tile_args(kind, head_dim):
-    cfg = _config.tile_config(kind, head_dim, _config.triton_interpret())
+def _tile_args(kind, head_dim, kp):
+    cfg = _config.tile_config(kind, head_dim, _config.triton_interpret(), rotary=kp.rope_kind != ROPE_NONE)
     return cfg, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -610,7 +610,7 @@ def attn_fwd(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_
         q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp)
     out = _alloc((B, H, L, DV), q.dtype, q.device)
     lse = _alloc((B, H, L), torch.float32, q.device)
-    cfg, tiles = _tile_args("fwd", max(D, DV))
+    cfg, tiles = _tile_args("fwd", max(D, DV), kp)
     _attn_fwd_kernel[(triton.cdiv(L, cfg.block_m), B * H)](out, lse, *out.stride()[:3], *shared, **tiles, **cx)
     return out, lse
 
@@ -641,7 +641,7 @@ def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, windo
         do = do.contiguous()
     if dlse is not None:
         dlse = dlse.contiguous()  # autograd hands out expanded (stride-0) gradients, e.g. of lse.sum()
-    cfg, tiles = _tile_args("bwd", max(D, DV))
+    cfg, tiles = _tile_args("bwd", max(D, DV), kp)
     n_m = triton.cdiv(L, cfg.block_m)
     dev = q.device
 

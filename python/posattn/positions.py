@@ -113,7 +113,11 @@ def rope_frequencies(theta, rotary_dim, scaling=None, seq_len=None):
         return _hf_inv_freq(theta, r) / need("factor"), 1.0
     if kind == "dynamic":
         factor, l0 = need("factor"), original_len()
-        n = max(seq_len or l0, l0)
+        if not seq_len or seq_len <= l0:
+            return _hf_inv_freq(theta, r), 1.0
+        # Past the original length HF's module recomputes the base from a tensor seq_len, in
+        # float32 tensor arithmetic; doing the same keeps the frequencies bit-identical.
+        n = torch.maximum(torch.tensor(seq_len), torch.tensor(l0))
         base = theta * ((factor * n / l0) - (factor - 1)) ** (r / (r - 2))
         return _hf_inv_freq(base, r), 1.0
     if kind == "llama3":
@@ -460,7 +464,6 @@ class ALiBi:
             raise ValueError(f"ALiBi slopes are on {s.device} but the inputs are on {device}")
 
     def reference_bias(self, q_pos, k_pos, H):
-        self.check(q_pos.shape[0] if self.slopes.dim() == 1 else self.slopes.shape[0], H, q_pos.device)
         s = self.slopes if self.slopes.dim() == 2 else self.slopes[None]
         return -s[:, :, None, None] * _relative(q_pos, k_pos).abs().to(s.dtype)
 
@@ -488,9 +491,11 @@ class _ToeplitzTable:
         m = self.max_distance
         return _relative(q_pos, k_pos).clamp(-m, m) + m
 
+    def check(self, B, H, device):
+        _check_heads(self.table, f"{type(self).__name__} table", H, device, "[H, 2M+1]")
+
     def dense(self, q_pos, k_pos, H):
         """The table gathered densely: [B or 1, H, L, S]."""
-        _check_heads(self.table, f"{type(self).__name__} table", H, q_pos.device, "[H, 2M+1]")
         return _gather(self.table, self.index(q_pos, k_pos))
 
 
@@ -507,7 +512,7 @@ class RelativeBias(_ToeplitzTable):
         return self.dense(q_pos, k_pos, H)
 
     def kernel_args(self, B, H, device):
-        _check_heads(self.table, "RelativeBias table", H, device, "[H, 2M+1]")
+        self.check(B, H, device)
         t = self.table.float().contiguous()
         return dict(bias_kind=BIAS_RELATIVE, bias_tensor=t, bias_strides=(0, t.stride(0)),
                     bias_ints=(self.max_distance, 0, 0))
@@ -576,12 +581,14 @@ class T5Bias:
         return t5_relative_position_bucket(_relative(q_pos, k_pos), self.bidirectional, self.num_buckets,
                                            self.max_distance)
 
+    def check(self, B, H, device):
+        _check_heads(self.table, "T5Bias table", H, device, "[H, num_buckets] (HF's weight.t())")
+
     def reference_bias(self, q_pos, k_pos, H):
-        _check_heads(self.table, "T5Bias table", H, q_pos.device, "[H, num_buckets] (HF's weight.t())")
         return _gather(self.table, self.index(q_pos, k_pos))
 
     def kernel_args(self, B, H, device):
-        _check_heads(self.table, "T5Bias table", H, device, "[H, num_buckets] (HF's weight.t())")
+        self.check(B, H, device)
         t = self.table.float().contiguous()
         lut = _t5_lut_cpu(bool(self.bidirectional), self.num_buckets, int(self.max_distance)).to(device)
         half = self.num_buckets // 2 if self.bidirectional else 0
@@ -612,12 +619,14 @@ class ManhattanDecay:
         w = int(self.width)
         return (qp // w - kp // w).abs() + (qp % w - kp % w).abs()
 
+    def check(self, B, H, device):
+        _check_heads(self.log_gamma, "ManhattanDecay log_gamma", H, device, "(H,)")
+
     def reference_bias(self, q_pos, k_pos, H):
-        _check_heads(self.log_gamma, "ManhattanDecay log_gamma", H, q_pos.device, "(H,)")
         return self.log_gamma[None, :, None, None] * self.distance(q_pos, k_pos).to(self.log_gamma.dtype)
 
     def kernel_args(self, B, H, device):
-        _check_heads(self.log_gamma, "ManhattanDecay log_gamma", H, device, "(H,)")
+        self.check(B, H, device)
         t = self.log_gamma.float()
         return dict(bias_kind=BIAS_MANHATTAN, bias_tensor=t, bias_strides=(0, t.stride(0)),
                     bias_ints=(int(self.width), 0, 0))
@@ -637,7 +646,7 @@ class URPE(_ToeplitzTable):
         return self.dense(q_pos, k_pos, H)
 
     def kernel_args(self, B, H, device):
-        _check_heads(self.table, "URPE table", H, device, "[H, 2M+1]")
+        self.check(B, H, device)
         t = self.table.float().contiguous()
         return dict(urpe_table=t, urpe_m=self.max_distance)
 
@@ -666,7 +675,8 @@ class KernelPositions:
     extra: dict = field(default_factory=dict)
 
 
-def check_specs(rope, bias, urpe):
+def check_specs(rope, bias, urpe, q=None):
+    """Spec types, and (given q) their shapes against q's batch and heads."""
     if rope is not None and not isinstance(rope, ROTARY_SPECS):
         raise TypeError(f"rope={rope!r} must be posattn.RoPE, posattn.XPos or posattn.RotaryAngles")
     if bias is not None and not isinstance(bias, BIAS_SPECS):
@@ -674,6 +684,10 @@ def check_specs(rope, bias, urpe):
                         f"bias tensor goes in attn_mask)")
     if urpe is not None and not isinstance(urpe, URPE):
         raise TypeError(f"urpe={urpe!r} must be posattn.URPE(table)")
+    if q is not None:
+        for spec in (bias, urpe):
+            if spec is not None:
+                spec.check(q.shape[0], q.shape[1], q.device)
 
 
 def kernel_positions(rope, bias, urpe, q, k, q_pos, k_pos) -> KernelPositions:

@@ -52,6 +52,7 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     check_specs(rope, bias, urpe)
     check_attention_inputs(q, k, v, window=window, attn_mask=attn_mask, softcap=softcap, dropout_p=dropout_p,
                            scale=scale, q_pos=q_pos, k_pos=k_pos)
+    check_specs(rope, bias, urpe, q)
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)

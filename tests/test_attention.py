@@ -590,3 +590,30 @@ def test_deterministic_gradients(spec, device):
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
 def test_biases_half_precision(c, dtype, device):
     check(c, dtype, device)
+
+
+@pytest.mark.parametrize("kw", [{"causal": True}, {"window": (16, 0)}, {"window": (8, 8)},
+                                {"causal": True, "q_pos": _perm_positions(64, 15)}],
+                         ids=["causal", "w16_0", "w8_8", "causal-qtensor"])
+def test_invisible_key_tiles_are_never_read(kw, device):
+    # Keys 128…255 lie past every query's window (queries sit at positions < 128), so their
+    # tiles must be skipped by all three kernels: NaN there would poison any tile that is
+    # loaded, even fully masked (0·NaN = NaN). Their dK, dV must come out exactly 0.
+    B, H, L, S, D = 1, 2, 64, 256, 16
+    q = torch.randn(B, H, L, D, device=device, requires_grad=True)
+    k = torch.randn(B, H, S, D, device=device)
+    v = torch.randn(B, H, S, D, device=device)
+    k[:, :, 128:], v[:, :, 128:] = float("nan"), float("inf")
+    k.requires_grad_()
+    v.requires_grad_()
+    table = torch.randn(H, 33, device=device, requires_grad=True)
+    spec = {"bias": posattn.RelativeBias(table), "rope": posattn.RoPE()}
+    out = posattn.attention(q, k, v, backend="triton", **spec, **kw)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(table.grad).all()
+    visible = [t.detach()[:, :, :128] if t is not q else t.detach() for t in (q, k, v)]
+    ref64, low = (posattn.reference.attention(*(t.to(dtype) for t in visible),
+                                              bias=posattn.RelativeBias(table.detach().to(dtype)),
+                                              rope=posattn.RoPE(), **kw) for dtype in (torch.float64, torch.float32))
+    assert_close("out", out.detach(), ref64, low)
+    assert torch.all(k.grad[:, :, 128:] == 0) and torch.all(v.grad[:, :, 128:] == 0)

@@ -14,6 +14,7 @@ Only run as ``__main__``: nothing here runs when ``posattn`` is imported.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -131,6 +132,7 @@ class Case:
     window: tuple[int, int] | None = None
     softcap: float | None = None
     padding: bool = False  # bool key-padding mask (B, 1, 1, S), a different length per batch item
+    spec: str | None = None  # a position encoding, see position_specs()
 
     @property
     def shape(self) -> str:
@@ -146,7 +148,31 @@ def make_cases(small: bool) -> list[Case]:
         Case("bool padding mask", 2, H, Hkv, N, N, D, padding=True),
         Case("window=(32, 0)", 1, H, Hkv, N, N, D, window=(32, 0)),
         Case("softcap=5", 1, H, Hkv, N, N, D, softcap=5.0),
+        Case("RoPE llama3 decode", 1, H, Hkv, N // 2, N, D, causal=True, bottom_right=True, spec="rope"),
+        Case("ALiBi, causal", 1, H, Hkv, N, N, D, causal=True, spec="alibi"),
+        Case("T5 buckets, scale=1", 2, H, Hkv, N, N, D, spec="t5"),
+        Case("RelBias + URPE gate", 1, H, Hkv, N, N, D, spec="urpe"),
     ]
+
+
+def position_specs(name: str | None, H: int, device: str) -> dict:
+    """The position-encoding keywords of a demo case (fixed, seeded tables)."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+
+    def table(width, scale=0.5):
+        return (torch.randn(H, width, generator=gen, dtype=torch.float64) * scale).to(device)
+
+    if name == "rope":
+        llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+        return {"rope": posattn.RoPE(theta=5e5, scaling=llama3)}
+    if name == "alibi":
+        return {"bias": posattn.ALiBi(posattn.alibi_slopes(H, device=device, dtype=torch.float64))}
+    if name == "t5":
+        return {"bias": posattn.T5Bias(table(32)), "scale": 1.0}
+    if name == "urpe":
+        return {"bias": posattn.RelativeBias(table(33)), "urpe": posattn.URPE(1.0 + table(65, 0.1))}
+    return {}
 
 
 def make_inputs(case: Case, device: str):
@@ -162,6 +188,7 @@ def make_inputs(case: Case, device: str):
     dout = randn(case.B, case.H, case.L, case.D)
     kwargs = dict(causal=case.causal, window=case.window, softcap=case.softcap,
                   q_pos=case.S - case.L if case.bottom_right else 0)
+    kwargs.update(position_specs(case.spec, case.H, device))
     if case.padding:
         lengths = torch.tensor([case.S - (b * case.S) // 4 for b in range(case.B)], device=device)
         kwargs["attn_mask"] = (torch.arange(case.S, device=device) < lengths[:, None])[:, None, None, :]
@@ -177,6 +204,15 @@ def forward_backward(fn, inputs, dtype, kwargs):
     return out.detach(), dq, dk, dv
 
 
+def _spec_to(spec, dtype):
+    """A position spec with its float tensors cast to ``dtype`` (other values unchanged)."""
+    if not dataclasses.is_dataclass(spec):
+        return spec
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    return type(spec)(**{name: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point()
+                         else value for name, value in fields.items()})
+
+
 def max_errors(got, ref) -> list[float]:
     return [(g.double() - r).abs().max().item() for g, r in zip(got, ref)]
 
@@ -189,6 +225,8 @@ def check_rows(cases, runs, device: str, note: str = "") -> list[dict]:
         ref = forward_backward(posattn.reference.attention, inputs, torch.float64, kwargs)
         for backend, dtype in runs:
             def fn(q, k, v, **kw):
+                # spec tables follow the inputs' dtype, as a model's parameters would
+                kw = {key: _spec_to(value, q.dtype) for key, value in kw.items()}
                 return posattn.attention(q, k, v, backend=backend, **kw)
 
             got = forward_backward(fn, inputs, dtype, kwargs)

@@ -95,7 +95,8 @@ def _attn_fwd_kernel(
     # the k-side factor carries the distance (it decays for keys behind the queries).
     q = load_rotated(Q + b * stride_q_b + h * stride_q_h + offs_m * stride_q_l, m_valid, offs_d, D, q_pos,
                      q_pos - q_lo, QANG + b * stride_qang_b + h * stride_qang_h + offs_m * stride_qang_l,
-                     stride_qang_t, ROPE_TABLE, rope_scale, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED)  # [BLOCK_M, BLOCK_D]
+                     stride_qang_t, ROPE_TABLE, rope_scale, ROPE_KIND, ROTARY_DIM,
+                     ROPE_INTERLEAVED)  # [BLOCK_M, BLOCK_D]
 
     K_base = K + b * stride_k_b + hkv * stride_k_h
     V_base = V + b * stride_v_b + hkv * stride_v_h
@@ -701,8 +702,8 @@ def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, windo
         elif kp.bias_kind == BIAS_MANHATTAN:
             dbias = dbias_buf.sum(dim=(0, 2))
         else:
-            dbias = _reduce_table_grad(dbias_buf, kp.bias_tensor, B, H, n_m, deterministic)
-    durpe = _reduce_table_grad(durpe_buf, kp.urpe_table, B, H, n_m, deterministic) if urpe_grad else None
+            dbias = _reduce_table_grad(dbias_buf, deterministic)
+    durpe = _reduce_table_grad(durpe_buf, deterministic) if urpe_grad else None
     return dq, dk, dv, dmask, dq_angles, dk_angles, dbias, durpe
 
 
@@ -717,7 +718,8 @@ def _table_grad_buffer(table, B, H, n_m, deterministic, device):
     return buf, (0, buf.stride(0), 0)
 
 
-def _reduce_table_grad(buf, table, B, H, n_m, deterministic):
+def _reduce_table_grad(buf, deterministic):
+    """[H, T]: the per-program rows summed in a fixed order (deterministic), or the buffer itself."""
     return buf.sum(dim=(0, 2)) if deterministic else buf
 
 

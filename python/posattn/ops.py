@@ -35,8 +35,8 @@ def _window(left: int, right: int):
 
 
 def spec_ints(kp: KernelPositions) -> list[int]:
-    return [int(kp.rope_kind), int(kp.rotary_dim), int(bool(kp.interleaved)), int(kp.bias_kind), *map(int, kp.bias_ints),
-            int(kp.urpe_m)]
+    return [int(kp.rope_kind), int(kp.rotary_dim), int(bool(kp.interleaved)), int(kp.bias_kind),
+            *map(int, kp.bias_ints), int(kp.urpe_m)]
 
 
 def _unflatten(rope_table, q_angles, k_angles, bias_tensor, bias_lut, urpe_table, ints, rope_scale):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -336,8 +336,8 @@ class RotaryAngles:
         qa = self.q_angles
         ka = qa if self.k_angles is None else self.k_angles
         if self.k_angles is None and L != S:
-            raise ValueError(f"RotaryAngles(k_angles=None) reuses q_angles for the keys, which needs L == S; got L={L}, "
-                             f"S={S}: pass k_angles")
+            raise ValueError(f"RotaryAngles(k_angles=None) reuses q_angles for the keys, which needs L == S; got "
+                             f"L={L}, S={S}: pass k_angles")
         if self.k_angles is None and qa.shape[1] not in (1, Hkv):
             raise ValueError(f"RotaryAngles(k_angles=None): q_angles has {qa.shape[1]} heads but k has {Hkv}; pass "
                              f"k_angles for grouped-query attention, or q_angles with 1 head")
@@ -672,7 +672,6 @@ class KernelPositions:
     bias_ints: tuple = (0, 0, 0)
     urpe_table: torch.Tensor | None = None
     urpe_m: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def check_specs(rope, bias, urpe, q=None):

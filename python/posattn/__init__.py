@@ -3,11 +3,13 @@
 No device is probed and Triton is not imported at import time.
 """
 from . import reference
-from .functional import attention, scaled_dot_product_attention
+from . import kernelized
+from .functional import attention, kernelized_attention, scaled_dot_product_attention
 from .positions import (URPE, ALiBi, ManhattanDecay, RelativeBias, RoPE, RotaryAngles, T5Bias, XPos, alibi_slopes,
                         carope_angles)
 
 __version__ = "0.1.0"
 
 __all__ = ["ALiBi", "ManhattanDecay", "RelativeBias", "RoPE", "RotaryAngles", "T5Bias", "URPE", "XPos", "__version__",
-           "alibi_slopes", "attention", "carope_angles", "reference", "scaled_dot_product_attention"]
+           "alibi_slopes", "attention", "carope_angles", "kernelized", "kernelized_attention", "reference",
+           "scaled_dot_product_attention"]

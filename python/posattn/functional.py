@@ -7,6 +7,7 @@ import torch
 
 from . import _config, ops, reference
 from ._checks import broadcasts_to, check_attention_inputs
+from .kernelized import check_kernelized_inputs, features, kernelized
 from .positions import check_specs, kernel_positions
 
 
@@ -182,3 +183,49 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     out = attention(q4, k4, v4, causal=is_causal, attn_mask=mask4, dropout_p=dropout_p, scale=scale, backend=backend)
     out = out.reshape(*batch, Hq, L, out.shape[-1])
     return out.reshape(L, out.shape[-1]) if out_2d else out
+
+
+def kernelized_attention(q, k, v, *, rpe=None, causal=False, feature_map="prf", projection=None, num_features=None,
+                         eps=1e-6, backend=None, normalize_qk=False):
+    """Kernelized attention with relative positions in O(N log N) (Luo et al., NeurIPS 2021).
+
+    ``z_i = φ(q_i)ᵀ Σ_j c_{j−i} φ(k_j) v_jᵀ / (φ(q_i)ᵀ Σ_j c_{j−i} φ(k_j) + eps)``, with
+    ``c_r = exp(table[h, clamp(r, −M, M) + M])`` from ``rpe=posattn.RelativeBias(table)``
+    (r = k_pos − q_pos over positions arange(L), arange(S); None: c ≡ 1, plain linear
+    attention in O(N)); ``causal`` sets c_r = 0 for r > 0 (top-left, like SDPA).
+
+    q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] (GQA: H a multiple of Hkv); returns
+    [B, H, L, Dv] in v's dtype. The feature maps run in the inputs' dtype; the Toeplitz
+    products in float64 (an FFT's round-off is absolute, and in float32 it swamps rows with a
+    small denominator, e.g. the first causal rows); linear attention (no ``rpe``) in fp32.
+
+    ``feature_map``: "prf" (FAVOR+ positive random features exp(W·x̃ − ‖x̃‖²/2)/√m,
+    x̃ = x·D^{-1/4}, with max-stabilisers that cancel), "elu" (elu(x) + 1), "relu", or a
+    callable. ``projection``: the fixed (m, D) matrix W for "prf"; None draws an orthogonal
+    one (:func:`posattn.kernelized.orthogonal_projection`) with ``num_features`` rows
+    (default ⌈D·ln D⌉) from torch's global generator on every call, so pass a fixed
+    projection in a model. ``normalize_qk``: L2-normalise q and k first (the paper's recipe
+    for stable training, as we read it; MATH.md §1.1).
+
+    The Toeplitz products run through ``torch.fft`` on a circulant embedding of length
+    ≥ L + S − 1; the backward is custom (MATH.md §1.5): it recomputes those products chunk by
+    chunk over the features and gets the table's gradient as one cross-correlation, so
+    memory is O(N·m·Dv / chunks), never O(L·S).
+
+    ``backend``: None (the FFT path above, on any device) or "reference" (the dense O(L·S)
+    oracle). Fused Triton / C++ kernels for the feature map and the contractions are not
+    built yet: "triton" and "cpu" raise.
+    """
+    check_kernelized_inputs(q, k, v, rpe, causal, feature_map, projection, num_features, eps)
+    if backend == "reference":
+        return reference.kernelized_attention(q, k, v, rpe=rpe, causal=causal, feature_map=feature_map,
+                                              projection=projection, num_features=num_features, eps=eps,
+                                              normalize_qk=normalize_qk)
+    if backend is not None:
+        if backend in ("triton", "cpu"):
+            raise NotImplementedError(f"kernelized_attention(backend={backend!r}): fused kernels for kernelized "
+                                      f"attention are not built yet (issue #6); use backend=None (the FFT path in "
+                                      f"PyTorch ops) or backend='reference'")
+        raise ValueError(f"kernelized_attention: backend={backend!r}; choose None or 'reference'")
+    phi_q, phi_k = features(q, k, feature_map, projection, num_features, normalize_qk)
+    return kernelized(phi_q, phi_k, v, rpe, causal, eps)

@@ -100,3 +100,30 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     # 10. output
     out = torch.matmul(p.to(v.dtype), v)
     return (out, lse) if return_lse else out
+
+
+def kernelized_attention(q, k, v, *, rpe=None, causal=False, feature_map="prf", projection=None, num_features=None,
+                         eps=1e-6, normalize_qk=False):
+    """Dense O(L·S) oracle of :func:`posattn.kernelized_attention`: the explicit Toeplitz C.
+
+    A_ij = C_ij·(φ(q_i)·φ(k_j)), z = A·v / (A·1 + eps), C_ij = c_{j−i} (1 without ``rpe``;
+    0 for j > i when causal). Same feature maps as the fast path.
+    """
+    from .kernelized import check_kernelized_inputs, features, rpe_coefficients
+
+    check_kernelized_inputs(q, k, v, rpe, causal, feature_map, projection, num_features, eps)
+    phi_q, phi_k = features(q, k, feature_map, projection, num_features, normalize_qk)
+    H, Hkv = q.shape[1], k.shape[1]
+    if H != Hkv:
+        phi_k, v = phi_k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    L, S = q.shape[2], k.shape[2]
+    if rpe is not None:
+        c = rpe_coefficients(rpe.table, L, S, causal, phi_q.dtype)  # [H, L+S−1], index r + L − 1
+        r = torch.arange(S, device=q.device)[None, :] - torch.arange(L, device=q.device)[:, None]
+        C = c[:, r + L - 1][None]  # [1, H, L, S]
+    else:
+        C = torch.ones(L, S, dtype=phi_q.dtype, device=q.device)
+        if causal:
+            C = torch.tril(C)
+    A = C * (phi_q @ phi_k.transpose(-1, -2))
+    return (A @ v.to(A.dtype)) / (A.sum(-1, keepdim=True) + eps)

@@ -1,0 +1,278 @@
+"""Kernelized attention with relative positions in O(N log N) (Luo et al., NeurIPS 2021).
+
+    z_i = φ(q_i)ᵀ Σ_j c_{j−i} φ(k_j) v_jᵀ  /  φ(q_i)ᵀ Σ_j c_{j−i} φ(k_j)
+
+with c_r = exp(table[h, clamp(r, −M, M) + M]) from a :class:`~posattn.RelativeBias`
+(r = k_pos − q_pos, positions arange(L) and arange(S); c_r = 0 for r > 0 when causal).
+C_ij = c_{j−i} is Toeplitz, so every product with it is a convolution computed with
+``torch.fft`` on a circulant embedding of length ≥ L + S − 1 (MATH.md §1.2). The
+Toeplitz core is one autograd Function whose backward (MATH.md §1.5) recomputes the
+forward's products chunk by chunk over the feature dimension and obtains the table's
+gradient as one cross-correlation, so memory stays O(N·chunk) rather than O(N²); the
+feature maps are differentiated by autograd.
+
+Without ``rpe`` (c ≡ 1) this is plain linear attention, O(N).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import FLOAT_DTYPES
+from .positions import RelativeBias
+
+FEATURE_MAPS = ("prf", "elu", "relu")
+
+# Feature columns per FFT chunk are chosen so one chunk's spectra stay near this size.
+_CHUNK_BYTES = 64 * 2**20
+
+
+def orthogonal_projection(num_features, head_dim, device=None, dtype=torch.float32, generator=None):
+    """The PRF projection W (num_features, head_dim): blocks of head_dim mutually orthogonal
+    Gaussian directions, each row rescaled to the norm of an independent Gaussian vector
+    (Performer's FAVOR+, scenic's ``scaling=0``). Drawn from torch's global generator unless
+    ``generator`` is given, so ``torch.manual_seed`` makes it reproducible."""
+    if not (isinstance(num_features, int) and num_features >= 1 and isinstance(head_dim, int) and head_dim >= 1):
+        raise ValueError(f"orthogonal_projection: num_features={num_features!r} and head_dim={head_dim!r} must be "
+                         f"positive ints")
+    blocks = []
+    for _ in range(math.ceil(num_features / head_dim)):
+        g = torch.randn(head_dim, head_dim, dtype=torch.float64, generator=generator)
+        qmat, _ = torch.linalg.qr(g)
+        blocks.append(qmat.T)
+    w = torch.cat(blocks)[:num_features]
+    norms = torch.randn(num_features, head_dim, dtype=torch.float64, generator=generator).norm(dim=1)
+    return (w * norms[:, None]).to(device=device, dtype=dtype)
+
+
+def feature_map(x, kind, projection, is_query):
+    """φ(x) [..., m] for x [B, H, N, D] (autograd flows through).
+
+    "prf": m^{-1/2}·exp(W·x̃ − ‖x̃‖²/2 − stabiliser) with x̃ = x·D^{-1/4}; the stabiliser is
+    the row max for queries and one max per (batch, head) for keys, both constant factors
+    that cancel between numerator and denominator. "elu": elu(x) + 1. "relu": relu(x).
+    A callable is applied as is.
+    """
+    if callable(kind):
+        return kind(x)
+    if kind == "elu":
+        return torch.nn.functional.elu(x) + 1.0
+    if kind == "relu":
+        return torch.relu(x)
+    D = x.shape[-1]
+    xs = x * D ** -0.25
+    proj = xs @ projection.to(x.dtype).T  # [B, H, N, m]
+    logits = proj - 0.5 * (xs * xs).sum(-1, keepdim=True)
+    if is_query:
+        stab = logits.amax(dim=-1, keepdim=True)
+    else:
+        stab = logits.amax(dim=(-2, -1), keepdim=True)
+    return torch.exp(logits - stab.detach()) / math.sqrt(projection.shape[0])
+
+
+def rpe_coefficients(table, L, S, causal, dtype):
+    """c_r for r = −(L−1) … S−1 as [H, L+S−1] (index r + L − 1), scaled by exp(−max table)
+    per head (a constant factor per head cancels in the ratio)."""
+    M = (table.shape[1] - 1) // 2
+    r = torch.arange(-(L - 1), S, device=table.device)
+    t = table.to(dtype)
+    c = torch.exp(t[:, r.clamp(-M, M) + M] - t.amax(dim=1, keepdim=True))
+    if causal:
+        c = c * (r <= 0).to(dtype)
+    return c
+
+
+def _fft_size(L, S):
+    n = L + S - 1
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _kernel_spectrum(c, L, S, N, transpose):
+    """rfft of the circulant first column that applies C (or Cᵀ) by convolution.
+
+    C x: y_i = Σ_j c_{j−i} x_j = (h ⊛ x)_i with h[s] = c_{−s}, s = i − j ∈ (−S, L).
+    Cᵀ y: x_j = Σ_i c_{j−i} y_i = (h' ⊛ y)_j with h'[s] = c_s, s = j − i ∈ (−L, S).
+    """
+    H = c.shape[0]
+    col = c.new_zeros(H, N)
+    idx_zero = L - 1  # c[:, idx_zero + r] is c_r
+    if not transpose:
+        col[:, :L] = c[:, idx_zero - torch.arange(L, device=c.device)]  # h[k] = c_{−k}, k ∈ [0, L)
+        if S > 1:
+            col[:, N - (S - 1):] = c[:, idx_zero + torch.arange(S - 1, 0, -1, device=c.device)]  # h[N−k] = c_k
+    else:
+        col[:, :S] = c[:, idx_zero + torch.arange(S, device=c.device)]  # h'[k] = c_k, k ∈ [0, S)
+        if L > 1:
+            col[:, N - (L - 1):] = c[:, idx_zero - torch.arange(L - 1, 0, -1, device=c.device)]  # h'[N−k] = c_{−k}
+    return torch.fft.rfft(col, n=N, dim=-1)  # [H, N/2 + 1]
+
+
+def _toeplitz_apply(spectrum, x, n_out, N):
+    """y [B, H, n_out, F] = (C or Cᵀ) x for x [B, H, n_in, F], by one circular convolution."""
+    X = torch.fft.rfft(x, n=N, dim=2)
+    return torch.fft.irfft(X * spectrum[None, :, :, None], n=N, dim=2)[:, :, :n_out]
+
+
+def _chunk(m, dv, B, H, N):
+    per_feature = B * H * (N // 2 + 1) * 16 * max(dv, 1)
+    return max(1, min(m, _CHUNK_BYTES // per_feature))
+
+
+class _ToeplitzKernelized(torch.autograd.Function):
+    """z = (φq ⊙ C(φk ⊗ v)) / (φq · C φk + eps), its custom backward and the table's gradient."""
+
+    @staticmethod
+    def forward(ctx, phi_q, phi_k, v, table, causal, eps):
+        B, H, L, m = phi_q.shape
+        S, dv = phi_k.shape[2], v.shape[-1]
+        N = _fft_size(L, S)
+        c = rpe_coefficients(table, L, S, causal, phi_q.dtype)
+        spec = _kernel_spectrum(c, L, S, N, transpose=False)
+        num = phi_q.new_zeros(B, H, L, dv)
+        den = phi_q.new_zeros(B, H, L)
+        step = _chunk(m, dv + 1, B, H, N)
+        for lo in range(0, m, step):
+            hi = min(m, lo + step)
+            fk = phi_k[..., lo:hi]  # [B, H, S, mc]
+            both = torch.cat((fk[..., None] * v[..., None, :], fk[..., None]), dim=-1)  # [B, H, S, mc, dv+1]
+            d = _toeplitz_apply(spec, both.flatten(-2), L, N).unflatten(-1, (hi - lo, dv + 1))  # C(φk⊗[v, 1])
+            fq = phi_q[..., lo:hi, None]
+            num += (fq * d[..., :dv]).sum(-2)
+            den += (fq[..., 0] * d[..., dv]).sum(-1)
+        den = den + eps
+        z = num / den[..., None]
+        ctx.save_for_backward(phi_q, phi_k, v, table, z, den)
+        ctx.causal = causal
+        return z
+
+    @staticmethod
+    def backward(ctx, dz):
+        phi_q, phi_k, v, table, z, den = ctx.saved_tensors
+        B, H, L, m = phi_q.shape
+        S, dv = phi_k.shape[2], v.shape[-1]
+        N = _fft_size(L, S)
+        with torch.enable_grad():
+            table_ = table.detach().requires_grad_(table.requires_grad)
+            c = rpe_coefficients(table_, L, S, ctx.causal, phi_q.dtype)
+        cd = c.detach()
+        spec = _kernel_spectrum(cd, L, S, N, transpose=False)
+        spec_t = _kernel_spectrum(cd, L, S, N, transpose=True)
+        dnum = dz / den[..., None]  # [B, H, L, dv]
+        dden = -(dz * z).sum(-1) / den  # [B, H, L]
+        da = torch.cat((dnum, dden[..., None]), dim=-1)  # gradient pairs with [v, 1]
+        d_phi_q = torch.zeros_like(phi_q)
+        d_phi_k = torch.zeros_like(phi_k)
+        d_v = torch.zeros_like(v)
+        corr = phi_q.new_zeros(B, H, N // 2 + 1, dtype=torch.complex128 if phi_q.dtype == torch.float64
+                               else torch.complex64)
+        step = _chunk(m, dv + 1, B, H, N)
+        for lo in range(0, m, step):
+            hi = min(m, lo + step)
+            fk, fq = phi_k[..., lo:hi], phi_q[..., lo:hi]
+            kv = torch.cat((fk[..., None] * v[..., None, :], fk[..., None]), dim=-1).flatten(-2)  # φk⊗[v, 1]
+            qa = (fq[..., None] * da[..., None, :]).flatten(-2)  # φq⊗[dnum, dden]
+            # dφq_i = Σ_e C(φk⊗[v,1])_i[l, e] · [dnum, dden]_ie
+            d1 = _toeplitz_apply(spec, kv, L, N).unflatten(-1, (hi - lo, dv + 1))
+            d_phi_q[..., lo:hi] = (d1 * da[..., None, :]).sum(-1)
+            # dφk_j = Σ_e Cᵀ(φq⊗[dnum, dden])_j[l, e] · [v, 1]_je ; dv_j = Σ_l φk_jl · Cᵀ(φq⊗dnum)_j[l]
+            t1 = _toeplitz_apply(spec_t, qa, S, N).unflatten(-1, (hi - lo, dv + 1))
+            d_phi_k[..., lo:hi] = (t1[..., :dv] * v[..., None, :]).sum(-1) + t1[..., dv]
+            d_v += (fk[..., None] * t1[..., :dv]).sum(-2)
+            if table.requires_grad:
+                # Σ_{j−i=r} (φq⊗a)_i · (φk⊗[v,1])_j, summed over features in frequency space
+                corr += (torch.fft.rfft(qa, n=N, dim=2).conj() * torch.fft.rfft(kv, n=N, dim=2)).sum(-1)
+        d_table = None
+        if table.requires_grad:
+            xcorr = torch.fft.irfft(corr, n=N, dim=2)  # [B, H, N]: index r ≥ 0 at r, r < 0 at N + r
+            r = torch.arange(-(L - 1), S, device=phi_q.device)
+            dc = xcorr[:, :, r % N].sum(0)  # [H, L+S−1]: ∂/∂c_r
+            d_table, = torch.autograd.grad(c, table_, dc)
+        return d_phi_q, d_phi_k, d_v, d_table, None, None
+
+
+def _linear_attention(phi_q, phi_k, v, causal, eps):
+    """c ≡ 1: plain linear attention in O(N) (prefix sums when causal, top-left aligned)."""
+    if not causal:
+        kv = torch.einsum("bhsm,bhsd->bhmd", phi_k, v)
+        num = torch.einsum("bhlm,bhmd->bhld", phi_q, kv)
+        den = torch.einsum("bhlm,bhm->bhl", phi_q, phi_k.sum(2))
+    else:
+        # query i sees keys j ≤ i (top-left); rows past the last key see all of them
+        L, S = phi_q.shape[2], phi_k.shape[2]
+        kv = torch.cumsum(phi_k[..., None] * v[..., None, :], dim=2)  # [B, H, S, m, dv]
+        ks = torch.cumsum(phi_k, dim=2)
+        rows = torch.arange(L, device=phi_q.device).clamp(max=S - 1)
+        num = torch.einsum("bhlm,bhlmd->bhld", phi_q, kv[:, :, rows])
+        den = torch.einsum("bhlm,bhlm->bhl", phi_q, ks[:, :, rows])
+    return num / (den + eps)[..., None]
+
+
+def check_kernelized_inputs(q, k, v, rpe, causal, feature_map_kind, projection, num_features, eps):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"kernelized_attention: {name} must be a 4-D float tensor [B, heads, length, dim], got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
+        raise ValueError("kernelized_attention: q, k, v must share one dtype and device")
+    B, H, L, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B or k.shape[3] != D or k.shape[1:3] != v.shape[1:3]:
+        raise ValueError(f"kernelized_attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         f"do not fit [B, H, L, D], [B, Hkv, S, D], [B, Hkv, S, Dv]")
+    if L == 0 or k.shape[2] == 0:
+        raise ValueError(f"kernelized_attention: empty sequence (L={L}, S={k.shape[2]}); both must be ≥ 1")
+    if k.shape[1] == 0 or H % k.shape[1]:
+        raise ValueError(f"kernelized_attention: q has {H} heads but k/v have {k.shape[1]}; the query heads must be "
+                         f"a multiple of the key/value heads")
+    if rpe is not None:
+        if not isinstance(rpe, RelativeBias):
+            raise TypeError(f"kernelized_attention: rpe={rpe!r} must be posattn.RelativeBias(table) (or None)")
+        rpe.check(B, H, q.device)
+    if not (callable(feature_map_kind) or feature_map_kind in FEATURE_MAPS):
+        raise ValueError(f"kernelized_attention: feature_map={feature_map_kind!r}; choose one of {FEATURE_MAPS} or "
+                         f"pass a callable")
+    if feature_map_kind == "prf" and projection is not None:
+        if projection.dim() != 2 or projection.shape[1] != D:
+            raise ValueError(f"kernelized_attention: projection has shape {tuple(projection.shape)}; expected "
+                             f"(num_features, {D})")
+        if num_features is not None and num_features != projection.shape[0]:
+            raise ValueError(f"kernelized_attention: num_features={num_features} but projection has "
+                             f"{projection.shape[0]} rows")
+    if num_features is not None and not (isinstance(num_features, int) and num_features >= 1):
+        raise ValueError(f"kernelized_attention: num_features={num_features!r} must be a positive int")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"kernelized_attention: eps={eps!r} must be a number ≥ 0")
+
+
+def default_num_features(head_dim):
+    """Performer's default: m = ⌈D·ln D⌉ (at least D)."""
+    return max(head_dim, math.ceil(head_dim * math.log(max(head_dim, 2))))
+
+
+def features(q, k, feature_map_kind, projection, num_features, normalize_qk):
+    """φ(q) [B, H, L, m] and φ(k) [B, Hkv, S, m] (the projection drawn if needed)."""
+    if normalize_qk:
+        q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if feature_map_kind == "prf" and projection is None:
+        projection = orthogonal_projection(num_features or default_num_features(q.shape[-1]), q.shape[-1],
+                                           device=q.device, dtype=q.dtype)
+    return feature_map(q, feature_map_kind, projection, True), feature_map(k, feature_map_kind, projection, False)
+
+
+def kernelized(phi_q, phi_k, v, rpe, causal, eps):
+    """The O(N log N) path on given features (GQA by repeating φ(k) and v per group)."""
+    groups = phi_q.shape[1] // phi_k.shape[1]
+    if groups > 1:
+        phi_k, v = phi_k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if rpe is None:
+        compute = torch.float64 if phi_q.dtype == torch.float64 else torch.float32
+        pq, pk, vv = (t.to(compute) for t in (phi_q, phi_k, v))
+        return _linear_attention(pq, pk, vv, causal, eps).to(v.dtype)
+    # The circulant products run in float64 whatever the input dtype: an FFT's round-off is
+    # absolute (≈ ε·‖c‖·‖x‖), so in float32 it swamps rows whose denominator is small, such
+    # as the first rows of causal attention (measured at L = 130: 1.3e-4 against dense
+    # float32's 1.2e-6).
+    pq, pk, vv = (t.to(torch.float64) for t in (phi_q, phi_k, v))
+    z = _ToeplitzKernelized.apply(pq, pk, vv, rpe.table, bool(causal), float(eps))
+    return z.to(v.dtype)

@@ -469,10 +469,7 @@ class ALiBi:
 
     def kernel_args(self, B, H, device):
         self.check(B, H, device)
-        s = self.slopes.float()
-        s2 = s if s.dim() == 2 else s[None]
-        return dict(bias_kind=BIAS_ALIBI, bias_tensor=s, bias_strides=(s2.stride(0) if s2.shape[0] > 1 else 0,
-                                                                          s2.stride(1)), bias_ints=(0, 0, 0))
+        return dict(bias_kind=BIAS_ALIBI, bias_tensor=self.slopes.float(), bias_ints=(0, 0, 0))
 
 
 class _ToeplitzTable:
@@ -498,6 +495,11 @@ class _ToeplitzTable:
         """The table gathered densely: [B or 1, H, L, S]."""
         return _gather(self.table, self.index(q_pos, k_pos))
 
+    def kernel_table(self, B, H, device):
+        """The table as the kernels read it (fp32, rows contiguous), after the shape checks."""
+        self.check(B, H, device)
+        return self.table.float().contiguous()
+
 
 @dataclass(frozen=True, eq=False)
 class RelativeBias(_ToeplitzTable):
@@ -512,9 +514,7 @@ class RelativeBias(_ToeplitzTable):
         return self.dense(q_pos, k_pos, H)
 
     def kernel_args(self, B, H, device):
-        self.check(B, H, device)
-        t = self.table.float().contiguous()
-        return dict(bias_kind=BIAS_RELATIVE, bias_tensor=t, bias_strides=(0, t.stride(0)),
+        return dict(bias_kind=BIAS_RELATIVE, bias_tensor=self.kernel_table(B, H, device),
                     bias_ints=(self.max_distance, 0, 0))
 
 
@@ -592,7 +592,7 @@ class T5Bias:
         t = self.table.float().contiguous()
         lut = _t5_lut_cpu(bool(self.bidirectional), self.num_buckets, int(self.max_distance)).to(device)
         half = self.num_buckets // 2 if self.bidirectional else 0
-        return dict(bias_kind=BIAS_T5, bias_tensor=t, bias_strides=(0, t.stride(0)), bias_lut=lut,
+        return dict(bias_kind=BIAS_T5, bias_tensor=t, bias_lut=lut,
                     bias_ints=(int(self.max_distance), half, int(bool(self.bidirectional))))
 
 
@@ -628,7 +628,7 @@ class ManhattanDecay:
     def kernel_args(self, B, H, device):
         self.check(B, H, device)
         t = self.log_gamma.float()
-        return dict(bias_kind=BIAS_MANHATTAN, bias_tensor=t, bias_strides=(0, t.stride(0)),
+        return dict(bias_kind=BIAS_MANHATTAN, bias_tensor=t,
                     bias_ints=(int(self.width), 0, 0))
 
 
@@ -646,9 +646,7 @@ class URPE(_ToeplitzTable):
         return self.dense(q_pos, k_pos, H)
 
     def kernel_args(self, B, H, device):
-        self.check(B, H, device)
-        t = self.table.float().contiguous()
-        return dict(urpe_table=t, urpe_m=self.max_distance)
+        return dict(urpe_table=self.kernel_table(B, H, device), urpe_m=self.max_distance)
 
 
 ROTARY_SPECS = (RoPE, XPos, RotaryAngles)
@@ -667,7 +665,6 @@ class KernelPositions:
     k_angles: torch.Tensor | None = None
     bias_kind: int = BIAS_NONE
     bias_tensor: torch.Tensor | None = None
-    bias_strides: tuple = (0, 0)
     bias_lut: torch.Tensor | None = None
     bias_ints: tuple = (0, 0, 0)
     urpe_table: torch.Tensor | None = None

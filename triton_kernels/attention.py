@@ -540,7 +540,7 @@ def _dot_precision(dtype):
     return "tf32"
 
 
-def _rope_args(kp, q, B, H, HKV, L, S):
+def _rope_args(kp, B, H, HKV, L, S):
     """Rotary pointers (frequency table, q / k angles), their strides and constexprs."""
     table = qa = ka = None
     qa_strides = ka_strides = (0, 0, 0, 0)
@@ -574,7 +574,7 @@ def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, drop
     qpos, q_offset, qpos_strides, q_tensor = _pos_args(q_pos, B, L)
     kpos, k_offset, kpos_strides, k_tensor = _pos_args(k_pos, B, S)
     w_left, w_right, has_left, has_right = _window_args(window)
-    (rope_table, qa, ka), angle_strides, rope_cx = _rope_args(kp, q, B, H, HKV, L, S)
+    (rope_table, qa, ka), angle_strides, rope_cx = _rope_args(kp, B, H, HKV, L, S)
     urpe_stride = kp.urpe_table.stride(0) if kp.urpe_table is not None else 0
     # Absent tensors are replaced by q: their loads are compiled out by the constexpr flags,
     # but the pointer arithmetic around them is still traced.

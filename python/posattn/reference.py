@@ -49,7 +49,6 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     (the dense path always is). Returns out [B, H, L, Dv] (and lse [B, H, L] in q's dtype,
     natural log).
     """
-    check_specs(rope, bias, urpe)
     check_attention_inputs(q, k, v, window=window, attn_mask=attn_mask, softcap=softcap, dropout_p=dropout_p,
                            scale=scale, q_pos=q_pos, k_pos=k_pos)
     check_specs(rope, bias, urpe, q)

@@ -25,11 +25,16 @@ $(VENV)/.installed: setup.py Makefile
 		$(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
 			|| { echo "no CPU build of torch $(TORCH_VERSION) found: rerun with TORCH_INDEX=https://download.pytorch.org/whl/cpu"; exit 1; }; \
 	fi
-	$(PY) -m pip install -q triton==$(TRITON_VERSION) numpy pytest transformers==$(TRANSFORMERS_VERSION)
+	$(PY) -m pip install -q triton==$(TRITON_VERSION) numpy pytest transformers==$(TRANSFORMERS_VERSION) cmake ninja
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-install: $(VENV)/.installed
+# The C++ CPU backend posattn._C (CMake + Ninja, incremental): rebuilt whenever a source changes.
+$(VENV)/.extension: $(VENV)/.installed CMakeLists.txt $(wildcard csrc/*)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+install: $(VENV)/.extension
 
 demo: install
 	$(PY) -m posattn
@@ -38,4 +43,4 @@ test: install
 	$(PY) -m pytest -q -ra tests $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info python/*.egg-info
+	rm -rf $(VENV) build *.egg-info python/*.egg-info python/posattn/_C*.so

@@ -1,11 +1,43 @@
-"""posattn: fused attention kernels with the position encoding inside the kernel.
+"""posattn: fused attention kernels with the position encoding computed inside the kernel.
 
-Thin by design (DESIGN.md §2): this file only maps the source folders onto the
-installed package. ``triton_kernels/`` is installed as ``posattn.triton_kernels``,
+Thin by design (DESIGN.md §2): this file maps the source folders onto the installed package
+and drives CMake (CMakeLists.txt, the only list of C++ sources and flags) to build the CPU
+backend ``posattn._C``. ``triton_kernels/`` is installed as ``posattn.triton_kernels``,
 never as a top-level ``triton_kernels`` (Triton ships a package with that name).
-The C++ CPU backend (``posattn._C``, built by CMake) is added by its own issue.
+
+Building needs torch installed first (``pip install --no-build-isolation``), cmake ≥ 3.18
+and ninja.
 """
-from setuptools import setup
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        config = ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+                  f"-DPython_EXECUTABLE={sys.executable}", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+                  f"-DCMAKE_BUILD_TYPE={os.environ.get('POSATTN_BUILD_TYPE', 'Release')}"]
+        # cmake and ninja may be pip-installed next to this Python (the Makefile does that).
+        env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+        subprocess.run(config, check=True, env=env)
+        subprocess.run(["cmake", "--build", str(build_dir), "--parallel", str(os.cpu_count() or 1)], check=True,
+                       env=env)
+
 
 setup(
     name="posattn",
@@ -13,6 +45,8 @@ setup(
     description="Fused attention kernels with position encodings computed inside the kernel",
     package_dir={"posattn": "python/posattn", "posattn.triton_kernels": "triton_kernels"},
     packages=["posattn", "posattn.triton_kernels"],
+    ext_modules=[CMakeExtension("posattn._C")],
+    cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     # torch is deliberately unpinned here: the Makefile installs the CPU build on machines
     # without a GPU, and GPU users install the CUDA build of their choice first (README).

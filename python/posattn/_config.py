@@ -6,12 +6,15 @@ kernel is about to be launched.
 Environment knobs (read at call time, so tests can set them with ``monkeypatch``):
 
 ``POSATTN_BACKEND``
-    Overrides the backend that ``backend=None`` selects ("triton", "reference").
+    Overrides the backend that ``backend=None`` selects ("triton", "cpu", "reference").
     Used to drive :func:`posattn.scaled_dot_product_attention` (which has no
     ``backend`` argument) through a particular backend.
 ``POSATTN_ALLOW_TF32``
     "1" lets fp32 inputs use TF32 tensor cores in the Triton kernels (faster, ~1e-3
     relative error, like ``torch.backends.cuda.matmul.allow_tf32``). Default: exact fp32.
+``POSATTN_CPU_ISA``
+    "generic" makes the C++ CPU kernels use their portable path even on an AVX-512 CPU
+    (read by the extension at each call; default: AVX-512 where the CPU has it).
 ``POSATTN_POISON_ALLOC``
     "1" fills every buffer the launchers allocate with NaN before the kernels write it,
     so a tile that is never written shows up as NaN (the tests set it).
@@ -25,7 +28,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
-BACKENDS = ("triton", "reference")
+BACKENDS = ("triton", "cpu", "reference")
 
 # The largest head dim the Triton kernels take; larger head dims use backend="reference".
 MAX_HEAD_DIM = 256

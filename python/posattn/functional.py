@@ -16,13 +16,14 @@ def select_backend(backend, q: torch.Tensor) -> str:
     if backend is None:
         backend = _config.backend_override()
     if backend is None:
-        if q.device.type == "cuda" and q.dtype != torch.float64 and _config.triton_available():
+        if q.dtype == torch.float64:
+            return "reference"  # the kernels compute in fp32; float64 is the oracle's
+        if q.device.type == "cuda" and _config.triton_available():
             return "triton"
-        # CPU tensors use the dense reference until the C++ CPU backend lands (issue #5).
+        if q.device.type == "cpu":
+            ops.require_cpu_extension()  # a missing build is an error, never a silent switch to the dense path
+            return "cpu"
         return "reference"
-    if backend == "cpu":
-        raise NotImplementedError("backend='cpu' (the C++ CPU backend) lands with issue #5; use "
-                                  "backend='reference' on CPU tensors for now")
     if backend not in _config.BACKENDS:
         raise ValueError(f"backend={backend!r} is not a backend; choose one of {_config.BACKENDS} or None")
     if backend == "triton":
@@ -32,6 +33,14 @@ def select_backend(backend, q: torch.Tensor) -> str:
         if q.dtype == torch.float64:
             raise TypeError("backend='triton' takes float16, bfloat16 and float32; float64 runs on "
                             "backend='reference'")
+    if backend == "cpu":
+        ops.require_cpu_extension()
+        if q.device.type != "cpu":
+            raise RuntimeError(f"backend='cpu' needs CPU tensors, got q on {q.device}; move the inputs with .cpu() or "
+                               f"use backend='triton' for CUDA tensors")
+        if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"backend='cpu' takes float32, bfloat16 and float16, got {q.dtype}; float64 runs on "
+                            f"backend='reference'")
     return backend
 
 
@@ -72,9 +81,10 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     afterwards, at the cost of a scratch buffer (B·H·⌈L/BLOCK_M⌉ rows per table; the mask's
     full [B, H, L, S]). Default False: fp32 atomics, one per (tile, table entry).
 
-    ``backend``: "triton" (CUDA tensors; CPU tensors under TRITON_INTERPRET=1),
-    "reference" (dense PyTorch, any dtype incl. float64) or None (best available: triton for
-    CUDA, reference for CPU and float64; the environment variable POSATTN_BACKEND overrides).
+    ``backend``: "triton" (CUDA tensors; CPU tensors under TRITON_INTERPRET=1), "cpu" (the
+    C++ extension posattn._C: CPU tensors, float32 / bfloat16 / float16), "reference" (dense
+    PyTorch, any dtype incl. float64) or None (best available: triton for CUDA, cpu for CPU,
+    reference for float64; the environment variable POSATTN_BACKEND overrides).
     """
     check_specs(rope, bias, urpe)
     check_attention_inputs(q, k, v, window=window, attn_mask=attn_mask, softcap=softcap, dropout_p=dropout_p,
@@ -89,7 +99,7 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
 
     D = q.shape[-1]
     if max(D, v.shape[-1]) > _config.MAX_HEAD_DIM:
-        raise ValueError(f"head dims D={D}, Dv={v.shape[-1]}: backend='triton' takes head dims up to "
+        raise ValueError(f"head dims D={D}, Dv={v.shape[-1]}: backend={backend!r} takes head dims up to "
                          f"{_config.MAX_HEAD_DIM}; use backend='reference' for larger ones")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if attn_mask is not None and attn_mask.dim() < 4:
@@ -99,7 +109,7 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     left, right = window if window is not None else (-1, -1)
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else None
     kp = kernel_positions(rope, bias, urpe, q, k, q_pos, k_pos)
-    out, lse = ops.triton_attention_fwd(
+    out, lse = ops.forward_op(backend)(
         q, k, v, attn_mask, q_tensor, k_tensor, 0 if q_tensor is not None else int(q_pos),
         0 if k_tensor is not None else int(k_pos), bool(causal), left, right, float(softcap or 0.0),
         float(dropout_p), seed, 1.0 / math.sqrt(D) if scale is None else float(scale), kp.rope_table, kp.q_angles,

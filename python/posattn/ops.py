@@ -1,6 +1,9 @@
 """Kernels as ``torch.library`` custom ops, with fake implementations and registered autograd.
 
-The ops are opaque to autograd and to ``torch.compile``: each one calls a launcher, and the
+Two backends share one op signature: ``posattn::triton_attention_{fwd,bwd}`` (defined here,
+calling the Triton launchers) and ``posattn::cpu_attention_{fwd,bwd}`` (defined in C++ by the
+extension ``posattn._C``; its fake implementations and autograd are registered here when the
+extension loads). The ops are opaque to autograd and to ``torch.compile``: each one calls a launcher, and the
 backward is itself an op. Positions travel as an optional tensor plus an int offset, the
 window as two ints (−1: unbounded), softcap as a float (0: off), and the dropout seed as a
 0-d int64 CPU tensor so that drawing it needs no ``.item()`` outside the op.
@@ -18,6 +21,45 @@ import torch
 from torch import Tensor
 
 from .positions import KernelPositions
+
+
+def _load_extension():
+    # The extension defines the posattn::cpu_* ops when it loads. A missing or broken build must
+    # not break `import posattn`: the error is kept and raised when the CPU backend is asked for.
+    try:
+        from posattn import _C  # noqa: F401
+    except ImportError as e:
+        return e
+    return None
+
+
+_C_ERROR = _load_extension()
+
+
+def cpu_available() -> bool:
+    return _C_ERROR is None
+
+
+def require_cpu_extension():
+    if _C_ERROR is not None:
+        raise RuntimeError(
+            f"backend='cpu' needs the compiled extension posattn._C, which did not load ({_C_ERROR}). Build it with "
+            f"`make install` (or `pip install --no-build-isolation -e .` with cmake and ninja installed), or use "
+            f"backend='reference'")
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run with: "avx512" or "generic" (runtime dispatch;
+    POSATTN_CPU_ISA=generic forces the portable path)."""
+    require_cpu_extension()
+    return torch.ops.posattn.cpu_isa()
+
+
+def cpu_dropout_mask(seed: int, B: int, H: int, L: int, S: int, dropout_p: float) -> Tensor:
+    """The keep-mask (bool [B, H, L, S]) that the CPU kernels draw for ``seed``: the same
+    Philox stream as the Triton kernels, so both backends drop the same elements."""
+    require_cpu_extension()
+    return torch.ops.posattn.cpu_dropout_mask(seed, B, H, L, S, dropout_p)
 
 
 def _triton():
@@ -62,7 +104,7 @@ def triton_attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Te
 
 
 @triton_attention_fwd.register_fake
-def _(q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset, causal, window_left, window_right, softcap, dropout_p,
+def _fwd_fake(q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset, causal, window_left, window_right, softcap, dropout_p,
       seed, scale, rope_table, q_angles, k_angles, bias_tensor, bias_lut, urpe_table, spec_ints, rope_scale,
       deterministic):
     B, H, L, _ = q.shape
@@ -93,7 +135,7 @@ def triton_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
 
 
 @triton_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, q_offset, k_offset, causal, window_left, window_right,
+def _bwd_fake(dout, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, q_offset, k_offset, causal, window_left, window_right,
       softcap, dropout_p, seed, scale, rope_table, q_angles, k_angles, bias_tensor, bias_lut, urpe_table, spec_ints,
       rope_scale, deterministic, mask_grad, angle_grad, bias_grad, urpe_grad):
     def like(t, wanted):
@@ -128,11 +170,17 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout, dlse):
+def _make_backward(bwd_op):
+    def backward(ctx, dout, dlse):
+        return _backward(bwd_op, ctx, dout, dlse)
+    return backward
+
+
+def _backward(bwd_op, ctx, dout, dlse):
     q, k, v, out, lse, attn_mask, q_pos, k_pos, seed, *specs = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv, dmask, dqa, dka, dbias, durpe = triton_attention_bwd(
+    dq, dk, dv, dmask, dqa, dka, dbias, durpe = bwd_op(
         dout, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, *ctx.params, seed, ctx.scale, *specs,
         ctx.spec_ints, ctx.rope_scale, ctx.deterministic, ctx.mask_grad, ctx.angle_grad, ctx.bias_grad,
         ctx.urpe_grad)
@@ -143,4 +191,20 @@ def _backward(ctx, dout, dlse):
     return tuple(grads.get(name) for name in _FWD_ARGS)
 
 
-torch.library.register_autograd("posattn::triton_attention_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("posattn::triton_attention_fwd", _make_backward(triton_attention_bwd),
+                                setup_context=_setup_context)
+
+if _C_ERROR is None:
+    torch.library.register_fake("posattn::cpu_attention_fwd")(_fwd_fake)
+    torch.library.register_fake("posattn::cpu_attention_bwd")(_bwd_fake)
+    torch.library.register_autograd("posattn::cpu_attention_fwd",
+                                    _make_backward(torch.ops.posattn.cpu_attention_bwd.default),
+                                    setup_context=_setup_context)
+
+
+def forward_op(backend: str):
+    """The forward custom op of a kernel backend ("triton" or "cpu")."""
+    if backend == "cpu":
+        require_cpu_extension()
+        return torch.ops.posattn.cpu_attention_fwd.default
+    return triton_attention_fwd

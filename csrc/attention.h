@@ -1,0 +1,89 @@
+// The interface between the op layer (ops.cpp, which sees torch tensors) and the kernels
+// (attention_kernel.h, compiled once per instruction set). Plain C++ only: the kernel
+// translation units include no torch header, so that no inline function compiled with
+// AVX-512 flags can be merged by the linker into the portable build (and then run on a
+// CPU without AVX-512).
+#pragma once
+
+#include <cstdint>
+
+namespace posattn {
+
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+enum MaskKind : int { MASK_NONE = 0, MASK_BOOL = 1, MASK_FLOAT = 2 };
+enum RopeKind : int { ROPE_NONE = 0, ROPE_FREQ = 1, ROPE_XPOS = 2, ROPE_ANGLES = 3 };
+enum BiasKind : int { BIAS_NONE = 0, BIAS_ALIBI = 1, BIAS_RELATIVE = 2, BIAS_T5 = 3, BIAS_MANHATTAN = 4 };
+
+// Runs body(ctx, begin, end) over [0, n) on the op layer's thread pool. Every task's
+// result must not depend on which thread runs it (the kernels never reduce across tasks
+// in a thread-dependent order), so any split is deterministic.
+using Body = void (*)(void* ctx, int64_t begin, int64_t end);
+using ParallelFor = void (*)(int64_t n, void* ctx, Body body);
+
+// Everything both passes read. Strides are in elements; the last dim is contiguous.
+struct AttnArgs {
+  int64_t B, H, Hkv, L, S, D, Dv;
+  DType dtype;
+  const void* q; int64_t sq_b, sq_h, sq_l;
+  const void* k; int64_t sk_b, sk_h, sk_l;
+  const void* v; int64_t sv_b, sv_h, sv_l;
+  // attn_mask: bool (uint8) or float32, read through broadcast strides over [B, H, L, S]
+  int mask_kind; const void* mask; int64_t sm_b, sm_h, sm_l, sm_s;
+  // positions: int32 tensors [B or 1, n] (stride_b 0 when shared) or offset + index
+  const int32_t* q_pos; int64_t sqp_b; int64_t q_offset;
+  const int32_t* k_pos; int64_t skp_b; int64_t k_offset;
+  bool causal; int64_t window_left, window_right;  // -1: unbounded on that side
+  float scale, softcap, dropout_p;                 // softcap 0: off
+  uint64_t seed;
+  // rotary: table = inv_freq [r/2] (+ log2(zeta)/scale_base [r/2] for xPos), or angles
+  // (fp32, broadcast strides over [B, H|Hkv, n, r/2])
+  int rope_kind, rotary_dim; bool interleaved; float rope_scale;
+  const float* rope_table;
+  const float* q_ang; int64_t sqa_b, sqa_h, sqa_l;
+  const float* k_ang; int64_t ska_b, ska_h, ska_l;
+  // bias: fp32 parameter (slopes [B|1, H], tables [H, T], log-decays [H]), T5 bucket LUT
+  int bias_kind; const float* bias; int64_t sbias_b, sbias_h; const int32_t* bias_lut;
+  int64_t bias_i0, bias_i1, bias_i2;
+  // URPE gate table [H, 2M+1] fp32
+  const float* urpe; int64_t surpe_h; int64_t urpe_m;
+  ParallelFor parallel;
+};
+
+// Backward outputs and scratch. dq, dk, dv are contiguous in the input dtype.
+struct BwdArgs {
+  const void* dout; int64_t sdo_b, sdo_h, sdo_l;
+  const void* out; int64_t so_b, so_h, so_l;
+  const float* lse;   // [B, H, L]
+  const float* dlse;  // [B, H, L] or null
+  void* dq; void* dk; void* dv;
+  float* dmask;       // [B, H, L, S] or null: the float mask's gradient before reduction
+  float* dq_ang;      // [B, H, L, r/2] or null
+  float* dk_ang;      // [B, Hkv, S, r/2] or null
+  float* dbias;       // per task [B, H, C] (ALiBi, Manhattan) or [B, H, C, T] (tables), zeroed, or null
+  float* durpe;       // per task [B, H, C, 2M+1], zeroed, or null
+  int64_t chunks;     // C: query chunks per (batch, head)
+  int64_t bias_T;     // entries of the bias table (tables) or 1
+  float* dk_part;     // [B, H, C, S, Dp] zeroed scratch: each task's key gradient
+  float* dv_part;     // [B, H, C, S, Dvp] zeroed scratch
+};
+
+// Row padding of the packed fp32 operands (the micro-kernel works on whole vectors).
+inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// Query tiles per backward chunk: a fixed rule of the sizes only (never the thread count),
+// so the gradients are bitwise the same whatever the number of threads.
+int64_t backward_chunks(int64_t B, int64_t H, int64_t L);
+
+namespace generic {
+void attention_forward(const AttnArgs& a, void* out, float* lse);
+void attention_backward(const AttnArgs& a, const BwdArgs& g);
+void dropout_mask(uint64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, float p, bool* keep, ParallelFor par);
+}  // namespace generic
+namespace avx512 {
+void attention_forward(const AttnArgs& a, void* out, float* lse);
+void attention_backward(const AttnArgs& a, const BwdArgs& g);
+void dropout_mask(uint64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, float p, bool* keep, ParallelFor par);
+}  // namespace avx512
+
+}  // namespace posattn

@@ -1,0 +1,1017 @@
+// The CPU attention kernels: flash-style forward and backward with every position
+// feature. Included once per instruction set (attention_generic.cpp, attention_avx512.cpp)
+// inside `namespace posattn::<isa>`; everything here has internal linkage, so the two
+// builds never share a symbol.
+//
+// Layout of the work. A pre-pass packs K and V of every (batch, KV head) into fp32, K
+// rotated (step 1 of the score pipeline, DESIGN.md §3): K as transposed tiles [D][BN] for
+// q·kᵀ and as rows [S][D] for dS·K; V as rows [S][Dv] for p·v and as transposed tiles for
+// dO·vᵀ. Rows are padded to whole vectors with zeros, so the micro-kernel never masks.
+// The forward runs one task per (batch, head, query tile) with the online softmax; the
+// backward one task per (batch, head, chunk of query tiles), recomputing p from lse, with
+// dQ finished in the task and dK / dV / table gradients accumulated into per-task partial
+// buffers that a last pass reduces in a fixed order: the gradients are bitwise the same
+// for any thread count.
+#pragma once
+
+namespace {
+
+constexpr int64_t BM = 64;  // query rows per tile
+constexpr int64_t BN = 128; // keys per tile
+constexpr int MR = 6;       // micro-kernel rows (6 x 4 vectors of accumulators)
+constexpr float NEG_INF = -__builtin_inff();
+
+// ---------------------------------------------------------------------------------------
+// memory
+// ---------------------------------------------------------------------------------------
+
+struct Buffer {
+  float* p = nullptr;
+  explicit Buffer(int64_t n, bool zero = false) {
+    size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * sizeof(float) + 63) / 64 * 64;
+    p = static_cast<float*>(aligned_alloc(64, bytes));
+    if (p == nullptr) throw std::bad_alloc();
+    if (zero) memset(p, 0, bytes);
+  }
+  ~Buffer() { free(p); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+};
+
+// ---------------------------------------------------------------------------------------
+// dtype conversion (bit-exact round-to-nearest-even, no library calls)
+// ---------------------------------------------------------------------------------------
+
+inline uint32_t f2u(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+inline float u2f(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+
+inline float bf16_to_f32(uint16_t h) { return u2f(static_cast<uint32_t>(h) << 16); }
+inline uint16_t f32_to_bf16(float x) {
+  uint32_t u = f2u(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t em = h & 0x7fffu;
+  if (em >= 0x7c00u) return u2f(sign | 0x7f800000u | ((em & 0x3ffu) << 13));  // inf, NaN
+  // normal and subnormal halves alike: shift into a float's bits and rescale by 2^112
+  return u2f(f2u(u2f(em << 13) * 5.192296858534828e+33f) | sign);
+}
+inline uint16_t f32_to_f16(float x) {
+  uint32_t f = f2u(x);
+  uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  uint32_t o;
+  if (f >= (127u + 16u) << 23) {  // ≥ 65536 (or inf / NaN): rounds to inf
+    o = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  } else if (f < (113u << 23)) {  // below the smallest normal half: let the FPU round
+    const float magic = 0.5f;
+    o = f2u(u2f(f) + magic) - f2u(magic);
+  } else {
+    uint32_t odd = (f >> 13) & 1u;
+    f += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + odd;
+    o = f >> 13;
+  }
+  return static_cast<uint16_t>(o | (sign >> 16));
+}
+
+template <DType DT>
+inline void load_row(const void* src, int64_t n, float* dst) {
+  if constexpr (DT == DType::F32) {
+    memcpy(dst, src, n * sizeof(float));
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t j = 0; j < n; ++j) dst[j] = DT == DType::BF16 ? bf16_to_f32(s[j]) : f16_to_f32(s[j]);
+  }
+}
+
+template <DType DT>
+inline void store_row(const float* src, int64_t n, void* dst) {
+  if constexpr (DT == DType::F32) {
+    memcpy(dst, src, n * sizeof(float));
+  } else {
+    uint16_t* d = static_cast<uint16_t*>(dst);
+    for (int64_t j = 0; j < n; ++j) d[j] = DT == DType::BF16 ? f32_to_bf16(src[j]) : f32_to_f16(src[j]);
+  }
+}
+
+template <DType DT>
+inline const void* elem(const void* base, int64_t offset) {
+  return static_cast<const char*>(base) + offset * (DT == DType::F32 ? 4 : 2);
+}
+template <DType DT>
+inline void* elem(void* base, int64_t offset) {
+  return static_cast<char*>(base) + offset * (DT == DType::F32 ? 4 : 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// the GEMM micro-kernel: C[M, N] (+)= A[M, K] · B[K, N]
+//   A any strides (its elements are broadcast one at a time: a row-major tile or the
+//   transpose of one), B rows contiguous, N a multiple of 16 (padded operands).
+// ---------------------------------------------------------------------------------------
+
+template <int R, int NV>
+inline void micro(int64_t K, const float* A, int64_t ars, int64_t acs, const float* B, int64_t ldb, float* C,
+                  int64_t ldc, bool accumulate) {
+#if defined(__AVX512F__)
+  __m512 c[R][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) c[i][v] = accumulate ? _mm512_loadu_ps(C + i * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
+    const float* a = A + k * acs;
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      __m512 ai = _mm512_set1_ps(a[i * ars]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[i][v] = _mm512_fmadd_ps(ai, b[v], c[i][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, c[i][v]);
+#else
+  constexpr int W = 16 * NV;
+  float c[R][W];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < W; ++j) c[i][j] = accumulate ? C[i * ldc + j] : 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    for (int i = 0; i < R; ++i) {
+      const float ai = A[i * ars + k * acs];
+      for (int j = 0; j < W; ++j) c[i][j] += ai * b[j];
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < W; ++j) C[i * ldc + j] = c[i][j];
+#endif
+}
+
+using MicroFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, bool);
+
+template <int R>
+constexpr MicroFn micro_for(int nv) {
+  return nv == 1 ? &micro<R, 1> : nv == 2 ? &micro<R, 2> : nv == 3 ? &micro<R, 3> : &micro<R, 4>;
+}
+
+inline MicroFn micro_fn(int r, int nv) {
+  switch (r) {
+    case 1: return micro_for<1>(nv);
+    case 2: return micro_for<2>(nv);
+    case 3: return micro_for<3>(nv);
+    case 4: return micro_for<4>(nv);
+    case 5: return micro_for<5>(nv);
+    default: return micro_for<6>(nv);
+  }
+}
+
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t acs, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if (M <= 0) return;
+  if (K <= 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) memset(C + i * ldc, 0, N * sizeof(float));
+    return;
+  }
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int nv = static_cast<int>(N - n0 >= 64 ? 4 : (N - n0) / 16);
+    const MicroFn full = micro_fn(MR, nv);
+    int64_t m0 = 0;
+    for (; m0 + MR <= M; m0 += MR) full(K, A + m0 * ars, ars, acs, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
+    if (m0 < M)
+      micro_fn(static_cast<int>(M - m0), nv)(K, A + m0 * ars, ars, acs, B + n0, ldb, C + m0 * ldc + n0, ldc,
+                                              accumulate);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// elementwise math (branch-free, so the loops vectorise)
+// ---------------------------------------------------------------------------------------
+
+// e^x to ~2 ulp; exactly 0 below −87.3 (so −inf gives 0). Cody–Waite reduction by ln 2
+// (the high part has few bits, so n·LN2_HI is exact without an FMA) and a degree-7 Taylor
+// polynomial on |r| ≤ ln2/2.
+inline float exp_approx(float x) {
+  const float xc = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float scale = u2f(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  return x < -87.3f ? 0.0f : p * scale;
+}
+
+// 2^x for the xPos decays (x may be large and negative: underflow to 0 is the limit).
+inline float exp2_approx(float x) { return exp_approx(x * 0.693147180559945309f); }
+
+// Reductions over a whole tile row (BN entries; entries past the tile's end are −inf, so
+// they neither win the max nor add to the sum), 16 independent lanes so the loops
+// vectorise without reassociation flags; the lanes are then combined in a fixed order.
+inline float row_max(const float* s) {
+#if defined(__AVX512F__)
+  __m512 m = _mm512_loadu_ps(s);
+  for (int64_t j = 16; j < BN; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + j));
+  return _mm512_reduce_max_ps(m);
+#else
+  float m[16];
+  for (int l = 0; l < 16; ++l) m[l] = s[l];
+  for (int64_t j = 16; j < BN; j += 16)
+    for (int l = 0; l < 16; ++l) m[l] = s[j + l] > m[l] ? s[j + l] : m[l];
+  float r = m[0];
+  for (int l = 1; l < 16; ++l) r = m[l] > r ? m[l] : r;
+  return r;
+#endif
+}
+
+// s = exp(s − sub) in place; returns Σ s.
+inline float row_exp_sum(float* s, float sub) {
+  float acc[16] = {};
+  for (int64_t j = 0; j < BN; j += 16)
+    for (int l = 0; l < 16; ++l) {
+      const float e = exp_approx(s[j + l] - sub);
+      s[j + l] = e;
+      acc[l] += e;
+    }
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(_mm512_loadu_ps(acc));
+#else
+  float r = 0.0f;
+  for (int l = 0; l < 16; ++l) r += acc[l];
+  return r;
+#endif
+}
+
+inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// floor division / modulo for any sign of p (w > 0)
+inline void floor_divmod(int64_t p, int64_t w, int64_t& q, int64_t& r) {
+  q = p / w;
+  r = p - q * w;
+  if (r < 0) { q -= 1; r += w; }
+}
+
+// ---------------------------------------------------------------------------------------
+// dropout: the Triton kernels' Philox stream (key = seed, counter = (key, row, b·H + h, 0)),
+// so both backends drop the same elements for one seed
+// ---------------------------------------------------------------------------------------
+
+inline uint32_t philox_first(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t pa = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t pb = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(pb);
+    c3 = static_cast<uint32_t>(pa);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+inline float uniform_from(uint32_t r) {
+  int32_t x = static_cast<int32_t>(r);
+  x = x < 0 ? ~x : x;
+  return static_cast<float>(x) * 4.6566127342e-10f;
+}
+
+// keep[j] = 1 / (1 − p) or 0 for keys j0 .. j0 + n of row i of query head bh
+inline void dropout_row(uint64_t seed, int64_t bh, int64_t i, int64_t j0, int64_t n, float p, float* keep) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const float scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t r = philox_first(static_cast<uint32_t>(j0 + j), static_cast<uint32_t>(i),
+                                    static_cast<uint32_t>(bh), 0u, k0, k1);
+    keep[j] = uniform_from(r) >= p ? scale : 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// positions and rotary encodings
+// ---------------------------------------------------------------------------------------
+
+inline int32_t q_position(const AttnArgs& a, int64_t b, int64_t i) {
+  return a.q_pos ? a.q_pos[b * a.sqp_b + i] : static_cast<int32_t>(a.q_offset + i);
+}
+inline int32_t k_position(const AttnArgs& a, int64_t b, int64_t j) {
+  return a.k_pos ? a.k_pos[b * a.skp_b + j] : static_cast<int32_t>(a.k_offset + j);
+}
+
+// The channels of pair t: (2t, 2t+1) interleaved, (t, t + r/2) in the half layout.
+inline int64_t pair_first(int64_t t, int64_t r, bool interleaved) { return interleaved ? 2 * t : t; }
+inline int64_t pair_second(int64_t t, int64_t r, bool interleaved) { return interleaved ? 2 * t + 1 : t + r / 2; }
+
+// cos / sin (scaled by rope_scale) of the pairs of one row: from pos·inv_freq (fp32 product,
+// as HF computes it) or from the explicit angles.
+inline void row_sincos(const AttnArgs& a, int32_t pos, const float* angles, float* cs, float* sn) {
+  const int64_t half = a.rotary_dim / 2;
+  for (int64_t t = 0; t < half; ++t) {
+    const float angle = a.rope_kind == ROPE_ANGLES ? angles[t] : static_cast<float>(pos) * a.rope_table[t];
+    cs[t] = std::cos(angle) * a.rope_scale;
+    sn[t] = std::sin(angle) * a.rope_scale;
+  }
+}
+
+// y = R x on the rotary channels (in place allowed); channels ≥ r pass through.
+inline void rotate(float* x, const float* cs, const float* sn, int64_t r, bool interleaved) {
+  for (int64_t t = 0; t < r / 2; ++t) {
+    const int64_t ia = pair_first(t, r, interleaved), ib = pair_second(t, r, interleaved);
+    const float xa = x[ia], xb = x[ib];
+    x[ia] = xa * cs[t] - xb * sn[t];
+    x[ib] = xb * cs[t] + xa * sn[t];
+  }
+}
+
+// dx = Rᵀ dy (in place).
+inline void unrotate(float* d, const float* cs, const float* sn, int64_t r, bool interleaved) {
+  for (int64_t t = 0; t < r / 2; ++t) {
+    const int64_t ia = pair_first(t, r, interleaved), ib = pair_second(t, r, interleaved);
+    const float da = d[ia], db = d[ib];
+    d[ia] = da * cs[t] + db * sn[t];
+    d[ib] = db * cs[t] - da * sn[t];
+  }
+}
+
+// ∂L/∂φ_t = −dy_a·y_b + dy_b·y_a for the gradient dy w.r.t. the rotated row y (the
+// rotation's generator maps (y_a, y_b) to (−y_b, y_a)); g scales dy.
+inline void angle_grad(const float* dy, float g, const float* y, int64_t r, bool interleaved, float* out) {
+  for (int64_t t = 0; t < r / 2; ++t) {
+    const int64_t ia = pair_first(t, r, interleaved), ib = pair_second(t, r, interleaved);
+    out[t] = g * (dy[ib] * y[ia] - dy[ia] * y[ib]);
+  }
+}
+
+// xPos: x[d] *= 2^(rel · log2(ζ_t)/scale_base) on both channels of each pair t.
+inline void xpos_scale(float* x, float rel, const float* log2_zeta, int64_t r, bool interleaved) {
+  for (int64_t t = 0; t < r / 2; ++t) {
+    const float f = exp2_approx(rel * log2_zeta[t]);
+    x[pair_first(t, r, interleaved)] *= f;
+    x[pair_second(t, r, interleaved)] *= f;
+  }
+}
+
+// Per-row cos / sin tables of rotary kinds 1 and 2 (positions shared by every head):
+// rows [nb][n][r/2] with nb = 1 unless the positions differ per batch.
+struct SinCosTable {
+  Buffer cs, sn;
+  int64_t nb, n, half;
+  SinCosTable(const AttnArgs& a, bool keys)
+      : cs(table_size(a, keys)), sn(table_size(a, keys)),
+        nb(batches(a, keys)), n(keys ? a.S : a.L), half(a.rotary_dim / 2) {
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t i = 0; i < n; ++i) {
+        const int32_t pos = keys ? k_position(a, b, i) : q_position(a, b, i);
+        row_sincos(a, pos, nullptr, cs.p + (b * n + i) * half, sn.p + (b * n + i) * half);
+      }
+  }
+  static int64_t batches(const AttnArgs& a, bool keys) {
+    const bool per_batch = keys ? (a.k_pos && a.skp_b != 0) : (a.q_pos && a.sqp_b != 0);
+    return per_batch ? a.B : 1;
+  }
+  static int64_t table_size(const AttnArgs& a, bool keys) {
+    const bool used = a.rope_kind == ROPE_FREQ || a.rope_kind == ROPE_XPOS;
+    return used ? batches(a, keys) * (keys ? a.S : a.L) * (a.rotary_dim / 2) : 1;
+  }
+  const float* cos_row(int64_t b, int64_t i) const { return cs.p + ((nb == 1 ? 0 : b) * n + i) * half; }
+  const float* sin_row(int64_t b, int64_t i) const { return sn.p + ((nb == 1 ? 0 : b) * n + i) * half; }
+};
+
+// Rotation coefficients of one row, from the tables or computed from explicit angles.
+struct RowRotation {
+  const float* cs;
+  const float* sn;
+  float cs_buf[128], sn_buf[128];
+  RowRotation(const AttnArgs& a, const SinCosTable& tab, int64_t b, int64_t head, int64_t i, bool keys) {
+    if (a.rope_kind == ROPE_ANGLES) {
+      const float* ang = keys ? a.k_ang + b * a.ska_b + head * a.ska_h + i * a.ska_l
+                              : a.q_ang + b * a.sqa_b + head * a.sqa_h + i * a.sqa_l;
+      row_sincos(a, 0, ang, cs_buf, sn_buf);
+      cs = cs_buf;
+      sn = sn_buf;
+    } else {
+      cs = tab.cos_row(b, i);
+      sn = tab.sin_row(b, i);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// steps 3–6 of the score pipeline on one row of a tile
+// ---------------------------------------------------------------------------------------
+
+struct KeyTile {
+  int64_t j0, n;         // first key, keys in the tile (≤ BN)
+  int32_t pos[BN];       // their positions
+  int32_t lo, hi;        // position range
+};
+
+// Can any (query, key) pair of the two ranges survive causal / window masking?
+inline bool tile_visible(const AttnArgs& a, int32_t q_lo, int32_t q_hi, const KeyTile& kt) {
+  if (q_lo > q_hi) return false;
+  if (a.causal && kt.lo > q_hi) return false;
+  if (a.window_right >= 0 && static_cast<int64_t>(kt.lo) > static_cast<int64_t>(q_hi) + a.window_right) return false;
+  if (a.window_left >= 0 && static_cast<int64_t>(kt.hi) < static_cast<int64_t>(q_lo) - a.window_left) return false;
+  return true;
+}
+
+// Does every pair pass causal / window masking (so the per-element position masks can be skipped)?
+inline bool tile_interior(const AttnArgs& a, int32_t q_lo, int32_t q_hi, const KeyTile& kt) {
+  if (a.causal && kt.hi > q_lo) return false;
+  if (a.window_right >= 0 && static_cast<int64_t>(kt.hi) > static_cast<int64_t>(q_lo) + a.window_right) return false;
+  if (a.window_left >= 0 && static_cast<int64_t>(kt.lo) < static_cast<int64_t>(q_hi) - a.window_left) return false;
+  return true;
+}
+
+// The bias operand of (query at qp, key at kp): the table index (RelativeBias, T5) or the
+// multiplier of the head's parameter (ALiBi: −|r|, Manhattan: grid distance), r = kp − qp.
+inline int64_t bias_index(const AttnArgs& a, int32_t qp, int32_t kp) {
+  const int64_t rel = static_cast<int64_t>(kp) - qp;
+  if (a.bias_kind == BIAS_RELATIVE) return clamp64(rel, -a.bias_i0, a.bias_i0) + a.bias_i0;
+  // T5: HF's bucket of the distance from the host-built table (exact at every boundary);
+  // the function saturates at max_distance (bias_i0).
+  const bool bidirectional = a.bias_i2 != 0;
+  const int64_t n = bidirectional ? (rel < 0 ? -rel : rel) : (rel < 0 ? -rel : 0);
+  const int64_t offset = bidirectional && rel > 0 ? a.bias_i1 : 0;
+  return offset + a.bias_lut[n < a.bias_i0 ? n : a.bias_i0];
+}
+
+inline float bias_multiplier(const AttnArgs& a, int32_t qp, int32_t kp) {
+  if (a.bias_kind == BIAS_ALIBI) {
+    const int64_t rel = static_cast<int64_t>(kp) - qp;
+    return -static_cast<float>(rel < 0 ? -rel : rel);
+  }
+  int64_t rq, cq, rk, ck;
+  floor_divmod(qp, a.bias_i0, rq, cq);
+  floor_divmod(kp, a.bias_i0, rk, ck);
+  return static_cast<float>((rk > rq ? rk - rq : rq - rk) + (ck > cq ? ck - cq : cq - ck));
+}
+
+inline float bias_param(const AttnArgs& a, int64_t b, int64_t h) {
+  return a.bias[(a.bias_kind == BIAS_ALIBI ? b * a.sbias_b : 0) + h * a.sbias_h];
+}
+
+inline int64_t urpe_index(const AttnArgs& a, int32_t qp, int32_t kp) {
+  return clamp64(static_cast<int64_t>(kp) - qp, -a.urpe_m, a.urpe_m) + a.urpe_m;
+}
+
+// s[j] (j < BN) = the score of (row i, key kt.j0 + j) after bias, float mask, softcap and
+// masking; keys past the tile's end are −inf. th[j] keeps tanh(s/softcap) for the backward.
+inline void score_row(const AttnArgs& a, int64_t b, int64_t h, int64_t i, int32_t qp, const KeyTile& kt,
+                      bool interior, float* s, float* th) {
+  const int64_t n = kt.n;
+  switch (a.bias_kind) {
+    case BIAS_ALIBI:
+    case BIAS_MANHATTAN: {
+      const float w = bias_param(a, b, h);
+      if (a.bias_kind == BIAS_ALIBI) {
+        for (int64_t j = 0; j < n; ++j) {
+          const int32_t rel = kt.pos[j] - qp;
+          s[j] += w * -static_cast<float>(rel < 0 ? -rel : rel);
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) s[j] += w * bias_multiplier(a, qp, kt.pos[j]);
+      }
+      break;
+    }
+    case BIAS_RELATIVE: {
+      const float* tab = a.bias + h * a.sbias_h;
+      const int32_t m = static_cast<int32_t>(a.bias_i0);
+      for (int64_t j = 0; j < n; ++j) {
+        int32_t rel = kt.pos[j] - qp;
+        rel = rel < -m ? -m : (rel > m ? m : rel);
+        s[j] += tab[rel + m];
+      }
+      break;
+    }
+    case BIAS_T5: {
+      const float* tab = a.bias + h * a.sbias_h;
+      for (int64_t j = 0; j < n; ++j) s[j] += tab[bias_index(a, qp, kt.pos[j])];
+      break;
+    }
+    default:
+      break;
+  }
+  if (a.mask_kind == MASK_FLOAT) {
+    const float* m = static_cast<const float*>(a.mask) + b * a.sm_b + h * a.sm_h + i * a.sm_l + kt.j0 * a.sm_s;
+    for (int64_t j = 0; j < n; ++j) s[j] += m[j * a.sm_s];
+  }
+  if (a.softcap != 0.0f) {
+    const float inv = 1.0f / a.softcap;
+    for (int64_t j = 0; j < n; ++j) {
+      const float t = std::tanh(s[j] * inv);
+      if (th) th[j] = t;
+      s[j] = a.softcap * t;
+    }
+  }
+  if (!interior) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t kp = kt.pos[j];
+      bool keep = true;
+      if (a.causal) keep = keep && kp <= qp;
+      if (a.window_left >= 0) keep = keep && kp >= static_cast<int64_t>(qp) - a.window_left;
+      if (a.window_right >= 0) keep = keep && kp <= static_cast<int64_t>(qp) + a.window_right;
+      s[j] = keep ? s[j] : NEG_INF;
+    }
+  }
+  if (a.mask_kind == MASK_BOOL) {
+    const uint8_t* m = static_cast<const uint8_t*>(a.mask) + b * a.sm_b + h * a.sm_h + i * a.sm_l + kt.j0 * a.sm_s;
+    for (int64_t j = 0; j < n; ++j) s[j] = m[j * a.sm_s] ? s[j] : NEG_INF;
+  }
+  for (int64_t j = n; j < BN; ++j) s[j] = NEG_INF;
+}
+
+// ---------------------------------------------------------------------------------------
+// packing: K and V of every (batch, KV head) in fp32, K rotated
+// ---------------------------------------------------------------------------------------
+
+struct Packed {
+  int64_t nkt, Dp, Dvp;
+  Buffer kt;   // [B·Hkv][nkt][Dp][BN]  transposed key tiles (q·kᵀ)
+  Buffer kr;   // [B·Hkv][S][Dp]        key rows (dS·K), backward only
+  Buffer vr;   // [B·Hkv][S][Dvp]       value rows (p·v), forward only
+  Buffer vt;   // [B·Hkv][nkt][Dvp][BN] transposed value tiles (dO·vᵀ), backward only
+  Packed(const AttnArgs& a, bool backward)
+      : nkt((a.S + BN - 1) / BN), Dp(pad16(a.D)), Dvp(pad16(a.Dv)),
+        kt(a.B * a.Hkv * nkt * Dp * BN, true),
+        kr(backward ? a.B * a.Hkv * a.S * Dp : 1, true),
+        vr(backward ? 1 : a.B * a.Hkv * a.S * Dvp, true),
+        vt(backward ? a.B * a.Hkv * nkt * Dvp * BN : 1, true) {}
+};
+
+template <DType DT>
+struct PackCtx {
+  const AttnArgs* a;
+  Packed* pk;
+  const SinCosTable* ktab;
+  bool backward;
+};
+
+template <DType DT>
+void pack_body(void* vctx, int64_t begin, int64_t end) {
+  auto& c = *static_cast<PackCtx<DT>*>(vctx);
+  const AttnArgs& a = *c.a;
+  Packed& pk = *c.pk;
+  Buffer row(pk.Dp > pk.Dvp ? pk.Dp : pk.Dvp);
+  for (int64_t task = begin; task < end; ++task) {
+    // one task per (batch, KV head, key tile)
+    const int64_t bh = task / pk.nkt, t = task % pk.nkt;
+    const int64_t b = bh / a.Hkv, hk = bh % a.Hkv;
+    const int64_t j0 = t * BN, n = a.S - j0 < BN ? a.S - j0 : BN;
+    float* kt = pk.kt.p + (bh * pk.nkt + t) * pk.Dp * BN;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t s = j0 + j;
+      memset(row.p, 0, pk.Dp * sizeof(float));
+      load_row<DT>(elem<DT>(a.k, b * a.sk_b + hk * a.sk_h + s * a.sk_l), a.D, row.p);
+      if (a.rope_kind != ROPE_NONE) {
+        RowRotation rr(a, *c.ktab, b, hk, s, true);
+        rotate(row.p, rr.cs, rr.sn, a.rotary_dim, a.interleaved);
+      }
+      for (int64_t d = 0; d < a.D; ++d) kt[d * BN + j] = row.p[d];
+      if (c.backward) memcpy(pk.kr.p + (bh * a.S + s) * pk.Dp, row.p, pk.Dp * sizeof(float));
+      memset(row.p, 0, pk.Dvp * sizeof(float));
+      load_row<DT>(elem<DT>(a.v, b * a.sv_b + hk * a.sv_h + s * a.sv_l), a.Dv, row.p);
+      if (c.backward) {
+        float* vt = pk.vt.p + (bh * pk.nkt + t) * pk.Dvp * BN;
+        for (int64_t d = 0; d < a.Dv; ++d) vt[d * BN + j] = row.p[d];
+      } else {
+        memcpy(pk.vr.p + (bh * a.S + s) * pk.Dvp, row.p, pk.Dvp * sizeof(float));
+      }
+    }
+  }
+}
+
+template <DType DT>
+void pack(const AttnArgs& a, Packed& pk, const SinCosTable& ktab, bool backward) {
+  PackCtx<DT> c{&a, &pk, &ktab, backward};
+  a.parallel(a.B * a.Hkv * pk.nkt, &c, &pack_body<DT>);
+}
+
+inline void key_tile(const AttnArgs& a, int64_t b, int64_t t, KeyTile& kt) {
+  kt.j0 = t * BN;
+  kt.n = a.S - kt.j0 < BN ? a.S - kt.j0 : BN;
+  kt.lo = INT32_MAX;
+  kt.hi = INT32_MIN;
+  for (int64_t j = 0; j < kt.n; ++j) {
+    const int32_t p = k_position(a, b, kt.j0 + j);
+    kt.pos[j] = p;
+    kt.lo = p < kt.lo ? p : kt.lo;
+    kt.hi = p > kt.hi ? p : kt.hi;
+  }
+}
+
+// The key tiles a query tile can see. With offset positions the range is cut analytically
+// (keys are sorted); with position tensors every tile is checked against its range.
+inline void key_tile_range(const AttnArgs& a, int32_t q_lo, int32_t q_hi, int64_t nkt, int64_t& t0, int64_t& t1) {
+  t0 = 0;
+  t1 = nkt;
+  if (a.k_pos) return;
+  int64_t j_hi = a.S - 1, j_lo = 0;
+  if (a.causal) j_hi = std::min<int64_t>(j_hi, static_cast<int64_t>(q_hi) - a.k_offset);
+  if (a.window_right >= 0) j_hi = std::min<int64_t>(j_hi, static_cast<int64_t>(q_hi) + a.window_right - a.k_offset);
+  if (a.window_left >= 0) j_lo = std::max<int64_t>(j_lo, static_cast<int64_t>(q_lo) - a.window_left - a.k_offset);
+  if (j_hi < j_lo) { t1 = 0; return; }
+  t0 = j_lo / BN;
+  t1 = j_hi / BN + 1;
+}
+
+// xPos: the key tile scaled by 2^((c − kp_j)·log2ζ_t) for the query tile's centre c, as
+// transposed [Dp][BN] (for q·kᵀ) and, in the backward, as rows [BN][Dp] (for dS·K).
+inline void xpos_key_tile(const AttnArgs& a, const float* kt_in, const float* kr_in, const KeyTile& kt, int32_t centre,
+                          int64_t Dp, float* kt_out, float* kr_out, float* factor /* [BN][Dp] */) {
+  const float* log2_zeta = a.rope_table + a.rotary_dim / 2;
+  for (int64_t j = 0; j < BN; ++j) {
+    float* f = factor + j * Dp;
+    for (int64_t d = 0; d < Dp; ++d) f[d] = 1.0f;
+    if (j < kt.n) xpos_scale(f, static_cast<float>(centre - kt.pos[j]), log2_zeta, a.rotary_dim, a.interleaved);
+  }
+  for (int64_t d = 0; d < Dp; ++d)
+    for (int64_t j = 0; j < BN; ++j) kt_out[d * BN + j] = kt_in[d * BN + j] * factor[j * Dp + d];
+  if (kr_out)
+    for (int64_t j = 0; j < kt.n; ++j)
+      for (int64_t d = 0; d < Dp; ++d) kr_out[j * Dp + d] = kr_in[j * Dp + d] * factor[j * Dp + d];
+}
+
+// One query tile, rotated, xPos-decayed relative to its centre, scaled: Qs [BM][Dp].
+template <DType DT>
+int32_t load_query_tile(const AttnArgs& a, const SinCosTable& qtab, int64_t b, int64_t h, int64_t i0, int64_t m,
+                        int64_t Dp, float* Qs, int32_t* qp, int32_t& q_lo, int32_t& q_hi) {
+  q_lo = INT32_MAX;
+  q_hi = INT32_MIN;
+  for (int64_t i = 0; i < m; ++i) {
+    qp[i] = q_position(a, b, i0 + i);
+    q_lo = qp[i] < q_lo ? qp[i] : q_lo;
+    q_hi = qp[i] > q_hi ? qp[i] : q_hi;
+  }
+  const int32_t centre = q_lo;
+  for (int64_t i = 0; i < m; ++i) {
+    float* row = Qs + i * Dp;
+    memset(row, 0, Dp * sizeof(float));
+    load_row<DT>(elem<DT>(a.q, b * a.sq_b + h * a.sq_h + (i0 + i) * a.sq_l), a.D, row);
+    if (a.rope_kind != ROPE_NONE) {
+      RowRotation rr(a, qtab, b, h, i0 + i, false);
+      rotate(row, rr.cs, rr.sn, a.rotary_dim, a.interleaved);
+      if (a.rope_kind == ROPE_XPOS)
+        xpos_scale(row, static_cast<float>(qp[i] - centre), a.rope_table + a.rotary_dim / 2, a.rotary_dim,
+                   a.interleaved);
+    }
+    for (int64_t d = 0; d < a.D; ++d) row[d] *= a.scale;
+  }
+  return centre;
+}
+
+// ---------------------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------------------
+
+template <DType DT>
+struct FwdCtx {
+  const AttnArgs* a;
+  const Packed* pk;
+  const SinCosTable* qtab;
+  void* out;
+  float* lse;
+  int64_t nqt;
+};
+
+template <DType DT>
+void forward_body(void* vctx, int64_t begin, int64_t end) {
+  auto& c = *static_cast<FwdCtx<DT>*>(vctx);
+  const AttnArgs& a = *c.a;
+  const Packed& pk = *c.pk;
+  const int64_t Dp = pk.Dp, Dvp = pk.Dvp, G = a.H / a.Hkv;
+  const bool xpos = a.rope_kind == ROPE_XPOS;
+  // no bias, float / bool mask or softcap: interior full tiles need no elementwise pass
+  const bool plain = a.bias_kind == BIAS_NONE && a.mask_kind == MASK_NONE && a.softcap == 0.0f;
+  Buffer Qs(BM * Dp), S(BM * BN), acc(BM * Dvp), keep(BN), orow(Dvp);
+  Buffer kx(xpos ? Dp * BN : 1), factor(xpos ? BN * Dp : 1);
+  int32_t qp[BM];
+  float m_i[BM], l_i[BM];
+  KeyTile kt;
+  for (int64_t task = begin; task < end; ++task) {
+    // the last query tiles (the most keys when causal) first, for load balance
+    const int64_t qt = c.nqt - 1 - task / (a.B * a.H), bh = task % (a.B * a.H);
+    const int64_t b = bh / a.H, h = bh % a.H, hk = h / G, bhk = b * a.Hkv + hk;
+    const int64_t i0 = qt * BM, m = a.L - i0 < BM ? a.L - i0 : BM;
+    int32_t q_lo, q_hi;
+    const int32_t centre = load_query_tile<DT>(a, *c.qtab, b, h, i0, m, Dp, Qs.p, qp, q_lo, q_hi);
+    for (int64_t i = 0; i < m; ++i) { m_i[i] = NEG_INF; l_i[i] = 0.0f; }
+    memset(acc.p, 0, BM * Dvp * sizeof(float));
+    int64_t t0, t1;
+    key_tile_range(a, q_lo, q_hi, pk.nkt, t0, t1);
+    for (int64_t t = t0; t < t1; ++t) {
+      key_tile(a, b, t, kt);
+      if (!tile_visible(a, q_lo, q_hi, kt)) continue;
+      const bool interior = tile_interior(a, q_lo, q_hi, kt);
+      const float* kblock = pk.kt.p + (bhk * pk.nkt + t) * Dp * BN;
+      if (xpos) {
+        xpos_key_tile(a, kblock, nullptr, kt, centre, Dp, kx.p, nullptr, factor.p);
+        kblock = kx.p;
+      }
+      gemm(m, BN, a.D, Qs.p, Dp, 1, kblock, BN, S.p, BN, false);
+      for (int64_t i = 0; i < m; ++i) {
+        float* s = S.p + i * BN;
+        if (!plain || !interior || kt.n < BN) score_row(a, b, h, i0 + i, qp[i], kt, interior, s, nullptr);
+        const float mx = row_max(s);
+        const float m_new = mx > m_i[i] ? mx : m_i[i];
+        if (m_new == NEG_INF) {  // nothing visible in this row yet
+          for (int64_t j = 0; j < BN; ++j) s[j] = 0.0f;
+          continue;
+        }
+        const float alpha = exp_approx(m_i[i] - m_new);
+        const float sum = row_exp_sum(s, m_new);
+        l_i[i] = l_i[i] * alpha + sum;
+        m_i[i] = m_new;
+        if (alpha != 1.0f) {
+          float* o = acc.p + i * Dvp;
+          for (int64_t d = 0; d < Dvp; ++d) o[d] *= alpha;
+        }
+        if (a.urpe) {  // step 8: the gate multiplies p after the normaliser took it
+          const float* u = a.urpe + h * a.surpe_h;
+          for (int64_t j = 0; j < kt.n; ++j) s[j] *= u[urpe_index(a, qp[i], kt.pos[j])];
+        }
+        if (a.dropout_p > 0.0f) {  // step 9
+          dropout_row(a.seed, bh, i0 + i, kt.j0, kt.n, a.dropout_p, keep.p);
+          for (int64_t j = 0; j < kt.n; ++j) s[j] *= keep.p[j];
+        }
+      }
+      gemm(m, Dvp, kt.n, S.p, BN, 1, pk.vr.p + (bhk * a.S + kt.j0) * Dvp, Dvp, acc.p, Dvp, true);
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      const float inv = l_i[i] > 0.0f ? 1.0f / l_i[i] : 0.0f;
+      for (int64_t d = 0; d < a.Dv; ++d) orow.p[d] = acc.p[i * Dvp + d] * inv;
+      store_row<DT>(orow.p, a.Dv, elem<DT>(c.out, ((b * a.H + h) * a.L + i0 + i) * a.Dv));
+      c.lse[(b * a.H + h) * a.L + i0 + i] = l_i[i] > 0.0f ? m_i[i] + std::log(l_i[i]) : NEG_INF;
+    }
+  }
+}
+
+template <DType DT>
+void forward(const AttnArgs& a, void* out, float* lse) {
+  Packed pk(a, false);
+  SinCosTable qtab(a, false), ktab(a, true);
+  pack<DT>(a, pk, ktab, false);
+  FwdCtx<DT> c{&a, &pk, &qtab, out, lse, (a.L + BM - 1) / BM};
+  a.parallel(c.nqt * a.B * a.H, &c, &forward_body<DT>);
+}
+
+// ---------------------------------------------------------------------------------------
+// backward
+// ---------------------------------------------------------------------------------------
+
+template <DType DT>
+struct BwdCtx {
+  const AttnArgs* a;
+  const BwdArgs* g;
+  const Packed* pk;
+  const SinCosTable* qtab;
+  const SinCosTable* ktab;
+  int64_t nqt;
+};
+
+template <DType DT>
+void backward_body(void* vctx, int64_t begin, int64_t end) {
+  auto& c = *static_cast<BwdCtx<DT>*>(vctx);
+  const AttnArgs& a = *c.a;
+  const BwdArgs& g = *c.g;
+  const Packed& pk = *c.pk;
+  const int64_t Dp = pk.Dp, Dvp = pk.Dvp, G = a.H / a.Hkv, C = g.chunks;
+  const bool xpos = a.rope_kind == ROPE_XPOS;
+  const bool plain = a.bias_kind == BIAS_NONE && a.mask_kind == MASK_NONE && a.softcap == 0.0f;
+  Buffer Qs(BM * Dp), dO(BM * Dvp), P(BM * BN), dP(BM * BN), A(BM * BN), dQ(BM * Dp), row(Dp > Dvp ? Dp : Dvp);
+  Buffer TH(a.softcap != 0.0f ? BM * BN : 1), keep(BN), tmp(BN * Dp);
+  Buffer kx(xpos ? Dp * BN : 1), krx(xpos ? BN * Dp : 1), factor(xpos ? BN * Dp : 1);
+  int32_t qp[BM];
+  float lse[BM], delta[BM];
+  KeyTile kt;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t bh = task / C, chunk = task % C;
+    const int64_t b = bh / a.H, h = bh % a.H, hk = h / G, bhk = b * a.Hkv + hk;
+    const int64_t part = bh * C + chunk;
+    float* dk_part = g.dk_part + part * a.S * Dp;
+    float* dv_part = g.dv_part + part * a.S * Dvp;
+    float* dbias = g.dbias ? g.dbias + part * g.bias_T : nullptr;
+    float* durpe = g.durpe ? g.durpe + part * (2 * a.urpe_m + 1) : nullptr;
+    const float* utab = a.urpe ? a.urpe + h * a.surpe_h : nullptr;
+    const int64_t qt_begin = chunk * c.nqt / C, qt_end = (chunk + 1) * c.nqt / C;
+    for (int64_t qt = qt_begin; qt < qt_end; ++qt) {
+      const int64_t i0 = qt * BM, m = a.L - i0 < BM ? a.L - i0 : BM;
+      int32_t q_lo, q_hi;
+      const int32_t centre = load_query_tile<DT>(a, *c.qtab, b, h, i0, m, Dp, Qs.p, qp, q_lo, q_hi);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t r = (b * a.H + h) * a.L + i0 + i;
+        float* d = dO.p + i * Dvp;
+        memset(d, 0, Dvp * sizeof(float));
+        load_row<DT>(elem<DT>(g.dout, b * g.sdo_b + h * g.sdo_h + (i0 + i) * g.sdo_l), a.Dv, d);
+        load_row<DT>(elem<DT>(g.out, b * g.so_b + h * g.so_h + (i0 + i) * g.so_l), a.Dv, row.p);
+        float dot = 0.0f;
+        for (int64_t e = 0; e < a.Dv; ++e) dot += d[e] * row.p[e];
+        delta[i] = dot - (g.dlse ? g.dlse[r] : 0.0f);
+        lse[i] = g.lse[r];
+      }
+      memset(dQ.p, 0, BM * Dp * sizeof(float));
+      int64_t t0, t1;
+      key_tile_range(a, q_lo, q_hi, pk.nkt, t0, t1);
+      for (int64_t t = t0; t < t1; ++t) {
+        key_tile(a, b, t, kt);
+        if (!tile_visible(a, q_lo, q_hi, kt)) continue;
+        const bool interior = tile_interior(a, q_lo, q_hi, kt);
+        const float* kblock = pk.kt.p + (bhk * pk.nkt + t) * Dp * BN;
+        const float* krows = pk.kr.p + (bhk * a.S + kt.j0) * Dp;
+        if (xpos) {
+          xpos_key_tile(a, kblock, krows, kt, centre, Dp, kx.p, krx.p, factor.p);
+          kblock = kx.p;
+          krows = krx.p;
+        }
+        gemm(m, BN, a.D, Qs.p, Dp, 1, kblock, BN, P.p, BN, false);
+        gemm(m, BN, a.Dv, dO.p, Dvp, 1, pk.vt.p + (bhk * pk.nkt + t) * Dvp * BN, BN, dP.p, BN, false);
+        for (int64_t i = 0; i < m; ++i) {
+          float* p = P.p + i * BN;
+          float* dp = dP.p + i * BN;
+          float* ap = A.p + i * BN;
+          float* th = a.softcap != 0.0f ? TH.p + i * BN : nullptr;
+          if (!plain || !interior || kt.n < BN) score_row(a, b, h, i0 + i, qp[i], kt, interior, p, th);
+          const float l = lse[i];
+          if (l == NEG_INF) {  // a row that sees no key: no gradient
+            for (int64_t j = 0; j < BN; ++j) { p[j] = 0.0f; ap[j] = 0.0f; dp[j] = 0.0f; }
+            continue;
+          }
+          for (int64_t j = 0; j < BN; ++j) p[j] = exp_approx(p[j] - l);  // lse: no max or sum needed
+          // ap: the probabilities that multiply V (gate, dropout); dp: ∂L/∂p
+          for (int64_t j = 0; j < BN; ++j) ap[j] = p[j];
+          if (a.dropout_p > 0.0f) {
+            dropout_row(a.seed, bh, i0 + i, kt.j0, kt.n, a.dropout_p, keep.p);
+            for (int64_t j = kt.n; j < BN; ++j) keep.p[j] = 0.0f;
+          }
+          if (utab) {
+            for (int64_t j = 0; j < kt.n; ++j) {
+              const int64_t u = urpe_index(a, qp[i], kt.pos[j]);
+              const float kp = a.dropout_p > 0.0f ? keep.p[j] : 1.0f;
+              if (durpe) durpe[u] += p[j] * kp * dp[j];
+              ap[j] *= utab[u] * kp;
+              dp[j] *= utab[u] * kp;
+            }
+          } else if (a.dropout_p > 0.0f) {
+            for (int64_t j = 0; j < BN; ++j) { ap[j] *= keep.p[j]; dp[j] *= keep.p[j]; }
+          }
+          // dS = p ∘ (dp − δ), then through softcap; dp becomes dS
+          const float di = delta[i];
+          for (int64_t j = 0; j < BN; ++j) dp[j] = p[j] * (dp[j] - di);
+          if (th)
+            for (int64_t j = 0; j < kt.n; ++j) dp[j] *= 1.0f - th[j] * th[j];
+          for (int64_t j = kt.n; j < BN; ++j) dp[j] = 0.0f;
+          if (dbias) {
+            if (a.bias_kind == BIAS_ALIBI || a.bias_kind == BIAS_MANHATTAN) {
+              float acc = 0.0f;
+              for (int64_t j = 0; j < kt.n; ++j) acc += dp[j] * bias_multiplier(a, qp[i], kt.pos[j]);
+              dbias[0] += acc;
+            } else {
+              for (int64_t j = 0; j < kt.n; ++j) dbias[bias_index(a, qp[i], kt.pos[j])] += dp[j];
+            }
+          }
+          if (g.dmask) {
+            float* dm = g.dmask + ((b * a.H + h) * a.L + i0 + i) * a.S + kt.j0;
+            memcpy(dm, dp, kt.n * sizeof(float));
+          }
+        }
+        // dV += Aᵀ·dO, dQ += dS·K, dK += dSᵀ·Qs
+        gemm(kt.n, Dvp, m, A.p, 1, BN, dO.p, Dvp, dv_part + kt.j0 * Dvp, Dvp, true);
+        gemm(m, Dp, kt.n, dP.p, BN, 1, krows, Dp, dQ.p, Dp, true);
+        if (xpos) {
+          gemm(kt.n, Dp, m, dP.p, 1, BN, Qs.p, Dp, tmp.p, Dp, false);
+          for (int64_t j = 0; j < kt.n; ++j) {
+            float* dst = dk_part + (kt.j0 + j) * Dp;
+            for (int64_t d = 0; d < Dp; ++d) dst[d] += tmp.p[j * Dp + d] * factor.p[j * Dp + d];
+          }
+        } else {
+          gemm(kt.n, Dp, m, dP.p, 1, BN, Qs.p, Dp, dk_part + kt.j0 * Dp, Dp, true);
+        }
+      }
+      // dq = Rᵀ (scale · dQ · xPos decay); explicit angles take −dy_a·y_b + dy_b·y_a
+      for (int64_t i = 0; i < m; ++i) {
+        float* dy = dQ.p + i * Dp;
+        if (g.dq_ang) {
+          // y = Qs / scale and dy = scale · dQ: the product needs no scale
+          angle_grad(dy, 1.0f, Qs.p + i * Dp, a.rotary_dim, a.interleaved,
+                     g.dq_ang + ((b * a.H + h) * a.L + i0 + i) * (a.rotary_dim / 2));
+        }
+        for (int64_t d = 0; d < a.D; ++d) dy[d] *= a.scale;
+        if (a.rope_kind != ROPE_NONE) {
+          if (xpos)
+            xpos_scale(dy, static_cast<float>(qp[i] - centre), a.rope_table + a.rotary_dim / 2, a.rotary_dim,
+                       a.interleaved);
+          RowRotation rr(a, *c.qtab, b, h, i0 + i, false);
+          unrotate(dy, rr.cs, rr.sn, a.rotary_dim, a.interleaved);
+        }
+        store_row<DT>(dy, a.D, elem<DT>(g.dq, ((b * a.H + h) * a.L + i0 + i) * a.D));
+      }
+    }
+  }
+}
+
+// The last pass: per key row, the partial dK / dV of every query head of the group and
+// every chunk summed in a fixed order, then un-rotated.
+template <DType DT>
+void reduce_keys_body(void* vctx, int64_t begin, int64_t end) {
+  auto& c = *static_cast<BwdCtx<DT>*>(vctx);
+  const AttnArgs& a = *c.a;
+  const BwdArgs& g = *c.g;
+  const Packed& pk = *c.pk;
+  const int64_t Dp = pk.Dp, Dvp = pk.Dvp, G = a.H / a.Hkv, C = g.chunks;
+  Buffer dk(Dp), dv(Dvp);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t bhk = task / pk.nkt, t = task % pk.nkt;
+    const int64_t b = bhk / a.Hkv, hk = bhk % a.Hkv;
+    const int64_t j0 = t * BN, n = a.S - j0 < BN ? a.S - j0 : BN;
+    for (int64_t s = j0; s < j0 + n; ++s) {
+      memset(dk.p, 0, Dp * sizeof(float));
+      memset(dv.p, 0, Dvp * sizeof(float));
+      for (int64_t gi = 0; gi < G; ++gi) {
+        const int64_t h = hk * G + gi;
+        for (int64_t ch = 0; ch < C; ++ch) {
+          const int64_t part = (b * a.H + h) * C + ch;
+          const float* pk_row = g.dk_part + (part * a.S + s) * Dp;
+          const float* pv_row = g.dv_part + (part * a.S + s) * Dvp;
+          for (int64_t d = 0; d < Dp; ++d) dk.p[d] += pk_row[d];
+          for (int64_t d = 0; d < Dvp; ++d) dv.p[d] += pv_row[d];
+        }
+      }
+      if (a.rope_kind != ROPE_NONE) {
+        if (g.dk_ang)
+          angle_grad(dk.p, 1.0f, pk.kr.p + (bhk * a.S + s) * Dp, a.rotary_dim, a.interleaved,
+                     g.dk_ang + (bhk * a.S + s) * (a.rotary_dim / 2));
+        RowRotation rr(a, *c.ktab, b, hk, s, true);
+        unrotate(dk.p, rr.cs, rr.sn, a.rotary_dim, a.interleaved);
+      }
+      store_row<DT>(dk.p, a.D, elem<DT>(g.dk, (bhk * a.S + s) * a.D));
+      store_row<DT>(dv.p, a.Dv, elem<DT>(g.dv, (bhk * a.S + s) * a.Dv));
+    }
+  }
+}
+
+template <DType DT>
+void backward(const AttnArgs& a, const BwdArgs& g) {
+  Packed pk(a, true);
+  SinCosTable qtab(a, false), ktab(a, true);
+  pack<DT>(a, pk, ktab, true);
+  BwdCtx<DT> c{&a, &g, &pk, &qtab, &ktab, (a.L + BM - 1) / BM};
+  a.parallel(a.B * a.H * g.chunks, &c, &backward_body<DT>);
+  a.parallel(a.B * a.Hkv * pk.nkt, &c, &reduce_keys_body<DT>);
+}
+
+struct DropoutCtx {
+  uint64_t seed;
+  int64_t H, L, S;
+  float p;
+  bool* keep;
+};
+
+void dropout_mask_body(void* vctx, int64_t begin, int64_t end) {
+  auto& c = *static_cast<DropoutCtx*>(vctx);
+  Buffer k(BN);
+  for (int64_t r = begin; r < end; ++r) {  // one row (b·H + h, i) per task
+    const int64_t bh = r / c.L, i = r % c.L;
+    for (int64_t j0 = 0; j0 < c.S; j0 += BN) {
+      const int64_t n = c.S - j0 < BN ? c.S - j0 : BN;
+      dropout_row(c.seed, bh, i, j0, n, c.p, k.p);
+      for (int64_t j = 0; j < n; ++j) c.keep[r * c.S + j0 + j] = k.p[j] != 0.0f || c.p == 0.0f;
+    }
+  }
+}
+
+}  // namespace
+
+void attention_forward(const AttnArgs& a, void* out, float* lse) {
+  switch (a.dtype) {
+    case DType::F32: forward<DType::F32>(a, out, lse); break;
+    case DType::BF16: forward<DType::BF16>(a, out, lse); break;
+    case DType::F16: forward<DType::F16>(a, out, lse); break;
+  }
+}
+
+void attention_backward(const AttnArgs& a, const BwdArgs& g) {
+  switch (a.dtype) {
+    case DType::F32: backward<DType::F32>(a, g); break;
+    case DType::BF16: backward<DType::BF16>(a, g); break;
+    case DType::F16: backward<DType::F16>(a, g); break;
+  }
+}
+
+void dropout_mask(uint64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, float p, bool* keep, ParallelFor par) {
+  DropoutCtx c{seed, H, L, S, p, keep};
+  par(B * H * L, &c, &dropout_mask_body);
+}

@@ -1,0 +1,469 @@
+// The CPU backend's ops: argument checks, allocation, the instruction-set dispatch and
+// the deterministic reductions. The kernels themselves (attention_kernel.h) see no torch
+// type; this file turns tensors into AttnArgs / BwdArgs.
+//
+// Schemas match posattn::triton_attention_{fwd,bwd} (python/posattn/ops.py), which
+// registers the fake implementations and autograd for both backends.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "attention.h"
+
+namespace posattn {
+
+int64_t backward_chunks(int64_t B, int64_t H, int64_t L) {
+  // Enough tasks to keep every core busy under causal imbalance when B·H is small; one
+  // chunk per (batch, head) otherwise. Sizes only: never the thread count.
+  const int64_t tiles = (L + 63) / 64;
+  const int64_t want = (32 + B * H - 1) / (B * H);
+  return std::max<int64_t>(1, std::min(want, tiles));
+}
+
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+bool cpu_has_avx512() {
+#if defined(POSATTN_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+// Read at each call, so tests can force the portable path with an environment variable.
+bool use_avx512() {
+  static const bool has = cpu_has_avx512();
+  const char* env = std::getenv("POSATTN_CPU_ISA");
+  if (env != nullptr && *env != '\0') {
+    const std::string isa(env);
+    TORCH_CHECK(isa == "generic" || isa == "avx512", "POSATTN_CPU_ISA=", isa,
+                " is not an instruction set of the CPU backend; use 'generic' or 'avx512' (or unset it)");
+    TORCH_CHECK(isa == "generic" || has, "POSATTN_CPU_ISA=avx512 but this CPU (or build) has no AVX-512; unset it");
+    return isa == "avx512";
+  }
+  return has;
+}
+
+// Dynamic scheduling over the op layer's threads: tasks are pulled one at a time from a
+// shared counter, so heavy tasks (long causal rows) balance. Which thread runs a task
+// never changes its result.
+void parallel(int64_t n, void* ctx, Body body) {
+  if (n <= 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || at::in_parallel_region()) {
+    body(ctx, 0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(ctx, t, t + 1);
+  });
+}
+
+DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kBFloat16: return DType::BF16;
+    case at::kHalf: return DType::F16;
+    default:
+      TORCH_CHECK(false, "backend='cpu' takes float32, bfloat16 and float16, got ", t.scalar_type(),
+                  "; float64 runs on backend='reference'");
+  }
+}
+
+Tensor last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// Tensors converted for the kernels, kept alive for the duration of one call.
+struct Prepared {
+  AttnArgs a{};
+  Tensor q, k, v, mask, q_pos, k_pos, rope_table, q_ang, k_ang, bias, lut, urpe;
+};
+
+Tensor positions(const optional<Tensor>& pos, int64_t B, int64_t n, const char* name, int64_t& stride_b) {
+  stride_b = 0;
+  if (!pos.has_value()) return Tensor();
+  const Tensor& p = *pos;
+  TORCH_CHECK(p.device().is_cpu(), name, " is on ", p.device(), "; backend='cpu' needs CPU position tensors");
+  TORCH_CHECK(!p.is_floating_point() && !p.is_complex() && p.scalar_type() != at::kBool, name,
+              " must be an integer tensor, got ", p.scalar_type());
+  TORCH_CHECK((p.dim() == 1 && p.size(0) == n) || (p.dim() == 2 && (p.size(0) == B || p.size(0) == 1) && p.size(1) == n),
+              name, " has shape ", p.sizes(), "; expected (", n, ",) or (", B, " or 1, ", n, ")");
+  if (p.numel() > 0) {
+    const auto lo = p.min().item<int64_t>(), hi = p.max().item<int64_t>();
+    TORCH_CHECK(lo >= -(int64_t{1} << 30) && hi < (int64_t{1} << 30), name, " holds positions in [", lo, ", ", hi,
+                "]; the CPU kernels take positions of magnitude below 2^30");
+  }
+  Tensor out = p.to(at::kInt).contiguous();
+  if (out.dim() == 2 && out.size(0) == B && B > 1) stride_b = n;
+  return out;
+}
+
+Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const optional<Tensor>& attn_mask,
+                 const optional<Tensor>& q_pos, const optional<Tensor>& k_pos, int64_t q_offset, int64_t k_offset,
+                 bool causal, int64_t window_left, int64_t window_right, double softcap, double dropout_p,
+                 const optional<Tensor>& seed, double scale, const optional<Tensor>& rope_table,
+                 const optional<Tensor>& q_angles, const optional<Tensor>& k_angles,
+                 const optional<Tensor>& bias_tensor, const optional<Tensor>& bias_lut,
+                 const optional<Tensor>& urpe_table, at::IntArrayRef spec_ints, double rope_scale) {
+  Prepared p;
+  AttnArgs& a = p.a;
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-d [B, H, L, D], got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  for (const Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->device().is_cpu(), "backend='cpu' needs CPU tensors, got one on ", t->device(),
+                "; move the inputs with .cpu() or use backend='triton' for CUDA tensors");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  a.dtype = dtype_of(q);
+  a.B = q.size(0); a.H = q.size(1); a.L = q.size(2); a.D = q.size(3);
+  a.Hkv = k.size(1); a.S = k.size(2); a.Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == a.B && v.size(0) == a.B && v.size(1) == a.Hkv && v.size(2) == a.S && k.size(3) == a.D,
+              "shapes q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(),
+              " do not match: expected k [B, Hkv, S, D] and v [B, Hkv, S, Dv]");
+  TORCH_CHECK(a.Hkv > 0 && a.H % a.Hkv == 0, "k has ", a.Hkv, " heads but q has ", a.H,
+              "; the query heads must be a multiple of the KV heads");
+  TORCH_CHECK(a.D >= 1 && a.D <= 256 && a.Dv >= 1 && a.Dv <= 256, "head dims D=", a.D, ", Dv=", a.Dv,
+              ": backend='cpu' takes head dims from 1 to 256; use backend='reference' for larger ones");
+  TORCH_CHECK(a.L < (int64_t{1} << 30) && a.S < (int64_t{1} << 30), "sequence lengths must be below 2^30");
+  p.q = last_dim_contiguous(q); p.k = last_dim_contiguous(k); p.v = last_dim_contiguous(v);
+  a.q = p.q.data_ptr(); a.sq_b = p.q.stride(0); a.sq_h = p.q.stride(1); a.sq_l = p.q.stride(2);
+  a.k = p.k.data_ptr(); a.sk_b = p.k.stride(0); a.sk_h = p.k.stride(1); a.sk_l = p.k.stride(2);
+  a.v = p.v.data_ptr(); a.sv_b = p.v.stride(0); a.sv_h = p.v.stride(1); a.sv_l = p.v.stride(2);
+
+  a.mask_kind = MASK_NONE;
+  if (attn_mask.has_value()) {
+    const Tensor& m = *attn_mask;
+    TORCH_CHECK(m.device().is_cpu(), "attn_mask is on ", m.device(), "; backend='cpu' needs a CPU mask");
+    TORCH_CHECK(m.dim() <= 4, "attn_mask has ", m.dim(), " dims; it must broadcast to [B, H, L, S]");
+    Tensor mm = m.scalar_type() == at::kBool ? m : m.to(at::kFloat);
+    a.mask_kind = m.scalar_type() == at::kBool ? MASK_BOOL : MASK_FLOAT;
+    TORCH_CHECK(a.mask_kind == MASK_BOOL || m.is_floating_point(), "attn_mask must be bool or floating point, got ",
+                m.scalar_type());
+    p.mask = mm.expand({a.B, a.H, a.L, a.S});  // a view: broadcast dims get stride 0
+    a.mask = p.mask.data_ptr();
+    a.sm_b = p.mask.stride(0); a.sm_h = p.mask.stride(1); a.sm_l = p.mask.stride(2); a.sm_s = p.mask.stride(3);
+  }
+  p.q_pos = positions(q_pos, a.B, a.L, "q_pos", a.sqp_b);
+  p.k_pos = positions(k_pos, a.B, a.S, "k_pos", a.skp_b);
+  a.q_pos = p.q_pos.defined() ? p.q_pos.data_ptr<int32_t>() : nullptr;
+  a.k_pos = p.k_pos.defined() ? p.k_pos.data_ptr<int32_t>() : nullptr;
+  TORCH_CHECK(std::abs(q_offset) + a.L < (int64_t{1} << 30) && std::abs(k_offset) + a.S < (int64_t{1} << 30),
+              "position offsets q_pos=", q_offset, ", k_pos=", k_offset, " are out of the CPU kernels' range (2^30)");
+  a.q_offset = q_offset; a.k_offset = k_offset;
+  a.causal = causal; a.window_left = window_left; a.window_right = window_right;
+  a.scale = static_cast<float>(scale);
+  a.softcap = static_cast<float>(softcap);
+  a.dropout_p = static_cast<float>(dropout_p);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p=", dropout_p, " must be in [0, 1]");
+  TORCH_CHECK(dropout_p == 0.0 || seed.has_value(), "dropout_p > 0 needs a seed tensor");
+  a.seed = seed.has_value() ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
+
+  TORCH_CHECK(spec_ints.size() == 8, "spec_ints must hold 8 ints, got ", spec_ints.size());
+  a.rope_kind = static_cast<int>(spec_ints[0]);
+  a.rotary_dim = static_cast<int>(spec_ints[1]);
+  a.interleaved = spec_ints[2] != 0;
+  a.rope_scale = static_cast<float>(rope_scale);
+  TORCH_CHECK(a.rope_kind >= ROPE_NONE && a.rope_kind <= ROPE_ANGLES, "unknown rope kind ", a.rope_kind);
+  if (a.rope_kind != ROPE_NONE) {
+    TORCH_CHECK(a.rotary_dim >= 2 && a.rotary_dim % 2 == 0 && a.rotary_dim <= a.D, "rotary_dim=", a.rotary_dim,
+                " must be even and in [2, D=", a.D, "]");
+  }
+  const int64_t half = a.rotary_dim / 2;
+  if (a.rope_kind == ROPE_FREQ || a.rope_kind == ROPE_XPOS) {
+    TORCH_CHECK(rope_table.has_value() && rope_table->numel() >= 2 * half,
+                "the rotary frequency table must hold 2 x rotary_dim/2 entries");
+    p.rope_table = rope_table->to(at::kCPU, at::kFloat).contiguous();
+    a.rope_table = p.rope_table.data_ptr<float>();
+  } else if (a.rope_kind == ROPE_ANGLES) {
+    TORCH_CHECK(q_angles.has_value(), "RotaryAngles needs q_angles");
+    const Tensor ka = k_angles.has_value() ? *k_angles : *q_angles;
+    TORCH_CHECK(q_angles->size(-1) == half && ka.size(-1) == half, "angles must have rotary_dim/2 = ", half,
+                " entries in their last dim, got ", q_angles->sizes(), " and ", ka.sizes());
+    p.q_ang = q_angles->to(at::kFloat).contiguous().expand({a.B, a.H, a.L, half});
+    p.k_ang = ka.to(at::kFloat).contiguous().expand({a.B, a.Hkv, a.S, half});
+    a.q_ang = p.q_ang.data_ptr<float>();
+    a.sqa_b = p.q_ang.stride(0); a.sqa_h = p.q_ang.stride(1); a.sqa_l = p.q_ang.stride(2);
+    a.k_ang = p.k_ang.data_ptr<float>();
+    a.ska_b = p.k_ang.stride(0); a.ska_h = p.k_ang.stride(1); a.ska_l = p.k_ang.stride(2);
+  }
+
+  a.bias_kind = static_cast<int>(spec_ints[3]);
+  a.bias_i0 = spec_ints[4]; a.bias_i1 = spec_ints[5]; a.bias_i2 = spec_ints[6];
+  TORCH_CHECK(a.bias_kind >= BIAS_NONE && a.bias_kind <= BIAS_MANHATTAN, "unknown bias kind ", a.bias_kind);
+  if (a.bias_kind != BIAS_NONE) {
+    TORCH_CHECK(bias_tensor.has_value(), "the position bias needs its parameter tensor");
+    p.bias = bias_tensor->to(at::kFloat).contiguous();
+    a.bias = p.bias.data_ptr<float>();
+    const Tensor& t = p.bias;
+    if (a.bias_kind == BIAS_ALIBI) {
+      TORCH_CHECK((t.dim() == 1 && t.size(0) == a.H) ||
+                  (t.dim() == 2 && (t.size(0) == a.B || t.size(0) == 1) && t.size(1) == a.H),
+                  "ALiBi slopes have shape ", t.sizes(), "; expected (", a.H, ",) or (", a.B, " or 1, ", a.H, ")");
+      a.sbias_b = t.dim() == 2 && t.size(0) > 1 ? t.stride(0) : 0;
+      a.sbias_h = t.stride(t.dim() - 1);
+    } else if (a.bias_kind == BIAS_MANHATTAN) {
+      TORCH_CHECK(t.dim() == 1 && t.size(0) == a.H, "ManhattanDecay log_gamma has shape ", t.sizes(),
+                  "; expected (", a.H, ",)");
+      TORCH_CHECK(a.bias_i0 >= 1, "ManhattanDecay width must be >= 1, got ", a.bias_i0);
+      a.sbias_b = 0; a.sbias_h = 1;
+    } else {
+      TORCH_CHECK(t.dim() == 2 && t.size(0) == a.H, "the bias table has shape ", t.sizes(), "; expected (", a.H,
+                  ", T) for ", a.H, " heads");
+      a.sbias_b = 0; a.sbias_h = t.stride(0);
+      if (a.bias_kind == BIAS_RELATIVE) {
+        TORCH_CHECK(a.bias_i0 >= 0 && t.size(1) == 2 * a.bias_i0 + 1, "RelativeBias table has ", t.size(1),
+                    " entries per head; expected 2M+1 = ", 2 * a.bias_i0 + 1);
+      } else {
+        TORCH_CHECK(bias_lut.has_value() && bias_lut->numel() == a.bias_i0 + 1,
+                    "T5Bias needs its bucket table of max_distance + 1 entries");
+        p.lut = bias_lut->to(at::kCPU, at::kInt).contiguous();
+        a.bias_lut = p.lut.data_ptr<int32_t>();
+        const int64_t top = p.lut.max().item<int64_t>() + a.bias_i1;
+        TORCH_CHECK(p.lut.min().item<int64_t>() >= 0 && top < t.size(1), "T5Bias buckets reach ", top,
+                    " but the table has ", t.size(1), " buckets per head");
+      }
+    }
+  }
+  a.urpe_m = spec_ints[7];
+  if (urpe_table.has_value()) {
+    const Tensor& u = *urpe_table;
+    TORCH_CHECK(u.dim() == 2 && u.size(0) == a.H && u.size(1) == 2 * a.urpe_m + 1, "the URPE table has shape ",
+                u.sizes(), "; expected (", a.H, ", ", 2 * a.urpe_m + 1, ")");
+    p.urpe = u.to(at::kFloat).contiguous();
+    a.urpe = p.urpe.data_ptr<float>();
+    a.surpe_h = p.urpe.stride(0);
+  }
+  a.parallel = &parallel;
+  return p;
+}
+
+// Sum a contiguous fp32 [B, H, L, S]-like gradient over the dims that `shape` broadcasts,
+// each output element summed by one thread in index order (bitwise reproducible).
+Tensor sum_to_shape(const Tensor& full, at::IntArrayRef shape) {
+  TORCH_INTERNAL_ASSERT(full.dim() == 4 && full.is_contiguous());
+  std::vector<int64_t> s4(4 - shape.size(), 1);
+  s4.insert(s4.end(), shape.begin(), shape.end());
+  bool same = true;
+  for (int d = 0; d < 4; ++d) same = same && s4[d] == full.size(d);
+  if (same) return full.reshape(shape);
+  Tensor out = at::zeros(s4, full.options());
+  const int64_t F0 = full.size(0), F1 = full.size(1), F2 = full.size(2), F3 = full.size(3);
+  const float* src = full.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t rows = s4[0] * s4[1] * s4[2];
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o0 = r / (s4[1] * s4[2]), o1 = (r / s4[2]) % s4[1], o2 = r % s4[2];
+      float* o = dst + r * s4[3];
+      for (int64_t i0 = 0; i0 < F0; ++i0) {
+        if (s4[0] != 1 && i0 != o0) continue;
+        for (int64_t i1 = 0; i1 < F1; ++i1) {
+          if (s4[1] != 1 && i1 != o1) continue;
+          for (int64_t i2 = 0; i2 < F2; ++i2) {
+            if (s4[2] != 1 && i2 != o2) continue;
+            const float* x = src + ((i0 * F1 + i1) * F2 + i2) * F3;
+            if (s4[3] == 1) {
+              for (int64_t i3 = 0; i3 < F3; ++i3) o[0] += x[i3];
+            } else {
+              for (int64_t i3 = 0; i3 < F3; ++i3) o[i3] += x[i3];
+            }
+          }
+        }
+      }
+    }
+  });
+  return out.reshape(shape);
+}
+
+// The per-task partial sums [B, H, C, T] of a parameter gradient, summed over the chunks
+// (and the batch unless per_batch) in a fixed order: [H, T] (or [B, H, T]).
+Tensor sum_parts(const Tensor& part, bool per_batch) {
+  const int64_t B = part.size(0), H = part.size(1), C = part.size(2), T = part.size(3);
+  Tensor out = per_batch ? at::zeros({B, H, T}, part.options()) : at::zeros({H, T}, part.options());
+  const float* src = part.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t c = 0; c < C; ++c) {
+        const float* x = src + ((b * H + h) * C + c) * T;
+        float* o = dst + ((per_batch ? b * H : 0) + h) * T;
+        for (int64_t t = 0; t < T; ++t) o[t] += x[t];
+      }
+  return out;
+}
+
+std::tuple<Tensor, Tensor> cpu_attention_fwd(
+    const Tensor& q, const Tensor& k, const Tensor& v, const optional<Tensor>& attn_mask,
+    const optional<Tensor>& q_pos, const optional<Tensor>& k_pos, int64_t q_offset, int64_t k_offset, bool causal,
+    int64_t window_left, int64_t window_right, double softcap, double dropout_p, const optional<Tensor>& seed,
+    double scale, const optional<Tensor>& rope_table, const optional<Tensor>& q_angles,
+    const optional<Tensor>& k_angles, const optional<Tensor>& bias_tensor, const optional<Tensor>& bias_lut,
+    const optional<Tensor>& urpe_table, at::IntArrayRef spec_ints, double rope_scale, bool deterministic) {
+  (void)deterministic;  // the CPU backend is always deterministic
+  Prepared p = prepare(q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset, causal, window_left, window_right,
+                       softcap, dropout_p, seed, scale, rope_table, q_angles, k_angles, bias_tensor, bias_lut,
+                       urpe_table, spec_ints, rope_scale);
+  const AttnArgs& a = p.a;
+  Tensor out = at::empty({a.B, a.H, a.L, a.Dv}, q.options());
+  Tensor lse = at::empty({a.B, a.H, a.L}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  if (use_avx512()) {
+#if defined(POSATTN_HAVE_AVX512)
+    avx512::attention_forward(a, out.data_ptr(), lse.data_ptr<float>());
+#endif
+  } else {
+    generic::attention_forward(a, out.data_ptr(), lse.data_ptr<float>());
+  }
+  return {out, lse};
+}
+
+std::vector<Tensor> cpu_attention_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+    const optional<Tensor>& dlse, const optional<Tensor>& attn_mask, const optional<Tensor>& q_pos,
+    const optional<Tensor>& k_pos, int64_t q_offset, int64_t k_offset, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, double dropout_p, const optional<Tensor>& seed, double scale,
+    const optional<Tensor>& rope_table, const optional<Tensor>& q_angles, const optional<Tensor>& k_angles,
+    const optional<Tensor>& bias_tensor, const optional<Tensor>& bias_lut, const optional<Tensor>& urpe_table,
+    at::IntArrayRef spec_ints, double rope_scale, bool deterministic, bool mask_grad, bool angle_grad,
+    bool bias_grad, bool urpe_grad) {
+  (void)deterministic;
+  Prepared p = prepare(q, k, v, attn_mask, q_pos, k_pos, q_offset, k_offset, causal, window_left, window_right,
+                       softcap, dropout_p, seed, scale, rope_table, q_angles, k_angles, bias_tensor, bias_lut,
+                       urpe_table, spec_ints, rope_scale);
+  const AttnArgs& a = p.a;
+  TORCH_CHECK(dout.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({a.B, a.H, a.L, a.Dv}),
+              "dout and out must be [B, H, L, Dv]");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({a.B, a.H, a.L}) && lse.scalar_type() == at::kFloat,
+              "lse must be float32 [B, H, L]");
+  const Tensor d_out = last_dim_contiguous(dout.to(q.scalar_type()));
+  const Tensor o = last_dim_contiguous(out);
+  const Tensor l = lse.contiguous();
+  Tensor dl;
+  if (dlse.has_value()) dl = dlse->to(at::kFloat).contiguous();
+
+  const int64_t C = backward_chunks(a.B, a.H, a.L);
+  const int64_t Dp = pad16(a.D), Dvp = pad16(a.Dv), half = a.rotary_dim / 2;
+  auto f32 = q.options().dtype(at::kFloat);
+  Tensor dq = at::empty({a.B, a.H, a.L, a.D}, q.options());
+  Tensor dk = at::empty({a.B, a.Hkv, a.S, a.D}, q.options());
+  Tensor dv = at::empty({a.B, a.Hkv, a.S, a.Dv}, q.options());
+  Tensor dk_part = at::zeros({a.B, a.H, C, a.S, Dp}, f32);
+  Tensor dv_part = at::zeros({a.B, a.H, C, a.S, Dvp}, f32);
+  mask_grad = mask_grad && a.mask_kind == MASK_FLOAT;
+  angle_grad = angle_grad && a.rope_kind == ROPE_ANGLES;
+  bias_grad = bias_grad && a.bias_kind != BIAS_NONE;
+  urpe_grad = urpe_grad && a.urpe != nullptr;
+  Tensor dmask_full = mask_grad ? at::zeros({a.B, a.H, a.L, a.S}, f32) : Tensor();
+  Tensor dq_ang = angle_grad ? at::zeros({a.B, a.H, a.L, half}, f32) : Tensor();
+  Tensor dk_ang = angle_grad ? at::zeros({a.B, a.Hkv, a.S, half}, f32) : Tensor();
+  const bool scalar_bias = a.bias_kind == BIAS_ALIBI || a.bias_kind == BIAS_MANHATTAN;
+  const int64_t T = bias_grad && !scalar_bias ? p.bias.size(1) : 1;
+  Tensor dbias_part = bias_grad ? at::zeros({a.B, a.H, C, T}, f32) : Tensor();
+  Tensor durpe_part = urpe_grad ? at::zeros({a.B, a.H, C, 2 * a.urpe_m + 1}, f32) : Tensor();
+
+  BwdArgs g{};
+  g.dout = d_out.data_ptr(); g.sdo_b = d_out.stride(0); g.sdo_h = d_out.stride(1); g.sdo_l = d_out.stride(2);
+  g.out = o.data_ptr(); g.so_b = o.stride(0); g.so_h = o.stride(1); g.so_l = o.stride(2);
+  g.lse = l.data_ptr<float>();
+  g.dlse = dl.defined() ? dl.data_ptr<float>() : nullptr;
+  g.dq = dq.data_ptr(); g.dk = dk.data_ptr(); g.dv = dv.data_ptr();
+  g.dmask = mask_grad ? dmask_full.data_ptr<float>() : nullptr;
+  g.dq_ang = angle_grad ? dq_ang.data_ptr<float>() : nullptr;
+  g.dk_ang = angle_grad ? dk_ang.data_ptr<float>() : nullptr;
+  g.dbias = bias_grad ? dbias_part.data_ptr<float>() : nullptr;
+  g.durpe = urpe_grad ? durpe_part.data_ptr<float>() : nullptr;
+  g.chunks = C;
+  g.bias_T = T;
+  g.dk_part = dk_part.data_ptr<float>();
+  g.dv_part = dv_part.data_ptr<float>();
+  if (a.L > 0 && a.S > 0) {
+    if (use_avx512()) {
+#if defined(POSATTN_HAVE_AVX512)
+      avx512::attention_backward(a, g);
+#endif
+    } else {
+      generic::attention_backward(a, g);
+    }
+  }
+
+  Tensor none = q.new_empty({0});
+  std::vector<Tensor> grads{dq, dk, dv, none, none, none, none, none};
+  if (mask_grad) grads[3] = sum_to_shape(dmask_full, attn_mask->sizes()).to(attn_mask->scalar_type());
+  if (angle_grad) {
+    Tensor gq = sum_to_shape(dq_ang, q_angles->sizes());
+    Tensor gk = sum_to_shape(dk_ang, (k_angles.has_value() ? *k_angles : *q_angles).sizes());
+    if (k_angles.has_value()) {
+      grads[4] = gq.to(q_angles->scalar_type());
+      grads[5] = gk.to(k_angles->scalar_type());
+    } else {
+      grads[4] = (gq + gk).to(q_angles->scalar_type());
+    }
+  }
+  if (bias_grad) {
+    const bool per_batch = a.bias_kind == BIAS_ALIBI && p.bias.dim() == 2 && p.bias.size(0) == a.B && a.B > 1;
+    grads[6] = sum_parts(dbias_part, per_batch).reshape(bias_tensor->sizes()).to(bias_tensor->scalar_type());
+  }
+  if (urpe_grad) grads[7] = sum_parts(durpe_part, false).to(urpe_table->scalar_type());
+  return grads;
+}
+
+Tensor cpu_dropout_mask(int64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, double p) {
+  TORCH_CHECK(B >= 0 && H >= 0 && L >= 0 && S >= 0, "cpu_dropout_mask: sizes must be >= 0");
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "dropout_p=", p, " must be in [0, 1]");
+  Tensor keep = at::empty({B, H, L, S}, at::TensorOptions().dtype(at::kBool));
+  if (keep.numel() == 0) return keep;
+  if (use_avx512()) {
+#if defined(POSATTN_HAVE_AVX512)
+    avx512::dropout_mask(static_cast<uint64_t>(seed), B, H, L, S, static_cast<float>(p), keep.data_ptr<bool>(),
+                         &parallel);
+#endif
+  } else {
+    generic::dropout_mask(static_cast<uint64_t>(seed), B, H, L, S, static_cast<float>(p), keep.data_ptr<bool>(),
+                          &parallel);
+  }
+  return keep;
+}
+
+std::string cpu_isa() { return use_avx512() ? "avx512" : "generic"; }
+
+}  // namespace
+}  // namespace posattn
+
+TORCH_LIBRARY(posattn, m) {
+  m.def(
+      "cpu_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? q_pos, Tensor? k_pos, "
+      "int q_offset, int k_offset, bool causal, int window_left, int window_right, float softcap, float dropout_p, "
+      "Tensor? seed, float scale, Tensor? rope_table, Tensor? q_angles, Tensor? k_angles, Tensor? bias_tensor, "
+      "Tensor? bias_lut, Tensor? urpe_table, int[] spec_ints, float rope_scale, bool deterministic) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "cpu_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
+      "Tensor? attn_mask, Tensor? q_pos, Tensor? k_pos, int q_offset, int k_offset, bool causal, int window_left, "
+      "int window_right, float softcap, float dropout_p, Tensor? seed, float scale, Tensor? rope_table, "
+      "Tensor? q_angles, Tensor? k_angles, Tensor? bias_tensor, Tensor? bias_lut, Tensor? urpe_table, "
+      "int[] spec_ints, float rope_scale, bool deterministic, bool mask_grad, bool angle_grad, bool bias_grad, "
+      "bool urpe_grad) -> Tensor[]");
+  m.def("cpu_dropout_mask(int seed, int B, int H, int L, int S, float dropout_p) -> Tensor");
+  m.def("cpu_isa() -> str");
+}
+
+TORCH_LIBRARY_IMPL(posattn, CPU, m) {
+  m.impl("cpu_attention_fwd", &posattn::cpu_attention_fwd);
+  m.impl("cpu_attention_bwd", &posattn::cpu_attention_bwd);
+}
+
+TORCH_LIBRARY_IMPL(posattn, CompositeExplicitAutograd, m) {
+  m.impl("cpu_dropout_mask", &posattn::cpu_dropout_mask);
+  m.impl("cpu_isa", &posattn::cpu_isa);
+}

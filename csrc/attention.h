@@ -48,6 +48,9 @@ struct AttnArgs {
   // URPE gate table [H, 2M+1] fp32
   const float* urpe; int64_t surpe_h; int64_t urpe_m;
   ParallelFor parallel;
+  // bf16 forward on the AVX-512-BF16 dot instructions (q·kᵀ and p·v with bf16 operands and
+  // fp32 accumulation); set by the op layer when the CPU has them
+  bool bf16_dot;
 };
 
 // Backward outputs and scratch. dq, dk, dv are contiguous in the input dtype.

@@ -190,6 +190,72 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, i
   }
 }
 
+#if defined(__AVX512BF16__)
+// The bf16 micro-kernel: C[M, N] (+)= A[M, K] · B[K, N] with bf16 operands, fp32 sums.
+// A row-major (K contiguous, K even); B in pairs [K/2][N][2] ("VNNI"), so one 32-bit
+// broadcast of A's pair and one load of B feed a vdpbf16ps (2 products per lane).
+template <int R, int NV>
+inline void micro_bf16(int64_t Kp, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
+                       int64_t ldc, bool accumulate) {
+  __m512 c[R][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) c[i][v] = accumulate ? _mm512_loadu_ps(C + i * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < Kp; ++kp) {
+    __m512bh b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + kp * ldb + 32 * v);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      int32_t pair;
+      memcpy(&pair, A + i * lda + 2 * kp, 4);
+      const __m512bh ai = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[i][v] = _mm512_dpbf16_ps(c[i][v], ai, b[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, c[i][v]);
+}
+
+using MicroBf16Fn = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool);
+
+template <int R>
+constexpr MicroBf16Fn micro_bf16_for(int nv) {
+  return nv == 1 ? &micro_bf16<R, 1> : nv == 2 ? &micro_bf16<R, 2> : nv == 3 ? &micro_bf16<R, 3> : &micro_bf16<R, 4>;
+}
+
+inline MicroBf16Fn micro_bf16_fn(int r, int nv) {
+  switch (r) {
+    case 1: return micro_bf16_for<1>(nv);
+    case 2: return micro_bf16_for<2>(nv);
+    case 3: return micro_bf16_for<3>(nv);
+    case 4: return micro_bf16_for<4>(nv);
+    case 5: return micro_bf16_for<5>(nv);
+    default: return micro_bf16_for<6>(nv);
+  }
+}
+
+// K even; B pairs [K/2][N][2] with N a multiple of 16.
+inline void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, float* C,
+                      int64_t ldc, bool accumulate) {
+  const int64_t ldb = 2 * N;
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    const int nv = static_cast<int>(N - n0 >= 64 ? 4 : (N - n0) / 16);
+    const MicroBf16Fn full = micro_bf16_fn(MR, nv);
+    int64_t m0 = 0;
+    for (; m0 + MR <= M; m0 += MR) full(K / 2, A + m0 * lda, lda, B + 2 * n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
+    if (m0 < M)
+      micro_bf16_fn(static_cast<int>(M - m0), nv)(K / 2, A + m0 * lda, lda, B + 2 * n0, ldb, C + m0 * ldc + n0, ldc,
+                                                   accumulate);
+  }
+}
+#define POSATTN_BF16_DOT 1
+#endif
+
 // ---------------------------------------------------------------------------------------
 // elementwise math (branch-free, so the loops vectorise)
 // ---------------------------------------------------------------------------------------
@@ -545,12 +611,25 @@ struct Packed {
   Buffer kr;   // [B·Hkv][S][Dp]        key rows (dS·K), backward only
   Buffer vr;   // [B·Hkv][S][Dvp]       value rows (p·v), forward only
   Buffer vt;   // [B·Hkv][nkt][Dvp][BN] transposed value tiles (dO·vᵀ), backward only
+  // bf16 forward (a.bf16_dot): keys [B·Hkv][nkt][Dp/2][BN][2] and values
+  // [B·Hkv][nkt][BN/2][Dvp][2] as bf16 pairs along the product's inner dim
+  uint16_t* k16 = nullptr;
+  uint16_t* v16 = nullptr;
   Packed(const AttnArgs& a, bool backward)
       : nkt((a.S + BN - 1) / BN), Dp(pad16(a.D)), Dvp(pad16(a.Dv)),
         kt(a.B * a.Hkv * nkt * Dp * BN, true),
         kr(backward ? a.B * a.Hkv * a.S * Dp : 1, true),
         vr(backward ? 1 : a.B * a.Hkv * a.S * Dvp, true),
-        vt(backward ? a.B * a.Hkv * nkt * Dvp * BN : 1, true) {}
+        vt(backward ? a.B * a.Hkv * nkt * Dvp * BN : 1, true) {
+    if (a.bf16_dot && !backward) {
+      k16 = static_cast<uint16_t*>(calloc(a.B * a.Hkv * nkt * Dp * BN, sizeof(uint16_t)));
+      v16 = static_cast<uint16_t*>(calloc(a.B * a.Hkv * nkt * Dvp * BN, sizeof(uint16_t)));
+      if (!k16 || !v16) { free(k16); free(v16); throw std::bad_alloc(); }
+    }
+  }
+  ~Packed() { free(k16); free(v16); }
+  Packed(const Packed&) = delete;
+  Packed& operator=(const Packed&) = delete;
 };
 
 template <DType DT>
@@ -582,6 +661,10 @@ void pack_body(void* vctx, int64_t begin, int64_t end) {
         rotate(row.p, rr.cs, rr.sn, a.rotary_dim, a.interleaved);
       }
       for (int64_t d = 0; d < a.D; ++d) kt[d * BN + j] = row.p[d];
+      if (pk.k16) {
+        uint16_t* k16 = pk.k16 + (bh * pk.nkt + t) * pk.Dp * BN;
+        for (int64_t d = 0; d < a.D; ++d) k16[((d / 2) * BN + j) * 2 + (d % 2)] = f32_to_bf16(row.p[d]);
+      }
       if (c.backward) memcpy(pk.kr.p + (bh * a.S + s) * pk.Dp, row.p, pk.Dp * sizeof(float));
       memset(row.p, 0, pk.Dvp * sizeof(float));
       load_row<DT>(elem<DT>(a.v, b * a.sv_b + hk * a.sv_h + s * a.sv_l), a.Dv, row.p);
@@ -590,6 +673,10 @@ void pack_body(void* vctx, int64_t begin, int64_t end) {
         for (int64_t d = 0; d < a.Dv; ++d) vt[d * BN + j] = row.p[d];
       } else {
         memcpy(pk.vr.p + (bh * a.S + s) * pk.Dvp, row.p, pk.Dvp * sizeof(float));
+      }
+      if (pk.v16) {
+        uint16_t* v16 = pk.v16 + (bh * pk.nkt + t) * pk.Dvp * BN;
+        for (int64_t e = 0; e < a.Dv; ++e) v16[((j / 2) * pk.Dvp + e) * 2 + (j % 2)] = f32_to_bf16(row.p[e]);
       }
     }
   }
@@ -649,7 +736,7 @@ inline void xpos_key_tile(const AttnArgs& a, const float* kt_in, const float* kr
 // One query tile, rotated, xPos-decayed relative to its centre, scaled: Qs [BM][Dp].
 template <DType DT>
 int32_t load_query_tile(const AttnArgs& a, const SinCosTable& qtab, int64_t b, int64_t h, int64_t i0, int64_t m,
-                        int64_t Dp, float* Qs, int32_t* qp, int32_t& q_lo, int32_t& q_hi) {
+                        int64_t Dp, float* Qs, int32_t* qp, int32_t& q_lo, int32_t& q_hi, float scale) {
   q_lo = INT32_MAX;
   q_hi = INT32_MIN;
   for (int64_t i = 0; i < m; ++i) {
@@ -669,7 +756,8 @@ int32_t load_query_tile(const AttnArgs& a, const SinCosTable& qtab, int64_t b, i
         xpos_scale(row, static_cast<float>(qp[i] - centre), a.rope_table + a.rotary_dim / 2, a.rotary_dim,
                    a.interleaved);
     }
-    for (int64_t d = 0; d < a.D; ++d) row[d] *= a.scale;
+    if (scale != 1.0f)
+      for (int64_t d = 0; d < a.D; ++d) row[d] *= scale;
   }
   return centre;
 }
@@ -697,7 +785,15 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
   const bool xpos = a.rope_kind == ROPE_XPOS;
   // no bias, float / bool mask or softcap: interior full tiles need no elementwise pass
   const bool plain = a.bias_kind == BIAS_NONE && a.mask_kind == MASK_NONE && a.softcap == 0.0f;
+#if defined(POSATTN_BF16_DOT)
+  const bool dot16 = DT == DType::BF16 && a.bf16_dot;
+#else
+  const bool dot16 = false;
+#endif
   Buffer Qs(BM * Dp), S(BM * BN), acc(BM * Dvp), keep(BN), orow(Dvp);
+  Buffer q16_buf(dot16 ? BM * Dp / 2 : 1), p16_buf(dot16 ? BM * BN / 2 : 1);  // bf16 tiles in float storage
+  uint16_t* Q16 = reinterpret_cast<uint16_t*>(q16_buf.p);
+  uint16_t* P16 = reinterpret_cast<uint16_t*>(p16_buf.p);
   Buffer kx(xpos ? Dp * BN : 1), factor(xpos ? BN * Dp : 1);
   int32_t qp[BM];
   float m_i[BM], l_i[BM];
@@ -708,7 +804,11 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
     const int64_t b = bh / a.H, h = bh % a.H, hk = h / G, bhk = b * a.Hkv + hk;
     const int64_t i0 = qt * BM, m = a.L - i0 < BM ? a.L - i0 : BM;
     int32_t q_lo, q_hi;
-    const int32_t centre = load_query_tile<DT>(a, *c.qtab, b, h, i0, m, Dp, Qs.p, qp, q_lo, q_hi);
+    // bf16 dots: q rotated in fp32 and rounded to bf16 (as the GPU kernels do), scaled after the dot
+    const int32_t centre =
+        load_query_tile<DT>(a, *c.qtab, b, h, i0, m, Dp, Qs.p, qp, q_lo, q_hi, dot16 ? 1.0f : a.scale);
+    if (dot16)
+      for (int64_t i = 0; i < m * Dp; ++i) Q16[i] = f32_to_bf16(Qs.p[i]);
     for (int64_t i = 0; i < m; ++i) { m_i[i] = NEG_INF; l_i[i] = 0.0f; }
     memset(acc.p, 0, BM * Dvp * sizeof(float));
     int64_t t0, t1;
@@ -722,9 +822,18 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
         xpos_key_tile(a, kblock, nullptr, kt, centre, Dp, kx.p, nullptr, factor.p);
         kblock = kx.p;
       }
-      gemm(m, BN, a.D, Qs.p, Dp, 1, kblock, BN, S.p, BN, false);
+#if defined(POSATTN_BF16_DOT)
+      if (dot16) {
+        gemm_bf16(m, BN, Dp, Q16, Dp, pk.k16 + (bhk * pk.nkt + t) * Dp * BN, S.p, BN, false);
+      } else
+#endif
+      {
+        gemm(m, BN, a.D, Qs.p, Dp, 1, kblock, BN, S.p, BN, false);
+      }
       for (int64_t i = 0; i < m; ++i) {
         float* s = S.p + i * BN;
+        if (dot16)
+          for (int64_t j = 0; j < BN; ++j) s[j] *= a.scale;
         if (!plain || !interior || kt.n < BN) score_row(a, b, h, i0 + i, qp[i], kt, interior, s, nullptr);
         const float mx = row_max(s);
         const float m_new = mx > m_i[i] ? mx : m_i[i];
@@ -749,6 +858,13 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
           for (int64_t j = 0; j < kt.n; ++j) s[j] *= keep.p[j];
         }
       }
+#if defined(POSATTN_BF16_DOT)
+      if (dot16) {
+        for (int64_t i = 0; i < m * BN; ++i) P16[i] = f32_to_bf16(S.p[i]);
+        gemm_bf16(m, Dvp, BN, P16, BN, pk.v16 + (bhk * pk.nkt + t) * Dvp * BN, acc.p, Dvp, true);
+        continue;
+      }
+#endif
       gemm(m, Dvp, kt.n, S.p, BN, 1, pk.vr.p + (bhk * a.S + kt.j0) * Dvp, Dvp, acc.p, Dvp, true);
     }
     for (int64_t i = 0; i < m; ++i) {
@@ -811,7 +927,7 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
     for (int64_t qt = qt_begin; qt < qt_end; ++qt) {
       const int64_t i0 = qt * BM, m = a.L - i0 < BM ? a.L - i0 : BM;
       int32_t q_lo, q_hi;
-      const int32_t centre = load_query_tile<DT>(a, *c.qtab, b, h, i0, m, Dp, Qs.p, qp, q_lo, q_hi);
+      const int32_t centre = load_query_tile<DT>(a, *c.qtab, b, h, i0, m, Dp, Qs.p, qp, q_lo, q_hi, a.scale);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t r = (b * a.H + h) * a.L + i0 + i;
         float* d = dO.p + i * Dvp;

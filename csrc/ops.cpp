@@ -41,6 +41,15 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512_bf16() {
+#if defined(POSATTN_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 // Read at each call, so tests can force the portable path with an environment variable.
 bool use_avx512() {
   static const bool has = cpu_has_avx512();
@@ -245,6 +254,9 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const option
     a.surpe_h = p.urpe.stride(0);
   }
   a.parallel = &parallel;
+  static const bool has_bf16 = cpu_has_avx512_bf16();
+  // xPos keeps fp32 operands (its decays exceed bf16's precision budget), as on the GPU.
+  a.bf16_dot = a.dtype == DType::BF16 && has_bf16 && a.rope_kind != ROPE_XPOS && use_avx512();
   return p;
 }
 

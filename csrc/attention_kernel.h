@@ -535,6 +535,17 @@ inline int64_t urpe_index(const AttnArgs& a, int32_t qp, int32_t kp) {
   return clamp64(static_cast<int64_t>(kp) - qp, -a.urpe_m, a.urpe_m) + a.urpe_m;
 }
 
+// A row of a Toeplitz table clamp(r, −m, m) + m read at r = r0 + j, j < n: entry 0 for
+// j < lo, entry r0 + j + m (= offset + j) for lo ≤ j < hi, entry 2m for j ≥ hi.
+struct ToeplitzRun {
+  int64_t lo, hi, offset;
+  ToeplitzRun(int64_t r0, int64_t n, int64_t m) {
+    lo = clamp64(-m - r0, 0, n);
+    hi = clamp64(m - r0 + 1, lo, n);
+    offset = r0 + m;
+  }
+};
+
 // s[j] (j < BN) = the score of (row i, key kt.j0 + j) after bias, float mask, softcap and
 // masking; keys past the tile's end are −inf. th[j] keeps tanh(s/softcap) for the backward.
 inline void score_row(const AttnArgs& a, int64_t b, int64_t h, int64_t i, int32_t qp, const KeyTile& kt,
@@ -557,6 +568,14 @@ inline void score_row(const AttnArgs& a, int64_t b, int64_t h, int64_t i, int32_
     case BIAS_RELATIVE: {
       const float* tab = a.bias + h * a.sbias_h;
       const int32_t m = static_cast<int32_t>(a.bias_i0);
+      if (!a.k_pos) {  // keys at consecutive positions: the row reads a contiguous run of the table
+        const ToeplitzRun run(static_cast<int64_t>(kt.pos[0]) - qp, n, m);
+        for (int64_t j = 0; j < run.lo; ++j) s[j] += tab[0];
+        const float* t = tab + run.offset;
+        for (int64_t j = run.lo; j < run.hi; ++j) s[j] += t[j];
+        for (int64_t j = run.hi; j < n; ++j) s[j] += tab[2 * m];
+        break;
+      }
       for (int64_t j = 0; j < n; ++j) {
         int32_t rel = kt.pos[j] - qp;
         rel = rel < -m ? -m : (rel > m ? m : rel);
@@ -995,6 +1014,15 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
               float acc = 0.0f;
               for (int64_t j = 0; j < kt.n; ++j) acc += dp[j] * bias_multiplier(a, qp[i], kt.pos[j]);
               dbias[0] += acc;
+            } else if (a.bias_kind == BIAS_RELATIVE && !a.k_pos) {
+              const ToeplitzRun run(static_cast<int64_t>(kt.pos[0]) - qp[i], kt.n, a.bias_i0);
+              float left = 0.0f, right = 0.0f;
+              for (int64_t j = 0; j < run.lo; ++j) left += dp[j];
+              float* d = dbias + run.offset;
+              for (int64_t j = run.lo; j < run.hi; ++j) d[j] += dp[j];
+              for (int64_t j = run.hi; j < kt.n; ++j) right += dp[j];
+              dbias[0] += left;
+              dbias[2 * a.bias_i0] += right;
             } else {
               for (int64_t j = 0; j < kt.n; ++j) dbias[bias_index(a, qp[i], kt.pos[j])] += dp[j];
             }

@@ -439,6 +439,7 @@ struct SinCosTable {
   SinCosTable(const AttnArgs& a, bool keys)
       : cs(table_size(a, keys)), sn(table_size(a, keys)),
         nb(batches(a, keys)), n(keys ? a.S : a.L), half(a.rotary_dim / 2) {
+    if (!used(a)) return;
     for (int64_t b = 0; b < nb; ++b)
       for (int64_t i = 0; i < n; ++i) {
         const int32_t pos = keys ? k_position(a, b, i) : q_position(a, b, i);
@@ -449,9 +450,10 @@ struct SinCosTable {
     const bool per_batch = keys ? (a.k_pos && a.skp_b != 0) : (a.q_pos && a.sqp_b != 0);
     return per_batch ? a.B : 1;
   }
+  // explicit angles differ per head: their rows compute cos / sin on the fly (RowRotation)
+  static bool used(const AttnArgs& a) { return a.rope_kind == ROPE_FREQ || a.rope_kind == ROPE_XPOS; }
   static int64_t table_size(const AttnArgs& a, bool keys) {
-    const bool used = a.rope_kind == ROPE_FREQ || a.rope_kind == ROPE_XPOS;
-    return used ? batches(a, keys) * (keys ? a.S : a.L) * (a.rotary_dim / 2) : 1;
+    return used(a) ? batches(a, keys) * (keys ? a.S : a.L) * (a.rotary_dim / 2) : 1;
   }
   const float* cos_row(int64_t b, int64_t i) const { return cs.p + ((nb == 1 ? 0 : b) * n + i) * half; }
   const float* sin_row(int64_t b, int64_t i) const { return sn.p + ((nb == 1 ? 0 : b) * n + i) * half; }

@@ -409,8 +409,9 @@ std::vector<Tensor> cpu_attention_bwd(
     }
   }
 
-  Tensor none = q.new_empty({0});
-  std::vector<Tensor> grads{dq, dk, dv, none, none, none, none, none};
+  // an empty tensor stands for "no gradient" (ops cannot return None); outputs must not alias
+  std::vector<Tensor> grads{dq, dk, dv};
+  for (int i = 0; i < 5; ++i) grads.push_back(q.new_empty({0}));
   if (mask_grad) grads[3] = sum_to_shape(dmask_full, attn_mask->sizes()).to(attn_mask->scalar_type());
   if (angle_grad) {
     Tensor gq = sum_to_shape(dq_ang, q_angles->sizes());
@@ -455,16 +456,16 @@ std::string cpu_isa() { return use_avx512() ? "avx512" : "generic"; }
 TORCH_LIBRARY(posattn, m) {
   m.def(
       "cpu_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? q_pos, Tensor? k_pos, "
-      "int q_offset, int k_offset, bool causal, int window_left, int window_right, float softcap, float dropout_p, "
+      "SymInt q_offset, SymInt k_offset, bool causal, SymInt window_left, SymInt window_right, float softcap, float dropout_p, "
       "Tensor? seed, float scale, Tensor? rope_table, Tensor? q_angles, Tensor? k_angles, Tensor? bias_tensor, "
-      "Tensor? bias_lut, Tensor? urpe_table, int[] spec_ints, float rope_scale, bool deterministic) "
+      "Tensor? bias_lut, Tensor? urpe_table, SymInt[] spec_ints, float rope_scale, bool deterministic) "
       "-> (Tensor, Tensor)");
   m.def(
       "cpu_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
-      "Tensor? attn_mask, Tensor? q_pos, Tensor? k_pos, int q_offset, int k_offset, bool causal, int window_left, "
-      "int window_right, float softcap, float dropout_p, Tensor? seed, float scale, Tensor? rope_table, "
+      "Tensor? attn_mask, Tensor? q_pos, Tensor? k_pos, SymInt q_offset, SymInt k_offset, bool causal, SymInt window_left, "
+      "SymInt window_right, float softcap, float dropout_p, Tensor? seed, float scale, Tensor? rope_table, "
       "Tensor? q_angles, Tensor? k_angles, Tensor? bias_tensor, Tensor? bias_lut, Tensor? urpe_table, "
-      "int[] spec_ints, float rope_scale, bool deterministic, bool mask_grad, bool angle_grad, bool bias_grad, "
+      "SymInt[] spec_ints, float rope_scale, bool deterministic, bool mask_grad, bool angle_grad, bool bias_grad, "
       "bool urpe_grad) -> Tensor[]");
   m.def("cpu_dropout_mask(int seed, int B, int H, int L, int S, float dropout_p) -> Tensor");
   m.def("cpu_isa() -> str");

@@ -1,4 +1,12 @@
-"""Test configuration: device choice, interpreter, seeds, NaN-poisoned allocations, markers."""
+"""Test configuration: device choice, interpreter, seeds, NaN-poisoned allocations, markers,
+and the kernel backends that the kernel tests are parametrized over.
+
+``requires_ext`` marks tests that need the compiled CPU backend ``posattn._C``. They are
+never skipped: when the extension did not load, each of them fails in set-up with the
+import error, so a CI run whose build is broken or missing fails loudly. To run the rest
+of the suite on a machine without the build, deselect them explicitly:
+``pytest -m "not requires_ext"``.
+"""
 import os
 
 import pytest
@@ -6,6 +14,40 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+requires_ext = pytest.mark.requires_ext
+
+# The kernel backends. Triton runs on the test device (CUDA, else the CPU under the
+# interpreter); the C++ backend always takes CPU tensors, also on a machine with a GPU.
+TRITON = pytest.param("triton", id="triton")
+CPU = pytest.param("cpu", id="cpu", marks=requires_ext)
+KERNEL_BACKENDS = [TRITON, CPU]
+
+# Dtypes each kernel backend is checked in besides float32. bf16 Triton runs on CUDA only
+# (tl.dot on bf16 is broken in the interpreter, triton issue #11584); the C++ backend
+# computes bf16 and fp16 on any CPU.
+HALF_DTYPES = {"triton": [torch.float16] + ([torch.bfloat16] if HAS_CUDA else []),
+               "cpu": [torch.bfloat16, torch.float16]}
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def backend_dtype_params(dtypes=HALF_DTYPES):
+    """(backend, dtype) pairs with ids such as ``cpu-bfloat16``, the cpu ones marked requires_ext."""
+    return [pytest.param(b, dt, id=f"{b}-{dtype_name(dt)}", marks=requires_ext if b == "cpu" else ())
+            for b in ("triton", "cpu") for dt in dtypes[b]]
+
+
+def backend_device(backend):
+    """The device a backend's tensors live on in the tests."""
+    return "cpu" if backend == "cpu" else DEVICE
+
+
+def _extension_error():
+    from posattn import ops  # imports posattn (not Triton); ops holds the extension's import error
+    return ops._C_ERROR
 
 
 def pytest_configure(config):
@@ -15,8 +57,16 @@ def pytest_configure(config):
     if not HAS_CUDA:
         os.environ["TRITON_INTERPRET"] = "1"
     config.addinivalue_line("markers", "requires_cuda: needs a CUDA device")
-    config.addinivalue_line("markers", "requires_ext: needs the compiled extension posattn._C")
+    config.addinivalue_line("markers", "requires_ext: needs the compiled extension posattn._C; fails (never skips) "
+                                       "without it; deselect with -m 'not requires_ext'")
     config.addinivalue_line("markers", "slow: long-running test")
+
+
+def pytest_report_header(config):
+    error = _extension_error()
+    if error is not None:
+        return f"posattn._C: NOT LOADED ({error}); every requires_ext test will fail"
+    return f"posattn._C: loaded, CPU kernels use {torch.ops.posattn.cpu_isa()}"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,6 +74,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "requires_cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _require_extension(request):
+    if request.node.get_closest_marker("requires_ext") is not None:
+        error = _extension_error()
+        if error is not None:
+            pytest.fail(f"needs the compiled CPU backend posattn._C, which did not load: {error}. Build it with "
+                        f"`make install`, or deselect these tests with -m 'not requires_ext'", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,19 @@ import pytest
 import torch
 
 import posattn
+from conftest import KERNEL_BACKENDS, backend_device
 from posattn import ops
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def device(backend):
+    # the cpu backend takes CPU tensors, also where the test device is CUDA
+    return backend_device(backend)
 
 
 def qkv(B=1, H=2, Hkv=2, L=7, S=9, D=16, Dv=16, dtype=torch.float32, device="cpu"):
@@ -35,7 +47,6 @@ def qkv(B=1, H=2, Hkv=2, L=7, S=9, D=16, Dv=16, dtype=torch.float32, device="cpu
     (qkv, {"attn_mask": torch.ones(7, 9, dtype=torch.int64)}, TypeError, "torch.int64"),
     (qkv, {"attn_mask": torch.ones(1, 1, 1, 7, 9)}, ValueError, "does not broadcast"),
     (qkv, {"backend": "cuda"}, ValueError, "backend='cuda' is not a backend"),
-    (qkv, {"backend": "cpu"}, NotImplementedError, "issue #5"),
     (qkv, {"rope": object()}, TypeError, "posattn.RoPE, posattn.XPos or posattn.RotaryAngles"),
     (qkv, {"bias": object()}, TypeError, "ALiBi, RelativeBias, T5Bias or ManhattanDecay"),
     (qkv, {"urpe": object()}, TypeError, "posattn.URPE"),
@@ -43,7 +54,7 @@ def qkv(B=1, H=2, Hkv=2, L=7, S=9, D=16, Dv=16, dtype=torch.float32, device="cpu
     (lambda: qkv(D=320, Dv=16), {"backend": "triton"}, ValueError, "head dims up to 256"),
 ], ids=["heads", "ndim", "head-dim", "dtype-mix", "int-dtype", "kv-length", "batch", "empty", "window-len",
         "window-neg", "softcap", "dropout", "qpos-shape", "kpos-dtype", "qpos-range", "qpos-type", "mask-shape",
-        "mask-dtype", "mask-5d", "backend-name", "backend-cpu", "rope", "bias", "urpe", "triton-fp64",
+        "mask-dtype", "mask-5d", "backend-name", "rope", "bias", "urpe", "triton-fp64",
         "triton-headdim"])
 def test_errors_name_the_value(make, kwargs, exc, words):
     q, k, v = make()
@@ -78,25 +89,29 @@ def test_import_does_not_import_triton():
     assert res.stdout.strip() == "False", res.stdout + res.stderr
 
 
-def test_backend_none_on_cpu_is_reference(monkeypatch):
+def test_backend_none_and_the_override(monkeypatch):
+    # None on CPU float32 picks "cpu" (tests/test_cpu.py); float64 always picks the oracle
+    monkeypatch.delenv("POSATTN_BACKEND", raising=False)
+    assert posattn.functional.select_backend(None, qkv(dtype=torch.float64)[0]) == "reference"
     q, k, v = qkv()
-    assert posattn.functional.select_backend(None, q) == "reference"
     monkeypatch.setenv("POSATTN_BACKEND", "triton")
     assert posattn.functional.select_backend(None, q) == "triton"
+    monkeypatch.setenv("POSATTN_BACKEND", "reference")
+    assert posattn.functional.select_backend(None, q) == "reference"
     monkeypatch.setenv("POSATTN_BACKEND", "fast")
     with pytest.raises(ValueError, match="POSATTN_BACKEND='fast'"):
         posattn.functional.select_backend(None, q)
 
 
-def test_backends_agree_on_default_path(device):
+def test_backends_agree_on_default_path(device, backend):
     q, k, v = qkv(B=2, H=4, Hkv=2, L=63, S=63, D=40, device=device)
     a = posattn.attention(q, k, v, causal=True, backend="reference")
-    b = posattn.attention(q, k, v, causal=True, backend="triton")
+    b = posattn.attention(q, k, v, causal=True, backend=backend)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mask", [None, "float"], ids=["nomask", "floatmask"])
-def test_opcheck(mask, device):
+def test_opcheck(mask, device, backend):
     q, k, v = (t.requires_grad_() for t in qkv(L=7, S=9, Dv=8, device=device))
     m = torch.randn(1, 1, 7, 9, device=device, requires_grad=True) if mask else None
     seed = torch.tensor(1234)
@@ -104,11 +119,11 @@ def test_opcheck(mask, device):
     for args in [(q, k, v, m, None, None, 0, 0, True, -1, -1, 0.0, 0.0, None, 0.25, *no_specs),
                  (q, k, v, m, torch.arange(7, device=device), None, 2, 0, False, 3, 1, 2.0, 0.2, seed, 0.25,
                   *no_specs)]:
-        torch.library.opcheck(ops.triton_attention_fwd, args)
+        torch.library.opcheck(ops.forward_op(backend), args)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_opcheck_with_position_specs(deterministic, device):
+def test_opcheck_with_position_specs(deterministic, device, backend):
     from posattn.positions import kernel_positions
 
     q, k, v = (t.requires_grad_() for t in qkv(L=7, S=9, Dv=8, device=device))
@@ -123,15 +138,15 @@ def test_opcheck_with_position_specs(deterministic, device):
         args = (q, k, v, None, None, None, 2, 0, True, -1, -1, 0.0, 0.0, None, 0.25, kp.rope_table, kp.q_angles,
                 kp.k_angles, kp.bias_tensor, kp.bias_lut, kp.urpe_table, ops.spec_ints(kp), kp.rope_scale,
                 deterministic)
-        torch.library.opcheck(ops.triton_attention_fwd, args)
+        torch.library.opcheck(ops.forward_op(backend), args)
 
 
-def test_torch_compile_fullgraph_forward_and_backward(device):
+def test_torch_compile_fullgraph_forward_and_backward(device, backend):
     q, k, v = (t.requires_grad_() for t in qkv(L=7, S=9, device=device))
     mask = torch.randn(7, 9, device=device, requires_grad=True)
 
     def f(q, k, v, mask):
-        return posattn.attention(q, k, v, attn_mask=mask, causal=True, q_pos=2, backend="triton")
+        return posattn.attention(q, k, v, attn_mask=mask, causal=True, q_pos=2, backend=backend)
 
     eager = f(q, k, v, mask)
     eager_grads = torch.autograd.grad(eager.sum(), (q, k, v, mask))
@@ -142,7 +157,7 @@ def test_torch_compile_fullgraph_forward_and_backward(device):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_torch_compile_fullgraph_with_position_specs(device):
+def test_torch_compile_fullgraph_with_position_specs(device, backend):
     q, k, v = (t.requires_grad_() for t in qkv(L=7, S=9, device=device))
     table = torch.randn(2, 32, device=device, requires_grad=True)
     gate = torch.randn(2, 7, device=device, requires_grad=True)
@@ -150,7 +165,7 @@ def test_torch_compile_fullgraph_with_position_specs(device):
     def f(q, k, v, table, gate):
         return posattn.attention(q, k, v, causal=True, q_pos=2, rope=posattn.RoPE(scaling=LLAMA3),
                                  bias=posattn.T5Bias(table, bidirectional=False), urpe=posattn.URPE(gate),
-                                 backend="triton")
+                                 backend=backend)
 
     inputs = (q, k, v, table, gate)
     eager = f(*inputs)

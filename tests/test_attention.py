@@ -1,9 +1,11 @@
-"""posattn.attention on the Triton kernels against posattn.reference in float64.
+"""posattn.attention on the kernel backends against posattn.reference in float64.
 
-Every case checks the output, lse and every gradient (q, k, v, float mask) with the one
-tolerance rule of tests/tolerance.py. On a machine without a GPU the kernels run in
-Triton's interpreter (fp32, fp16); bf16 runs on CUDA only (tl.dot on bf16 is broken in
-the interpreter, triton issue #11584).
+Every case runs on both kernel backends, "triton" and "cpu" (the C++ extension posattn._C),
+and checks the output, lse and every gradient (q, k, v, float mask, spec tensors) with the
+one tolerance rule of tests/tolerance.py. On a machine without a GPU the Triton kernels run
+in Triton's interpreter (fp32, fp16); bf16 Triton runs on CUDA only (tl.dot on bf16 is
+broken in the interpreter, triton issue #11584). The cpu backend always takes CPU tensors,
+also where the test device is CUDA, and is checked in fp32, bf16 and fp16.
 """
 from dataclasses import dataclass, field, replace
 
@@ -11,10 +13,20 @@ import pytest
 import torch
 
 import posattn
-from conftest import HAS_CUDA
+from conftest import KERNEL_BACKENDS, backend_device, backend_dtype_params
 from tolerance import assert_close
 
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+HALF = backend_dtype_params()  # (backend, dtype): triton-float16, cpu-bfloat16, cpu-float16, …
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def device(backend):
+    return backend_device(backend)
 
 
 @dataclass
@@ -41,7 +53,12 @@ class Case:
         parts = [f"B{self.B}-H{self.H}" + (f"-Hkv{self.Hkv}" if self.Hkv != self.H else ""),
                  f"L{self.L}-S{self.S}-D{self.D}" + (f"-Dv{self.Dv}" if self.Dv != self.D else "")]
         for k, v in self.kw.items():
-            parts.append(k if v is True else f"{k}{v}" if not isinstance(v, str) else v)
+            if isinstance(v, torch.Tensor):  # position tensors: T and their shape, not their values
+                parts.append(f"{k}T{'x'.join(map(str, v.shape))}")
+            elif isinstance(v, tuple):
+                parts.append(f"{k}{'_'.join(map(str, v))}")
+            else:
+                parts.append(k if v is True else f"{k}{v}" if not isinstance(v, str) else v)
         if self.mask:
             parts.append(f"{self.mask[1]}mask{'x'.join(map(str, self.mask[0]))}")
         if self.spec:
@@ -99,7 +116,7 @@ def run(q, k, v, mask, dout, dlse, backend, dtype, kw, mask_grad, spec=None):
     return {"out": out.detach(), "lse": lse.detach(), **grads}
 
 
-def check(c: Case, dtype, device, backend="triton"):
+def check(c: Case, dtype, device, backend):
     q, k, v, mask = make_inputs(c, torch.float64, device)
     kw = positions_for(c.kw, device)
     dout = torch.randn(c.B, c.H, c.L, c.Dv, device=device, dtype=torch.float64)
@@ -129,17 +146,17 @@ SHAPES = [
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("c", SHAPES, ids=lambda c: c.id)
-def test_shapes(c, causal, device):
-    check(replace(c, kw={"causal": causal}), torch.float32, device)
+def test_shapes(c, causal, device, backend):
+    check(replace(c, kw={"causal": causal}), torch.float32, device, backend)
 
 
-@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
 @pytest.mark.parametrize("c", [Case(B=2, L=63, S=130, D=72, kw={"causal": True}),
                                Case(H=4, Hkv=1, L=130, S=7, D=128, Dv=40),
                                Case(L=63, S=63, D=40, mask=((63, 63), "float-grad"), kw={"softcap": 5.0})],
                          ids=lambda c: c.id)
-def test_half_precision(c, dtype, device):
-    check(c, dtype, device)
+@pytest.mark.parametrize("backend, dtype", HALF)
+def test_half_precision(c, dtype, device, backend):
+    check(c, dtype, device, backend)
 
 
 @pytest.mark.parametrize("c", [
@@ -147,8 +164,8 @@ def test_half_precision(c, dtype, device):
     Case(H=8, Hkv=1, L=7, S=130, D=16),
     Case(B=2, H=8, Hkv=2, L=63, S=63, D=72, kw={"window": (8, 0)}),
 ], ids=lambda c: c.id)
-def test_gqa(c, device):
-    check(c, torch.float32, device)
+def test_gqa(c, device, backend):
+    check(c, torch.float32, device, backend)
 
 
 @pytest.mark.parametrize("c", [
@@ -162,8 +179,8 @@ def test_gqa(c, device):
     # queries before every key: the first rows see nothing (output 0, lse −inf)
     Case(L=63, S=63, D=40, kw={"causal": True, "q_pos": 0, "k_pos": 20}),
 ], ids=lambda c: c.id)
-def test_position_offsets(c, device):
-    check(c, torch.float32, device)
+def test_position_offsets(c, device, backend):
+    check(c, torch.float32, device, backend)
 
 
 def _perm_positions(n, seed, batch=None):
@@ -185,15 +202,15 @@ def _perm_positions(n, seed, batch=None):
     Case(L=130, S=63, D=40, kw={"causal": True, "q_pos": _perm_positions(130, 7).int(), "k_pos": 30}),
     Case(L=63, S=130, D=40, kw={"window": (16, 16), "q_pos": 40, "k_pos": _perm_positions(130, 8)}),
 ], ids=["sorted-gaps", "batch-unsorted", "batch-window", "qtensor-koffset", "qoffset-ktensor"])
-def test_position_tensors(c, device):
-    check(c, torch.float32, device)
+def test_position_tensors(c, device, backend):
+    check(c, torch.float32, device, backend)
 
 
 @pytest.mark.parametrize("window", [(8, 0), (0, 8), (16, 16), (-1, 4), (4, -1), (0, 0), (200, 200)],
                          ids=lambda w: f"w{w[0]}_{w[1]}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_window(window, causal, device):
-    check(Case(L=130, S=130, D=16, kw={"window": window, "causal": causal}), torch.float32, device)
+def test_window(window, causal, device, backend):
+    check(Case(L=130, S=130, D=16, kw={"window": window, "causal": causal}), torch.float32, device, backend)
 
 
 MASKS = [((63, 130), "bool"), ((63, 130), "float"), ((63, 130), "float-grad"), ((2, 1, 1, 130), "bool"),
@@ -202,35 +219,35 @@ MASKS = [((63, 130), "bool"), ((63, 130), "float"), ((63, 130), "float-grad"), (
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: f"{m[1]}-{'x'.join(map(str, m[0]))}")
-def test_masks(mask, device):
-    check(Case(B=2, L=63, S=130, D=40, mask=mask), torch.float32, device)
+def test_masks(mask, device, backend):
+    check(Case(B=2, L=63, S=130, D=40, mask=mask), torch.float32, device, backend)
 
 
-def test_mask_with_causal_window_softcap(device):
+def test_mask_with_causal_window_softcap(device, backend):
     check(Case(B=2, H=4, Hkv=2, L=130, S=130, D=40, mask=((2, 1, 130, 130), "float-grad"),
-               kw={"causal": True, "window": (40, -1), "softcap": 3.0}), torch.float32, device)
+               kw={"causal": True, "window": (40, -1), "softcap": 3.0}), torch.float32, device, backend)
 
 
-def test_fully_masked_rows(device):
+def test_fully_masked_rows(device, backend):
     # rows 0, 5 and 62 see no key at all: output 0, lse −inf, no NaN anywhere (also in grads)
     mask = torch.rand(2, 1, 63, 130) > 0.5
     mask[:, :, [0, 5, 62]] = False
     c = Case(B=2, L=63, S=130, D=40)
     q, k, v, _ = make_inputs(c, torch.float32, device)
-    out, lse = posattn.attention(q, k, v, attn_mask=mask.to(device), return_lse=True, backend="triton")
+    out, lse = posattn.attention(q, k, v, attn_mask=mask.to(device), return_lse=True, backend=backend)
     assert torch.all(out[:, :, [0, 5, 62]] == 0)
     assert torch.all(torch.isneginf(lse[:, :, [0, 5, 62]]))
-    check(Case(B=2, L=63, S=130, D=40, mask=((2, 1, 63, 130), "bool")), torch.float32, device)
+    check(Case(B=2, L=63, S=130, D=40, mask=((2, 1, 63, 130), "bool")), torch.float32, device, backend)
 
 
 @pytest.mark.parametrize("c", [Case(B=2, H=4, Hkv=2, L=63, S=130, D=40, blhd=True, kw={"causal": True}),
                                Case(B=2, H=2, L=130, S=63, D=72, Dv=16, blhd=True,
                                     mask=((2, 1, 130, 63), "float-grad"))],
                          ids=lambda c: c.id)
-def test_transposed_views(c, device):
+def test_transposed_views(c, device, backend):
     q, _, _, _ = make_inputs(c, torch.float32, device)
     assert not q.is_contiguous()
-    check(c, torch.float32, device)
+    check(c, torch.float32, device, backend)
 
 
 @pytest.mark.parametrize("c", [Case(L=63, S=130, D=40, kw={"softcap": 2.0}),
@@ -238,8 +255,8 @@ def test_transposed_views(c, device):
                                Case(L=7, S=63, D=40, kw={"scale": 0.7}),
                                Case(L=63, S=63, D=40, kw={"causal": True}, lse_grad=False)],
                          ids=lambda c: c.id)
-def test_softcap_scale_and_no_lse(c, device):
-    check(c, torch.float32, device)
+def test_softcap_scale_and_no_lse(c, device, backend):
+    check(c, torch.float32, device, backend)
 
 
 # ---- dropout --------------------------------------------------------------------------------------
@@ -250,74 +267,78 @@ def _seed_drawn_after(manual_seed):
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
+def kernel_dropout_mask(backend, seed, B, H, L, S, p, device):
+    """The keep-mask (bool [B, H, L, S]) that ``backend``'s kernels draw for ``seed``."""
+    if backend == "cpu":
+        return posattn.ops.cpu_dropout_mask(seed, B, H, L, S, p)
+    from posattn.triton_kernels import dropout_mask
+    return dropout_mask(seed, B, H, L, S, p, device)
+
+
 @pytest.mark.parametrize("c", [Case(B=2, H=4, Hkv=2, L=63, S=130, D=40, kw={"dropout_p": 0.3}),
                                Case(L=130, S=130, D=16, kw={"dropout_p": 0.5, "causal": True},
                                     mask=((130, 130), "float-grad"))],
                          ids=lambda c: c.id)
-def test_dropout_matches_reference_with_same_mask(c, device):
-    from posattn.triton_kernels import dropout_mask
-
+def test_dropout_matches_reference_with_same_mask(c, device, backend):
     q, k, v, mask = make_inputs(c, torch.float32, device)
     p = c.kw["dropout_p"]
-    keep = dropout_mask(_seed_drawn_after(11), c.B, c.H, c.L, c.S, p, device)
+    keep = kernel_dropout_mask(backend, _seed_drawn_after(11), c.B, c.H, c.L, c.S, p, device)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.03
-    check_dropout_with_kernel_mask(c.id, q, k, v, mask, positions_for(c.kw, device), 11, c, device)
+    check_dropout_with_kernel_mask(c.id, q, k, v, mask, positions_for(c.kw, device), 11, c, device, backend)
 
 
-def check_dropout_with_kernel_mask(label, q, k, v, mask, kw, seed, c, device, spec=None):
+def check_dropout_with_kernel_mask(label, q, k, v, mask, kw, seed, c, device, backend, spec=None):
     """Kernel with dropout against the reference given the kernel's own keep-mask."""
-    from posattn.triton_kernels import dropout_mask
-
-    keep = dropout_mask(_seed_drawn_after(seed), c.B, c.H, c.L, c.S, kw["dropout_p"], device)
+    keep = kernel_dropout_mask(backend, _seed_drawn_after(seed), c.B, c.H, c.L, c.S, kw["dropout_p"], device)
     dout = torch.randn(c.B, c.H, c.L, c.Dv, device=device, dtype=torch.float64)
     mask_grad = mask is not None and c.mask[1] == "float-grad"
     ref = run(q, k, v, mask, dout, None, "reference", torch.float64, {**kw, "dropout_mask": keep}, mask_grad, spec)
     low = run(q, k, v, mask, dout, None, "reference", torch.float32, {**kw, "dropout_mask": keep}, mask_grad, spec)
     torch.manual_seed(seed)
-    got = run(q, k, v, mask, dout, None, "triton", torch.float32, kw, mask_grad, spec)
+    got = run(q, k, v, mask, dout, None, backend, torch.float32, kw, mask_grad, spec)
     for name in ref:
         assert_close(f"{label}-{name}", got[name], ref[name], low[name])
 
 
-def test_dropout_same_seed_same_result(device):
+def test_dropout_same_seed_same_result(device, backend):
     c = Case(L=63, S=63, D=40, kw={"dropout_p": 0.4})
     q, k, v, _ = make_inputs(c, torch.float32, device)
     dout = torch.randn(c.B, c.H, c.L, c.Dv, device=device, dtype=torch.float64)
     results = []
     for seed in (3, 3, 4):
         torch.manual_seed(seed)
-        results.append(run(q, k, v, None, dout, None, "triton", torch.float32, c.kw, False))
+        results.append(run(q, k, v, None, dout, None, backend, torch.float32, c.kw, False))
     for name in results[0]:
         assert torch.equal(results[0][name], results[1][name]), name
     assert not torch.equal(results[0]["out"], results[2]["out"])
 
 
-def test_dropout_expectation(device):
+def test_dropout_expectation(device, backend):
     # E[dropout(P)] = P, so the mean output over many seeds approaches the no-dropout output.
     # Bound: 5 standard errors of the mean, estimated from the samples themselves.
     c = Case(H=1, Hkv=1, L=7, S=63, D=16)
     q, k, v, _ = make_inputs(c, torch.float32, device)
-    clean = posattn.attention(q, k, v, backend="triton")
-    outs = torch.stack([posattn.attention(q, k, v, dropout_p=0.3, backend="triton") for _ in range(120)])
+    clean = posattn.attention(q, k, v, backend=backend)
+    outs = torch.stack([posattn.attention(q, k, v, dropout_p=0.3, backend=backend) for _ in range(120)])
     stderr = outs.std(dim=0) / outs.shape[0] ** 0.5
     assert torch.all((outs.mean(dim=0) - clean).abs() <= 5 * stderr + 1e-6)
 
 
-def test_dropout_p_one_drops_everything(device):
+def test_dropout_p_one_drops_everything(device, backend):
     c = Case(L=63, S=130, D=40)
     q, k, v, _ = make_inputs(c, torch.float32, device)
     dout = torch.randn(c.B, c.H, c.L, c.Dv, device=device, dtype=torch.float64)
-    got = run(q, k, v, None, dout, None, "triton", torch.float32, {"dropout_p": 1.0}, False)
+    got = run(q, k, v, None, dout, None, backend, torch.float32, {"dropout_p": 1.0}, False)
     for name in ("out", "dq", "dk", "dv"):
         assert torch.all(got[name] == 0), name
 
 
 @pytest.mark.parametrize("L, S", [(0, 9), (7, 0)], ids=["L0", "S0"])
-def test_empty_sequences(L, S, device):
+def test_empty_sequences(L, S, device, backend):
     c = Case(L=L, S=S, D=16)
     q, k, v, _ = make_inputs(c, torch.float32, device)
     q.requires_grad_()
-    out, lse = posattn.attention(q, k, v, return_lse=True, backend="triton")
+    out, lse = posattn.attention(q, k, v, return_lse=True, backend=backend)
     assert out.shape == (1, 2, L, 16) and lse.shape == (1, 2, L)
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
     out.sum().backward()
@@ -359,14 +380,14 @@ SCALINGS = {
     Case(L=7, S=130, D=16, Dv=40, spec=rope("decode-theta", theta=1e6), kw={"causal": True, "q_pos": 123}),
     Case(L=63, S=63, D=40, spec=fixed("inv-freq", rope=posattn.RoPE(inv_freq=torch.linspace(1.0, 1e-3, 20)))),
 ], ids=lambda c: c.id)
-def test_rope_layouts(c, device):
-    check(c, torch.float32, device)
+def test_rope_layouts(c, device, backend):
+    check(c, torch.float32, device, backend)
 
 
 @pytest.mark.parametrize("name", list(SCALINGS))
-def test_rope_scalings(name, device):
+def test_rope_scalings(name, device, backend):
     check(Case(L=63, S=63, D=40, spec=rope(name, scaling=SCALINGS[name], theta=500.0),
-               kw={"causal": True, "q_pos": 137, "k_pos": 137}), torch.float32, device)
+               kw={"causal": True, "q_pos": 137, "k_pos": 137}), torch.float32, device, backend)
 
 
 @pytest.mark.parametrize("c", [
@@ -380,17 +401,17 @@ def test_rope_scalings(name, device):
     Case(B=2, L=63, S=130, D=72, spec=rope("window-blhd", dim=64, interleaved=True), blhd=True,
          kw={"window": (20, 3), "q_pos": 50}),
 ], ids=lambda c: c.id)
-def test_rope_positions(c, device):
-    check(c, torch.float32, device)
+def test_rope_positions(c, device, backend):
+    check(c, torch.float32, device, backend)
 
 
 @pytest.mark.parametrize("c", [
     Case(B=2, H=2, L=63, S=130, D=72, spec=rope("half-partial", dim=64), kw={"causal": True, "q_pos": 67}),
     Case(L=63, S=63, D=40, spec=fixed("xpos", rope=posattn.XPos()), kw={"causal": True}),
 ], ids=lambda c: c.id)
-@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
-def test_rope_half_precision(c, dtype, device):
-    check(c, dtype, device)
+@pytest.mark.parametrize("backend, dtype", HALF)
+def test_rope_half_precision(c, dtype, device, backend):
+    check(c, dtype, device, backend)
 
 
 @pytest.mark.parametrize("c", [
@@ -399,20 +420,20 @@ def test_rope_half_precision(c, dtype, device):
     Case(H=4, Hkv=1, L=130, S=130, D=40, spec=fixed("xpos-gqa-window", rope=posattn.XPos(scale_base=64.0)),
          kw={"causal": True, "window": (70, 0)}),
 ], ids=lambda c: c.id)
-def test_xpos(c, device):
-    check(c, torch.float32, device)
+def test_xpos(c, device, backend):
+    check(c, torch.float32, device, backend)
 
 
-def test_xpos_fp16_long_positions(device):
+def test_xpos_fp16_long_positions(device, backend):
     # Pre-scaling q and k by ζ^{±pos/512} overflows fp16 near position 4.5k; the kernels
     # apply the decay per tile relative to a nearby centre, so positions ~9k stay finite.
     c = Case(L=63, S=130, D=40, spec=fixed("xpos", rope=posattn.XPos()),
              kw={"causal": True, "q_pos": 9067, "k_pos": 9000})
-    got = check(c, torch.float16, device)
+    got = check(c, torch.float16, device, backend)
     assert all(torch.isfinite(t).all() for name, t in got.items() if name != "lse")
 
 
-def test_rope_composes_with_everything(device):
+def test_rope_composes_with_everything(device, backend):
     # rotary + ALiBi + float mask + softcap + window + GQA + position tensors in one call
     def make(device):
         return {"slopes": (posattn.alibi_slopes(4, dtype=torch.float64, device=device), True)}
@@ -420,15 +441,15 @@ def test_rope_composes_with_everything(device):
     c = Case(B=2, H=4, Hkv=2, L=63, S=130, D=40, mask=((2, 1, 63, 130), "float-grad"),
              spec=("rope+alibi", make, lambda p: {"rope": posattn.RoPE(dim=32), "bias": posattn.ALiBi(p["slopes"])}),
              kw={"causal": True, "softcap": 4.0, "window": (50, -1), "q_pos": _perm_positions(63, 11).add(67)})
-    check(c, torch.float32, device)
+    check(c, torch.float32, device, backend)
 
 
-def test_rope_dropout_same_mask(device):
+def test_rope_dropout_same_mask(device, backend):
     c = Case(B=2, H=2, L=63, S=63, D=40)
     q, k, v, _ = make_inputs(c, torch.float32, device)
     kw = {"dropout_p": 0.25, "causal": True, "rope": posattn.RoPE(interleaved=True),
           "bias": posattn.ALiBi(posattn.alibi_slopes(2, device=device))}
-    check_dropout_with_kernel_mask("rope-dropout", q, k, v, None, kw, 5, c, device)
+    check_dropout_with_kernel_mask("rope-dropout", q, k, v, None, kw, 5, c, device, backend)
 
 
 # biases ---------------------------------------------------------------------------------------------
@@ -476,17 +497,17 @@ def urpe(width, heads=2, ones=False, bias=None):
 
 @pytest.mark.parametrize("H", [1, 3, 8, 12, 16])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_alibi_heads(H, causal, device):
+def test_alibi_heads(H, causal, device, backend):
     check(Case(H=H, Hkv=1, L=33, S=40, D=16, spec=alibi(heads=H), kw={"causal": causal, "q_pos": 7}),
-          torch.float32, device)
+          torch.float32, device, backend)
 
 
 @pytest.mark.parametrize("c", [
     Case(B=2, L=63, S=130, D=40, spec=alibi(per_batch=True), kw={"causal": True, "q_pos": 67}),
     Case(B=2, H=4, Hkv=2, L=130, S=63, D=40, spec=alibi(heads=4), kw={"window": (30, 30)}),
 ], ids=lambda c: c.id)
-def test_alibi(c, device):
-    check(c, torch.float32, device)
+def test_alibi(c, device, backend):
+    check(c, torch.float32, device, backend)
 
 
 @pytest.mark.parametrize("c", [
@@ -498,8 +519,8 @@ def test_alibi(c, device):
     Case(B=2, H=4, Hkv=1, L=63, S=63, D=72, spec=table_spec("rel-M16-gqa", posattn.RelativeBias, 33, heads=4),
          kw={"window": (20, 8), "q_pos": _perm_positions(63, 12, batch=2), "k_pos": _perm_positions(63, 13, 2)}),
 ], ids=lambda c: c.id)
-def test_relative_bias(c, device):
-    check(c, torch.float32, device)
+def test_relative_bias(c, device, backend):
+    check(c, torch.float32, device, backend)
 
 
 @pytest.mark.parametrize("c", [
@@ -512,8 +533,8 @@ def test_relative_bias(c, device):
     Case(H=4, Hkv=2, L=63, S=130, D=40, spec=table_spec("t5-64b", posattn.T5Bias, 64, heads=4, max_distance=40),
          kw={"q_pos": _perm_positions(63, 14)}),
 ], ids=lambda c: c.id)
-def test_t5_bias(c, device):
-    check(c, torch.float32, device)
+def test_t5_bias(c, device, backend):
+    check(c, torch.float32, device, backend)
 
 
 @pytest.mark.parametrize("c", [
@@ -521,8 +542,8 @@ def test_t5_bias(c, device):
     Case(B=2, H=4, Hkv=2, L=63, S=63, D=40, spec=manhattan(heads=4, width=7), kw={"window": (20, 20)}),
     Case(L=63, S=63, D=16, spec=manhattan(width=9), kw={"q_pos": -30, "k_pos": -30}),  # floor division below 0
 ], ids=lambda c: c.id)
-def test_manhattan_decay(c, device):
-    check(c, torch.float32, device)
+def test_manhattan_decay(c, device, backend):
+    check(c, torch.float32, device, backend)
 
 
 @pytest.mark.parametrize("c", [
@@ -530,50 +551,50 @@ def test_manhattan_decay(c, device):
     Case(H=4, Hkv=2, L=130, S=63, D=16, spec=urpe(301, heads=4, bias=41), kw={"window": (-1, 10)}),
     Case(L=63, S=63, D=40, spec=urpe(9, bias=9), mask=((63, 63), "float-grad"), kw={"softcap": 3.0}),
 ], ids=lambda c: c.id)
-def test_urpe(c, device):
-    check(c, torch.float32, device)
+def test_urpe(c, device, backend):
+    check(c, torch.float32, device, backend)
 
 
-def test_urpe_ones_is_plain_attention(device):
+def test_urpe_ones_is_plain_attention(device, backend):
     c = Case(B=2, L=63, S=130, D=40)
     q, k, v, _ = make_inputs(c, torch.float32, device)
     gate = torch.ones(2, 41, device=device)
     for kw in ({"causal": True, "q_pos": 67}, {"bias": posattn.RelativeBias(torch.randn(2, 21, device=device))}):
-        plain = posattn.attention(q, k, v, backend="triton", **kw)
-        gated = posattn.attention(q, k, v, urpe=posattn.URPE(gate), backend="triton", **kw)
+        plain = posattn.attention(q, k, v, backend=backend, **kw)
+        gated = posattn.attention(q, k, v, urpe=posattn.URPE(gate), backend=backend, **kw)
         assert torch.equal(plain, gated)
-    check(Case(L=63, S=63, D=40, spec=urpe(41, ones=True), kw={"causal": True}), torch.float32, device)
+    check(Case(L=63, S=63, D=40, spec=urpe(41, ones=True), kw={"causal": True}), torch.float32, device, backend)
 
 
-def test_urpe_with_dropout_same_mask(device):
+def test_urpe_with_dropout_same_mask(device, backend):
     c = Case(B=2, H=2, L=63, S=63, D=40)
     q, k, v, _ = make_inputs(c, torch.float32, device)
     name, _, build = urpe(31)
     spec = (name, {"gate": (torch.randn(2, 31, dtype=torch.float64, device=device), True)}, build)
     check_dropout_with_kernel_mask("urpe-dropout", q, k, v, None, {"dropout_p": 0.3, "causal": True}, 8, c, device,
-                                   spec)
+                                   backend, spec)
 
 
 @pytest.mark.parametrize("window", [(0, 0), (5, 5), (40, 0), (-1, 20), (64, 64)], ids=lambda w: f"w{w[0]}_{w[1]}")
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_window_with_bias_tables(window, causal, device):
+def test_window_with_bias_tables(window, causal, device, backend):
     # key tiles outside the window are skipped in all three kernels; their table entries
     # must still get exactly the gradient of the visible pairs
     check(Case(L=130, S=130, D=16, spec=table_spec("rel-M70", posattn.RelativeBias, 141),
-               kw={"window": window, "causal": causal}), torch.float32, device)
+               kw={"window": window, "causal": causal}), torch.float32, device, backend)
 
 
 @pytest.mark.parametrize("spec", [table_spec("t5", posattn.T5Bias, 32), urpe(21, bias=41),
                                   manhattan(width=9), alibi(per_batch=True)],
                          ids=lambda s: s[0])
-def test_deterministic_gradients(spec, device):
+def test_deterministic_gradients(spec, device, backend):
     c = Case(B=2, H=2, L=130, S=130, D=16, spec=spec, mask=((1, 2, 1, 130), "float-grad"))
     q, k, v, mask = make_inputs(c, torch.float32, device)
     dout = torch.randn(c.B, c.H, c.L, c.Dv, device=device, dtype=torch.float64)
     tensors = spec[1](device)
     kw = {"causal": True, "deterministic": True}
-    first = run(q, k, v, mask, dout, None, "triton", torch.float32, kw, True, (spec[0], tensors, spec[2]))
-    second = run(q, k, v, mask, dout, None, "triton", torch.float32, kw, True, (spec[0], tensors, spec[2]))
+    first = run(q, k, v, mask, dout, None, backend, torch.float32, kw, True, (spec[0], tensors, spec[2]))
+    second = run(q, k, v, mask, dout, None, backend, torch.float32, kw, True, (spec[0], tensors, spec[2]))
     ref = run(q, k, v, mask, dout, None, "reference", torch.float64, kw, True, (spec[0], tensors, spec[2]))
     low = run(q, k, v, mask, dout, None, "reference", torch.float32, kw, True, (spec[0], tensors, spec[2]))
     for name in first:
@@ -587,18 +608,19 @@ def test_deterministic_gradients(spec, device):
     Case(L=63, S=63, D=40, spec=urpe(21, bias=41), kw={"causal": True}),
     Case(L=63, S=63, D=40, spec=alibi(), kw={"causal": True}),
 ], ids=lambda c: c.id)
-@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
-def test_biases_half_precision(c, dtype, device):
-    check(c, dtype, device)
+@pytest.mark.parametrize("backend, dtype", HALF)
+def test_biases_half_precision(c, dtype, device, backend):
+    check(c, dtype, device, backend)
 
 
 @pytest.mark.parametrize("kw", [{"causal": True}, {"window": (16, 0)}, {"window": (8, 8)},
                                 {"causal": True, "q_pos": _perm_positions(64, 15)}],
                          ids=["causal", "w16_0", "w8_8", "causal-qtensor"])
-def test_invisible_key_tiles_are_never_read(kw, device):
+def test_invisible_key_tiles_are_never_read(kw, device, backend):
     # Keys 128…255 lie past every query's window (queries sit at positions < 128), so their
-    # tiles must be skipped by all three kernels: NaN there would poison any tile that is
-    # loaded, even fully masked (0·NaN = NaN). Their dK, dV must come out exactly 0.
+    # tiles must be skipped by every kernel, forward and backward, on both backends: NaN there
+    # would poison any tile that is loaded, even fully masked (0·NaN = NaN). Their dK, dV must
+    # come out exactly 0.
     B, H, L, S, D = 1, 2, 64, 256, 16
     q = torch.randn(B, H, L, D, device=device, requires_grad=True)
     k = torch.randn(B, H, S, D, device=device)
@@ -608,7 +630,7 @@ def test_invisible_key_tiles_are_never_read(kw, device):
     v.requires_grad_()
     table = torch.randn(H, 33, device=device, requires_grad=True)
     spec = {"bias": posattn.RelativeBias(table), "rope": posattn.RoPE()}
-    out = posattn.attention(q, k, v, backend="triton", **spec, **kw)
+    out = posattn.attention(q, k, v, backend=backend, **spec, **kw)
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(table.grad).all()
     visible = [t.detach()[:, :, :128] if t is not q else t.detach() for t in (q, k, v)]

@@ -4,11 +4,13 @@ The oracle is ``torch.nn.functional.scaled_dot_product_attention`` itself, in fl
 the same inputs: for every case the output and the gradients of q, k, v (and of a float
 mask that requires grad) are compared with it.
 
-* Default backend (CPU → "reference"), float64: ``assert_close64`` (rtol 1e-10, atol
+* Default backend (float64 → "reference"), float64: ``assert_close64`` (rtol 1e-10, atol
   1e-12 × max(1, |expected|), i.e. a few thousand float64 ulps; measured differences are
   ≲ 1e-15 relative).
-* Triton kernels (under the interpreter on CPU), float32 and a few float16 cases, selected
-  with ``POSATTN_BACKEND=triton``: ``tolerance.assert_close`` (DESIGN.md §5) with
+* Kernel backends, selected with ``POSATTN_BACKEND``: Triton (under the interpreter on CPU)
+  on the cases marked ``triton`` in float32 and a few float16 cases; the C++ cpu backend
+  (CPU tensors, also on a machine with a GPU) on every case in float32 and on the float16
+  cases in float16 and bfloat16. Both with ``tolerance.assert_close`` (DESIGN.md §5),
   ref64 = torch SDPA in float64 and same_dtype = torch SDPA in the input dtype.
 
 Behaviour of torch 2.13 (CPU) that these tests rely on or document, checked by hand:
@@ -29,13 +31,14 @@ Behaviour of torch 2.13 (CPU) that these tests rely on or document, checked by h
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import posattn
+from conftest import HAS_CUDA, backend_device, requires_ext
 from tolerance import assert_close
 
 F64 = torch.float64
@@ -151,7 +154,7 @@ def c5(N, M, H, L, S, E, *, kv=None, Ev=None, **kw):
     return Case((N, M, H, L, E), (Nk, Mk, Hk, S, E), (Nk, Mk, Hk, S, Ev), **kw)
 
 
-T = dict(triton=True)  # also run through the Triton kernels
+T = dict(triton=True)  # also run through the Triton kernels (the cpu backend runs every case)
 ODD = (1, 7, 63, 130)
 
 CASES = [
@@ -238,6 +241,17 @@ FP16_CASES = [
 
 def params(cases):
     return [pytest.param(c, id=c.id) for c in cases]
+
+
+def kernel_params(cases, dtypes=(torch.float32,), triton_dtypes=(torch.float32,)):
+    """(case, backend, dtype): Triton on the cases marked ``triton`` (interpreter time), cpu on all."""
+    def name(dt):
+        return str(dt).removeprefix("torch.")
+
+    triton = [pytest.param(c, "triton", dt, id=f"triton-{name(dt)}-{c.id}")
+              for dt in triton_dtypes for c in cases if c.triton]
+    cpu = [pytest.param(c, "cpu", dt, id=f"cpu-{name(dt)}-{c.id}", marks=requires_ext) for dt in dtypes for c in cases]
+    return triton + cpu
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,24 +341,24 @@ def check_kernel(case, device, dtype):
 
 @pytest.fixture
 def reference_backend(monkeypatch):
-    monkeypatch.delenv("POSATTN_BACKEND", raising=False)  # the default: CPU and float64 → "reference"
+    monkeypatch.delenv("POSATTN_BACKEND", raising=False)  # the default: float64 → "reference"
     return "reference"
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("POSATTN_BACKEND", "triton")
-    return "triton"
-
-
-@pytest.fixture(params=["reference", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "triton":
+def use_backend(monkeypatch, backend):
+    """Route posattn's SDPA through ``backend``; returns the device its tensors live on."""
+    if backend == "triton":
         pytest.importorskip("triton")
-        monkeypatch.setenv("POSATTN_BACKEND", "triton")
-    else:
+    monkeypatch.setenv("POSATTN_BACKEND", backend)
+    return backend_device(backend)
+
+
+@pytest.fixture(params=["reference", "triton", pytest.param("cpu", marks=requires_ext)])
+def backend(request, monkeypatch):
+    if request.param == "reference":
         monkeypatch.delenv("POSATTN_BACKEND", raising=False)
+    else:
+        use_backend(monkeypatch, request.param)
     return request.param
 
 
@@ -357,14 +371,16 @@ def test_matches_torch_float64(case, device, reference_backend):
     check_float64(case, device)
 
 
-@pytest.mark.parametrize("case", params(c for c in CASES if c.triton))
-def test_triton_matches_torch_float32(case, device, triton_backend):
-    check_kernel(case, device, torch.float32)
+@pytest.mark.parametrize("case, backend, dtype", kernel_params(CASES))
+def test_kernel_matches_torch_float32(case, backend, dtype, monkeypatch):
+    check_kernel(case, use_backend(monkeypatch, backend), dtype)
 
 
-@pytest.mark.parametrize("case", params(FP16_CASES))
-def test_triton_matches_torch_float16(case, device, triton_backend):
-    check_kernel(case, device, torch.float16)
+@pytest.mark.parametrize("case, backend, dtype", kernel_params([replace(c, triton=True) for c in FP16_CASES],
+                                                               dtypes=(torch.float16, torch.bfloat16),
+                                                               triton_dtypes=(torch.float16,)))
+def test_kernel_matches_torch_half(case, backend, dtype, monkeypatch):
+    check_kernel(case, use_backend(monkeypatch, backend), dtype)
 
 
 def _check_dead_rows(data, got):
@@ -384,9 +400,9 @@ def test_fully_masked_rows_float64(case, device, reference_backend):
     _check_dead_rows(data, got)
 
 
-@pytest.mark.parametrize("case", params(c for c in DEAD_CASES if c.triton))
-def test_triton_fully_masked_rows(case, device, triton_backend):
-    data, got = check_kernel(case, device, torch.float32)
+@pytest.mark.parametrize("case, backend, dtype", kernel_params(DEAD_CASES))
+def test_kernel_fully_masked_rows(case, backend, dtype, monkeypatch):
+    data, got = check_kernel(case, use_backend(monkeypatch, backend), dtype)
     _check_dead_rows(data, got)
 
 
@@ -444,7 +460,13 @@ def test_mask_with_is_causal_raises(kind, device, reference_backend):
         posattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, F64], ids=["float16", "bfloat16", "float64"])
+# float16 / bfloat16 run on the default kernel backend: triton on CUDA, the cpu backend on CPU
+_ON_CPU_EXT = () if HAS_CUDA else requires_ext
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="float16", marks=_ON_CPU_EXT),
+                                   pytest.param(torch.bfloat16, id="bfloat16", marks=_ON_CPU_EXT),
+                                   pytest.param(F64, id="float64")])
 def test_float32_mask_with_other_query_dtype_like_torch(dtype, device, reference_backend):
     case = c4(1, 2, 7, 63, 16, mask="LS", mask_kind="float")
     data = make_inputs(case, device)
@@ -483,7 +505,8 @@ def _dtype(backend):
     return F64 if backend == "reference" else torch.float32
 
 
-def test_dropout_same_seed_same_result(device, backend):
+def test_dropout_same_seed_same_result(backend):
+    device = backend_device(backend)
     case = c4(2, 2, 63, 63, 16, Hkv=1, gqa=True, mask="LS", mask_kind="float", mask_grad=True)
     data = make_inputs(case, device)
     dout = upstream_grad(case, data)
@@ -498,12 +521,13 @@ def test_dropout_same_seed_same_result(device, backend):
     assert not torch.allclose(runs[0]["out"], plain["out"]), "dropout_p=0.3 changed nothing"
 
 
-def test_dropout_matches_dense_with_its_own_mask(device, backend):
+def test_dropout_matches_dense_with_its_own_mask(backend):
     """v carries an identity block, so the output shows the dropped weights: out[..., Ev + j] =
     P_ij · keep_ij / (1 − p) (P > 0 everywhere: no −inf in the mask). With that keep-mask, the
     output and the gradients of q, k, v and of the float mask must equal dense attention with
     the same keep-mask; the mask drops a fraction p of the weights, independently per
     (batch, query head)."""
+    device = backend_device(backend)
     B, H, Hkv, L, S, E, Ev = 2, 4, 2, 63, 63, 16, 8
     dtype = _dtype(backend)
     q = torch.randn(B, H, L, E, dtype=F64, device=device)
@@ -547,11 +571,12 @@ def test_dropout_matches_dense_with_its_own_mask(device, backend):
             assert not torch.equal(flat[i], flat[j]), f"(batch, head) slices {i} and {j} share one dropout mask"
 
 
-def test_dropout_mean_over_seeds(device, backend):
+def test_dropout_mean_over_seeds(backend):
     """E[dropout output] is the output without dropout. Each element is a sum of independent
     terms P_ij·v_jd·z_ij/(1−p), z ~ Bernoulli(1−p), of variance p/(1−p)·Σ_j P_ij² v_jd²; over n
     seeds the mean's error is judged in standard errors, with a Bonferroni bound for a 1e-6
     family-wise false alarm rate. The spread across seeds must match that variance."""
+    device = backend_device(backend)
     n_seeds = 200
     B, H, L, S, E = 1, 2, 7, 63, 16
     dtype = _dtype(backend)

@@ -1,13 +1,19 @@
 """``python -m posattn`` (``make demo``): the environment, a correctness table, and timing.
 
-1. Environment: versions, CPU, GPU, and which backend serves which device.
+1. Environment: versions, CPU, GPU, and which backend serves which device (the C++ CPU
+   backend with the ISA its kernels run with, or why ``posattn._C`` did not load).
 2. Correctness: for every available backend, a few realistic cases (GQA, bottom-right
-   causal, bool padding mask, sliding window, softcap), the largest absolute error of the
-   output and of dq, dk, dv against ``posattn.reference.attention`` in float64. On a CPU
-   without ``TRITON_INTERPRET=1`` the Triton kernels are shown by re-running the check, on
-   smaller shapes, in a subprocess that sets ``TRITON_INTERPRET=1`` before anything
-   imports ``posattn.triton_kernels`` (Triton reads it when the kernels are decorated).
-3. Timing against torch SDPA, only where a compiled posattn kernel exists (CUDA + Triton).
+   causal, bool padding mask, sliding window, softcap, position encodings), the largest
+   absolute error of the output and of dq, dk, dv against ``posattn.reference.attention``
+   in float64. On CPU: ``backend="cpu"`` in float32, bfloat16 and float16, each beside the
+   dense reference in the same dtype. On a CPU without ``TRITON_INTERPRET=1`` the Triton
+   kernels are shown by re-running the check, on smaller shapes, in a subprocess that sets
+   ``TRITON_INTERPRET=1`` before anything imports ``posattn.triton_kernels`` (Triton reads
+   it when the kernels are decorated).
+3. Timing: on CUDA with Triton, posattn against torch SDPA. Without CUDA, issue #5's CPU
+   target table: ``bench/cpu_targets.py --quick`` (posattn's CPU backend against torch SDPA
+   and FlexAttention) in a subprocess, its output streamed; only from a source checkout
+   (``bench/`` is not part of an installed package).
 
 Only run as ``__main__``: nothing here runs when ``posattn`` is imported.
 """
@@ -35,6 +41,7 @@ INTERPRETER_FLAG = "--interpreter-check"
 # Under the interpreter bf16 tl.dot returns garbage (upstream triton issue #11584).
 INTERPRETER_DTYPES = (torch.float32, torch.float16)
 INTERPRETER_TIMEOUT_S = 180
+CPU_TARGETS_TIMEOUT_S = 600
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,6 +73,14 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _cpu_backend_label() -> str:
+    """"cpu (<ISA>)": the C++ backend and the instruction set its kernels run with."""
+    try:
+        return f"cpu ({posattn.ops.cpu_isa()})"
+    except RuntimeError as e:
+        return f"cpu (ISA unknown: {e})"
+
+
 def available_backends() -> list[tuple[str, str]]:
     """(backend label, device) pairs that can run here."""
     pairs = []
@@ -74,6 +89,8 @@ def available_backends() -> list[tuple[str, str]]:
             pairs.append(("triton", "cuda"))
         if _config.triton_interpret():
             pairs.append(("triton (interpreter)", "cpu"))
+    if posattn.ops.cpu_available():
+        pairs.append((_cpu_backend_label(), "cpu"))
     pairs.append(("reference", "cpu"))
     if torch.cuda.is_available():
         pairs.append(("reference", "cuda"))
@@ -81,6 +98,8 @@ def available_backends() -> list[tuple[str, str]]:
 
 
 def _default_backend(device: str) -> str:
+    if device == "cpu" and not posattn.ops.cpu_available() and _config.backend_override() is None:
+        return "an error (posattn._C did not load)"
     try:
         return select_backend(None, torch.empty(0, device=device))
     except (ValueError, RuntimeError) as e:
@@ -100,7 +119,8 @@ def print_environment() -> None:
     else:
         print("CUDA     not available")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}  "
-          f"POSATTN_BACKEND={os.environ.get('POSATTN_BACKEND', '')!r}")
+          f"POSATTN_BACKEND={os.environ.get('POSATTN_BACKEND', '')!r}  "
+          f"POSATTN_CPU_ISA={os.environ.get('POSATTN_CPU_ISA', '')!r}")
     print("backends:")
     for label, device in available_backends():
         print(f"  {label:<22} {device}")
@@ -108,7 +128,9 @@ def print_environment() -> None:
         print("  (triton is not installed: pip install triton)")
     elif not torch.cuda.is_available() and not _config.triton_interpret():
         print("  (triton on CPU tensors needs TRITON_INTERPRET=1 set before posattn.triton_kernels is imported)")
-    print("  the C++ CPU backend (backend='cpu') lands with issue #5")
+    if not posattn.ops.cpu_available():
+        print(f"  (backend='cpu' is not available: the C++ extension posattn._C did not load: {posattn.ops._C_ERROR}; "
+              f"build it with `make install`)")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print("backend=None picks: " + ", ".join(f"{_default_backend(d)} for {d} tensors" for d in devices))
     print()
@@ -278,11 +300,19 @@ def print_correctness() -> None:
     cuda = torch.cuda.is_available()
     interpret = _config.triton_interpret()
     has_triton = _config.triton_available()
-    dtypes = (torch.float32, torch.float16, torch.bfloat16) if cuda else (torch.float32,)
-    device = "cuda" if cuda else "cpu"
-    backends = (["triton"] if cuda and has_triton and not interpret else []) + ["reference"]
+    has_cpu = posattn.ops.cpu_available()
+    if cuda:
+        device, dtypes = "cuda", (torch.float32, torch.float16, torch.bfloat16)
+        backends = (["triton"] if has_triton and not interpret else []) + ["reference"]
+    else:
+        # the C++ backend in each dtype it takes, beside the dense reference's own rounding in that dtype
+        device = "cpu"
+        dtypes = (torch.float32, torch.bfloat16, torch.float16) if has_cpu else (torch.float32,)
+        backends = (["cpu"] if has_cpu else []) + ["reference"]
     runs = [(b, dt) for dt in dtypes for b in backends]
     print_rows(f"-- {device}, realistic shapes", check_rows(make_cases(small=False), runs, device))
+    if not cuda and not has_cpu:
+        print(f"  cpu: not run (posattn._C did not load: {posattn.ops._C_ERROR})")
 
     if not has_triton:
         print("  triton: not run (the triton package is not installed)")
@@ -343,12 +373,48 @@ def time_pair(attn, q, k, v, dout) -> tuple[float, float]:
     return fwd, median_ms(step)
 
 
-def print_timing() -> None:
-    print("== timing: torch SDPA vs posattn")
-    if not torch.cuda.is_available():
-        print("no compiled posattn kernel exists on CPU yet (the C++ CPU backend is issue #5), so no timing is "
-              "shown")
+def cpu_targets_script() -> str | None:
+    """bench/cpu_targets.py of the source checkout this posattn comes from (the repository root is
+    the parent of python/), or None (e.g. an installed wheel: bench/ is not packaged)."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(posattn.__file__)))
+    if os.path.basename(package_parent) != "python":
+        return None
+    script = os.path.join(os.path.dirname(package_parent), "bench", "cpu_targets.py")
+    return script if os.path.isfile(script) else None
+
+
+def print_cpu_timing() -> None:
+    """Issue #5's CPU target table: bench/cpu_targets.py --quick in a subprocess, its output streamed."""
+    print("== timing: posattn backend='cpu' vs torch SDPA / FlexAttention (issue #5's CPU targets)")
+    if not posattn.ops.cpu_available():
+        print(f"the C++ CPU backend is not available (posattn._C did not load: {posattn.ops._C_ERROR}): no timing")
         return
+    script = cpu_targets_script()
+    if script is None:
+        print("bench/cpu_targets.py is not here (posattn is not run from a source checkout): no timing; "
+              "run it from the repository: python bench/cpu_targets.py --quick")
+        return
+    root = os.path.dirname(os.path.dirname(script))
+    cmd = [sys.executable, script, "--quick"]
+    print(f"$ {' '.join(cmd)}   (in {root})", flush=True)
+    # the same posattn in the bench and in its memory subprocesses; unbuffered, so its lines stream
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(posattn.__file__)))
+    pythonpath = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, timeout=CPU_TARGETS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        print(f"bench/cpu_targets.py took longer than {CPU_TARGETS_TIMEOUT_S} s and was stopped")
+        return
+    if proc.returncode != 0:
+        print(f"bench/cpu_targets.py failed (exit {proc.returncode})")
+
+
+def print_timing() -> None:
+    if not torch.cuda.is_available():
+        print_cpu_timing()
+        return
+    print("== timing: torch SDPA vs posattn")
     if not _config.triton_available():
         print("the triton package is not installed, so posattn has no CUDA kernel here: no timing")
         return

@@ -14,6 +14,9 @@ against the float64 oracle for every rotary variant.
 
 Kernel cases follow test_attention.check: the kernel (fp32) against the float64 result,
 bounded by twice the error of the same computation in plain PyTorch fp32 (tolerance.py).
+Every kernel case runs on both kernel backends, "triton" (on the test device; the
+interpreter on a machine without a GPU) and "cpu" (the C++ extension posattn._C, always on
+CPU tensors; marked requires_ext), with the same assertions.
 """
 import copy
 import math
@@ -23,11 +26,24 @@ import torch
 import torch.nn.functional as F
 
 import posattn
+from conftest import CPU, KERNEL_BACKENDS, TRITON, backend_device
 from posattn.positions import rope_frequencies, t5_relative_position_bucket
 from tolerance import assert_close
 
 F64 = torch.float64
 F32 = torch.float32
+
+
+# Every test that runs a kernel asks for ``backend`` (and ``device``, the device that backend's
+# tensors live on): it runs once per kernel backend, with ids such as ``triton-…`` / ``cpu-…``.
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def device(backend):
+    return backend_device(backend)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,7 +302,7 @@ def test_t5_bucket_thresholds_math_md():
 
 @pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("nb, md", T5_CONFIGS, ids=[f"nb{a}-md{b}" for a, b in T5_CONFIGS])
-def test_t5_kernel_buckets(nb, md, bidirectional, device):
+def test_t5_kernel_buckets(nb, md, bidirectional, device, backend):
     # Read the bucket the kernel uses back from its output: q = 0 makes the scores equal the
     # bias table[bucket] = c·bucket; v = identity makes out[j] = p_j, so bucket_j =
     # (log p_j + lse)/c.
@@ -302,7 +318,7 @@ def test_t5_kernel_buckets(nb, md, bidirectional, device):
         k = torch.zeros(1, 1, S, 16, device=device)
         v = torch.eye(S, device=device)[None, None]
         out, lse = posattn.attention(q, k, v, bias=spec, scale=1.0, q_pos=q_at, k_pos=(q_at + chunk).to(device),
-                                     return_lse=True, backend="triton")
+                                     return_lse=True, backend=backend)
         x = ((out[0, 0, 0].double().log() + lse[0, 0, 0].double()) / c).cpu()
         got = x.round().long()
         assert (x - got).abs().max() < 0.05, "kernel bias is not an exact table entry"
@@ -475,12 +491,12 @@ def test_xpos_matches_torchscale(L, S, offset, causal, interleaved, scale_base):
     dict(L=100, S=100, q_pos=3000, causal=False, interleaved=False, scale_base=512.0, k_pos=2950),
     dict(L=1, S=130, q_pos=129, causal=True, interleaved=True, scale_base=512.0, dim=32),
 ], ids=["chunk-interleaved-base16", "full-half-shifted", "decode-partial-r32"])
-def test_xpos_kernel(kw, device):
+def test_xpos_kernel(kw, device, backend):
     kw = dict(kw)
     L, S = kw.pop("L"), kw.pop("S")
     spec = posattn.XPos(scale_base=kw.pop("scale_base"), interleaved=kw.pop("interleaved"), dim=kw.pop("dim", None))
     q, k, v = (torch.randn(1, 2, n, 64, device=device) for n in (L, S, S))
-    compare("xpos", attn_fn("triton", rope=spec, **kw), attn_fn("reference", rope=spec, **kw),
+    compare("xpos", attn_fn(backend, rope=spec, **kw), attn_fn("reference", rope=spec, **kw),
             dict(q=q, k=k, v=v))
 
 
@@ -525,7 +541,7 @@ ANGLE_CASES = {
 
 
 @pytest.mark.parametrize("name", list(ANGLE_CASES))
-def test_rotary_angles_kernel(name, device):
+def test_rotary_angles_kernel(name, device, backend):
     c = ANGLE_CASES[name]
     kw = dict(c["kw"])
     interleaved = kw.pop("interleaved", False)
@@ -542,13 +558,13 @@ def test_rotary_angles_kernel(name, device):
                                      backend=backend, **kw)
         return fn
 
-    got = compare(name, make("triton"), make("reference"), inputs)
+    got = compare(name, make(backend), make("reference"), inputs)
     assert got["dqa"].abs().max() > 0
     if "ka" in inputs:
         assert got["dka"].abs().max() > 0
 
 
-def test_rotary_angles_equal_rope_at_positions(device):
+def test_rotary_angles_equal_rope_at_positions(device, backend):
     # RotaryAngles with angles pos·inv_freq is RoPE (kernel, both layouts)
     B, H, L, D = 1, 2, 70, 32
     pos = torch.arange(L, dtype=F64) + 500
@@ -561,7 +577,7 @@ def test_rotary_angles_equal_rope_at_positions(device):
         got = posattn.reference.attention(q, k, v, causal=True,
                                           rope=posattn.RotaryAngles(ang, interleaved=interleaved))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # RoPE's inv_freq is float32
-        got32 = posattn.attention(q.float(), k.float(), v.float(), causal=True, backend="triton",
+        got32 = posattn.attention(q.float(), k.float(), v.float(), causal=True, backend=backend,
                                   rope=posattn.RotaryAngles(ang.float(), interleaved=interleaved))
         torch.testing.assert_close(got32.double(), want, rtol=1e-4, atol=1e-4)
 
@@ -607,7 +623,7 @@ def test_carope_angles_gradcheck():
 
 
 @pytest.mark.parametrize("B, H, L, D", [(1, 2, 64, 32), (2, 2, 100, 16)], ids=["B1-H2-L64-D32", "B2-H2-L100-D16"])
-def test_carope_attention_kernel(B, H, L, D, device):
+def test_carope_attention_kernel(B, H, L, D, device, backend):
     d_model = 12
     inputs = dict(x=torch.randn(B, L, d_model), weight=0.5 * torch.randn(d_model, H),
                   q=torch.randn(B, H, L, D), k=torch.randn(B, H, L, D), v=torch.randn(B, H, L, D))
@@ -619,7 +635,7 @@ def test_carope_attention_kernel(B, H, L, D, device):
             return posattn.attention(q, k, v, causal=True, rope=posattn.RotaryAngles(ang), backend=backend)
         return fn
 
-    got = compare("carope", make("triton"), make("reference"), inputs)
+    got = compare("carope", make(backend), make("reference"), inputs)
     assert got["dweight"].abs().max() > 0 and got["dx"].abs().max() > 0
 
 
@@ -637,7 +653,7 @@ REL_SPECS = {
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("spec", list(REL_SPECS))
-def test_rope_shift_invariance(spec, causal, device):
+def test_rope_shift_invariance(spec, causal, device, backend):
     rope = REL_SPECS[spec]()
     B, H, L, S, D, shift = 1, 2, 63, 100, 64, 1000
     q, k, v = (torch.randn(B, H, n, D, device=device) for n in (L, S, S))
@@ -649,12 +665,12 @@ def test_rope_shift_invariance(spec, causal, device):
     torch.testing.assert_close(ref1, ref0, rtol=1e-9, atol=1e-9)
     # the kernel at the shifted positions is the unshifted result
     low = posattn.reference.attention(q, k, v, **shifted)
-    got = posattn.attention(q, k, v, backend="triton", **shifted)
+    got = posattn.attention(q, k, v, backend=backend, **shifted)
     assert_close(f"{spec}-shifted", got, ref0, low)
-    got0 = posattn.attention(q, k, v, backend="triton", **base)
+    got0 = posattn.attention(q, k, v, backend=backend, **base)
     torch.testing.assert_close(got, got0, rtol=1e-3, atol=1e-3)
     # control: shifting q alone changes the result
-    q_only = posattn.attention(q, k, v, backend="triton", rope=rope, causal=causal, q_pos=S - L + 7, k_pos=0)
+    q_only = posattn.attention(q, k, v, backend=backend, rope=rope, causal=causal, q_pos=S - L + 7, k_pos=0)
     assert (q_only - got0).abs().max() > 1e-2
 
 
@@ -678,7 +694,7 @@ LLAMA_CASES = [("llama3", 64, "offset"), ("llama3", 64, "tensor"), ("llama3", 12
 
 @pytest.mark.parametrize("scaling, head_dim, positions", LLAMA_CASES,
                          ids=[f"{a}-D{b}-{c}" for a, b, c in LLAMA_CASES])
-def test_llama_attention_matches_hf(scaling, head_dim, positions, device):
+def test_llama_attention_matches_hf(scaling, head_dim, positions, device, backend):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb, repeat_kv
 
@@ -702,14 +718,14 @@ def test_llama_attention_matches_hf(scaling, head_dim, positions, device):
     spec = posattn.RoPE(theta=5e5, scaling={**params, **extra})
 
     def ours(q, k, v):
-        return posattn.attention(q, k, v, causal=True, rope=spec, backend="triton", **pos)
+        return posattn.attention(q, k, v, causal=True, rope=spec, backend=backend, **pos)
 
     inputs = dict(q=torch.randn(1, H, L, head_dim, device=device), k=torch.randn(1, Hkv, L, head_dim, device=device),
                   v=torch.randn(1, Hkv, L, head_dim, device=device))
     compare(f"llama-{scaling}-D{head_dim}", ours, hf, inputs)
     # the scaling matters at positions 9000+: plain RoPE gives another result
     q, k, v = (t.float() for t in inputs.values())
-    plain = posattn.attention(q, k, v, causal=True, rope=posattn.RoPE(theta=5e5), backend="triton", **pos)
+    plain = posattn.attention(q, k, v, causal=True, rope=posattn.RoPE(theta=5e5), backend=backend, **pos)
     assert (plain - hf(q, k, v)).abs().max() > 1e-3
 
 
@@ -733,7 +749,7 @@ def _causal_additive(L, S, offset, dtype, device):
     return torch.zeros(L, S, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)[None, None]
 
 
-def _t5_posattn(m, h_new, h_all, is_decoder, q_offset):
+def _t5_posattn(m, h_new, h_all, is_decoder, q_offset, backend):
     B, L, _ = h_new.shape
     S = h_all.shape[1]
     H, dk = m.n_heads, m.key_value_proj_dim
@@ -742,7 +758,7 @@ def _t5_posattn(m, h_new, h_all, is_decoder, q_offset):
     v = m.v(h_all).view(B, S, H, dk).transpose(1, 2)
     bias = posattn.T5Bias(m.relative_attention_bias.weight.t(), bidirectional=not is_decoder,
                           max_distance=m.relative_attention_max_distance)
-    out = posattn.attention(q, k, v, scale=1.0, bias=bias, causal=is_decoder, q_pos=q_offset, backend="triton")
+    out = posattn.attention(q, k, v, scale=1.0, bias=bias, causal=is_decoder, q_pos=q_offset, backend=backend)
     return m.o(out.transpose(1, 2).reshape(B, L, H * dk))
 
 
@@ -764,6 +780,7 @@ def _t5_hf(m, h_past, h_new, is_decoder):
 
 
 def _t5_run(kind, m, h_past, h_new, is_decoder, dtype, dout):
+    """kind: "hf" (HF's T5Attention) or a posattn kernel backend."""
     m = copy.deepcopy(m).to(dtype)
     h_new = h_new.detach().to(dtype).requires_grad_()
     h_past = None if h_past is None else h_past.detach().to(dtype).requires_grad_()
@@ -771,7 +788,7 @@ def _t5_run(kind, m, h_past, h_new, is_decoder, dtype, dout):
         out = _t5_hf(m, h_past, h_new, is_decoder)
     else:
         h_all = h_new if h_past is None else torch.cat((h_past, h_new), dim=1)
-        out = _t5_posattn(m, h_new, h_all, is_decoder, 0 if h_past is None else h_past.shape[1])
+        out = _t5_posattn(m, h_new, h_all, is_decoder, 0 if h_past is None else h_past.shape[1], kind)
     (out.double() * dout).sum().backward()
     res = {"out": out.detach(), "dh": h_new.grad}
     if h_past is not None:
@@ -786,7 +803,7 @@ T5_LAYER_CASES = {"encoder-L70": (False, 0, 70), "decoder-L70": (True, 0, 70), "
 
 
 @pytest.mark.parametrize("name", list(T5_LAYER_CASES))
-def test_t5_attention_matches_hf(name, device):
+def test_t5_attention_matches_hf(name, device, backend):
     is_decoder, P, N = T5_LAYER_CASES[name]
     B = 1
     m = _t5_module(is_decoder).to(device)
@@ -795,7 +812,7 @@ def test_t5_attention_matches_hf(name, device):
     dout = torch.randn(B, N, 64, dtype=F64, device=device)
     ref = _t5_run("hf", m, h_past, h_new, is_decoder, F64, dout)
     low = _t5_run("hf", m, h_past, h_new, is_decoder, F32, dout)
-    got = _t5_run("posattn", m, h_past, h_new, is_decoder, F32, dout)
+    got = _t5_run(backend, m, h_past, h_new, is_decoder, F32, dout)
     assert set(got) == set(ref) and "drelative_attention_bias.weight" in ref
     for key in ref:
         assert_close(f"t5-{name}-{key}", got[key], ref[key], low[key])
@@ -883,7 +900,7 @@ CALL_ERRORS = {
 }
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", TRITON, CPU])
 @pytest.mark.parametrize("name", list(CALL_ERRORS))
 def test_call_time_errors(name, backend):
     kw, shape, exc, match = CALL_ERRORS[name]

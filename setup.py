@@ -6,7 +6,8 @@ backend ``posattn._C``. ``triton_kernels/`` is installed as ``posattn.triton_ker
 never as a top-level ``triton_kernels`` (Triton ships a package with that name).
 
 Building needs torch installed first (``pip install --no-build-isolation``), cmake ≥ 3.18
-and ninja.
+and ninja. ``POSATTN_BUILD_CPU=0`` skips the extension (posattn then imports without it and
+``backend="cpu"`` raises an error saying so).
 """
 import os
 import subprocess
@@ -26,6 +27,10 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
+        if os.environ.get("POSATTN_BUILD_CPU", "1") == "0":
+            # e.g. a GPU-only install without cmake: posattn imports, backend="cpu" then says _C is missing
+            print("POSATTN_BUILD_CPU=0: not building the C++ CPU backend posattn._C")
+            return
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)

@@ -179,14 +179,21 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, i
       for (int64_t i = 0; i < M; ++i) memset(C + i * ldc, 0, N * sizeof(float));
     return;
   }
+  // B is consumed in [KC x 64] panels (16 KB) that stay in L1 while every row block uses them
+  constexpr int64_t KC = 64;
   for (int64_t n0 = 0; n0 < N; n0 += 64) {
     const int nv = static_cast<int>(N - n0 >= 64 ? 4 : (N - n0) / 16);
     const MicroFn full = micro_fn(MR, nv);
-    int64_t m0 = 0;
-    for (; m0 + MR <= M; m0 += MR) full(K, A + m0 * ars, ars, acs, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
-    if (m0 < M)
-      micro_fn(static_cast<int>(M - m0), nv)(K, A + m0 * ars, ars, acs, B + n0, ldb, C + m0 * ldc + n0, ldc,
-                                              accumulate);
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = K - k0 < KC ? K - k0 : KC;
+      const bool acc = accumulate || k0 > 0;
+      const float* Ak = A + k0 * acs;
+      const float* Bk = B + k0 * ldb + n0;
+      int64_t m0 = 0;
+      for (; m0 + MR <= M; m0 += MR) full(kc, Ak + m0 * ars, ars, acs, Bk, ldb, C + m0 * ldc + n0, ldc, acc);
+      if (m0 < M)
+        micro_fn(static_cast<int>(M - m0), nv)(kc, Ak + m0 * ars, ars, acs, Bk, ldb, C + m0 * ldc + n0, ldc, acc);
+    }
   }
 }
 

@@ -869,7 +869,8 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
           for (int64_t j = 0; j < BN; ++j) s[j] = 0.0f;
           continue;
         }
-        const float alpha = exp_approx(m_i[i] - m_new);
+        // the running max rarely moves after the first tiles: skip the rescale then
+        const float alpha = m_new == m_i[i] ? 1.0f : exp_approx(m_i[i] - m_new);
         const float sum = row_exp_sum(s, m_new);
         l_i[i] = l_i[i] * alpha + sum;
         m_i[i] = m_new;

@@ -83,6 +83,11 @@ void attention_forward(const AttnArgs& a, void* out, float* lse);
 void attention_backward(const AttnArgs& a, const BwdArgs& g);
 void dropout_mask(uint64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, float p, bool* keep, ParallelFor par);
 }  // namespace generic
+namespace avx2 {
+void attention_forward(const AttnArgs& a, void* out, float* lse);
+void attention_backward(const AttnArgs& a, const BwdArgs& g);
+void dropout_mask(uint64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, float p, bool* keep, ParallelFor par);
+}  // namespace avx2
 namespace avx512 {
 void attention_forward(const AttnArgs& a, void* out, float* lse);
 void attention_backward(const AttnArgs& a, const BwdArgs& g);

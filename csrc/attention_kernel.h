@@ -136,6 +136,29 @@ inline void micro(int64_t K, const float* A, int64_t ars, int64_t acs, const flo
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, c[i][v]);
+#elif defined(__AVX2__) && defined(__FMA__)
+  // 16 ymm registers: one 16-column group at a time (R x 2 accumulators), A re-broadcast per group
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    __m256 c[R][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+      for (int u = 0; u < 2; ++u)
+        c[i][u] = accumulate ? _mm256_loadu_ps(C + i * ldc + 16 * v + 8 * u) : _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 b0 = _mm256_loadu_ps(B + k * ldb + 16 * v), b1 = _mm256_loadu_ps(B + k * ldb + 16 * v + 8);
+      const float* a = A + k * acs;
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const __m256 ai = _mm256_set1_ps(a[i * ars]);
+        c[i][0] = _mm256_fmadd_ps(ai, b0, c[i][0]);
+        c[i][1] = _mm256_fmadd_ps(ai, b1, c[i][1]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+      for (int u = 0; u < 2; ++u) _mm256_storeu_ps(C + i * ldc + 16 * v + 8 * u, c[i][u]);
+  }
 #else
   constexpr int W = 16 * NV;
   float c[R][W];

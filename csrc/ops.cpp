@@ -31,37 +31,52 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-bool cpu_has_avx512() {
+bool cpu_supports(const char* feature) {
 #if defined(POSATTN_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
-#else
-  return false;
+  const std::string f(feature);
+  if (f == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+  if (f == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (f == "avx512bf16") return __builtin_cpu_supports("avx512bf16");
 #endif
+  (void)feature;
+  return false;
 }
 
-bool cpu_has_avx512_bf16() {
-#if defined(POSATTN_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
+// The kernel builds, best first; the portable one runs anywhere.
+struct Kernels {
+  const char* name;
+  void (*forward)(const AttnArgs&, void*, float*);
+  void (*backward)(const AttnArgs&, const BwdArgs&);
+  void (*dropout_mask)(uint64_t, int64_t, int64_t, int64_t, int64_t, float, bool*, ParallelFor);
+};
 
-// Read at each call, so tests can force the portable path with an environment variable.
-bool use_avx512() {
-  static const bool has = cpu_has_avx512();
+const Kernels GENERIC{"generic", &generic::attention_forward, &generic::attention_backward, &generic::dropout_mask};
+#if defined(POSATTN_HAVE_AVX512)
+const Kernels AVX2{"avx2", &avx2::attention_forward, &avx2::attention_backward, &avx2::dropout_mask};
+const Kernels AVX512{"avx512", &avx512::attention_forward, &avx512::attention_backward, &avx512::dropout_mask};
+const Kernels* const BUILDS[] = {&AVX512, &AVX2, &GENERIC};
+#else
+const Kernels* const BUILDS[] = {&GENERIC};
+#endif
+
+// The best build this CPU runs, or the one POSATTN_CPU_ISA names (read at each call, so
+// tests can force the portable path).
+const Kernels& kernels() {
   const char* env = std::getenv("POSATTN_CPU_ISA");
-  if (env != nullptr && *env != '\0') {
-    const std::string isa(env);
-    TORCH_CHECK(isa == "generic" || isa == "avx512", "POSATTN_CPU_ISA=", isa,
-                " is not an instruction set of the CPU backend; use 'generic' or 'avx512' (or unset it)");
-    TORCH_CHECK(isa == "generic" || has, "POSATTN_CPU_ISA=avx512 but this CPU (or build) has no AVX-512; unset it");
-    return isa == "avx512";
+  const std::string want = env != nullptr ? env : "";
+  for (const Kernels* k : BUILDS) {
+    const bool runs = k == &GENERIC || cpu_supports(k->name);
+    if (want.empty() && runs) return *k;
+    if (want == k->name) {
+      TORCH_CHECK(runs, "POSATTN_CPU_ISA=", want, " but this CPU has no ", want, "; unset it");
+      return *k;
+    }
   }
-  return has;
+  TORCH_CHECK(false, "POSATTN_CPU_ISA=", want,
+              " is not an instruction set of the CPU backend; use 'generic', 'avx2' or 'avx512' (or unset it)");
 }
 
 // Dynamic scheduling over the op layer's threads: tasks are pulled one at a time from a
@@ -254,9 +269,10 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const option
     a.surpe_h = p.urpe.stride(0);
   }
   a.parallel = &parallel;
-  static const bool has_bf16 = cpu_has_avx512_bf16();
+  static const bool has_bf16 = cpu_supports("avx512bf16");
   // xPos keeps fp32 operands (its decays exceed bf16's precision budget), as on the GPU.
-  a.bf16_dot = a.dtype == DType::BF16 && has_bf16 && a.rope_kind != ROPE_XPOS && use_avx512();
+  a.bf16_dot = a.dtype == DType::BF16 && has_bf16 && a.rope_kind != ROPE_XPOS &&
+               std::string(kernels().name) == "avx512";
   return p;
 }
 
@@ -330,13 +346,7 @@ std::tuple<Tensor, Tensor> cpu_attention_fwd(
   Tensor out = at::empty({a.B, a.H, a.L, a.Dv}, q.options());
   Tensor lse = at::empty({a.B, a.H, a.L}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  if (use_avx512()) {
-#if defined(POSATTN_HAVE_AVX512)
-    avx512::attention_forward(a, out.data_ptr(), lse.data_ptr<float>());
-#endif
-  } else {
-    generic::attention_forward(a, out.data_ptr(), lse.data_ptr<float>());
-  }
+  kernels().forward(a, out.data_ptr(), lse.data_ptr<float>());
   return {out, lse};
 }
 
@@ -400,13 +410,7 @@ std::vector<Tensor> cpu_attention_bwd(
   g.dk_part = dk_part.data_ptr<float>();
   g.dv_part = dv_part.data_ptr<float>();
   if (a.L > 0 && a.S > 0) {
-    if (use_avx512()) {
-#if defined(POSATTN_HAVE_AVX512)
-      avx512::attention_backward(a, g);
-#endif
-    } else {
-      generic::attention_backward(a, g);
-    }
+    kernels().backward(a, g);
   }
 
   // an empty tensor stands for "no gradient" (ops cannot return None); outputs must not alias
@@ -436,19 +440,12 @@ Tensor cpu_dropout_mask(int64_t seed, int64_t B, int64_t H, int64_t L, int64_t S
   TORCH_CHECK(p >= 0.0 && p <= 1.0, "dropout_p=", p, " must be in [0, 1]");
   Tensor keep = at::empty({B, H, L, S}, at::TensorOptions().dtype(at::kBool));
   if (keep.numel() == 0) return keep;
-  if (use_avx512()) {
-#if defined(POSATTN_HAVE_AVX512)
-    avx512::dropout_mask(static_cast<uint64_t>(seed), B, H, L, S, static_cast<float>(p), keep.data_ptr<bool>(),
+  kernels().dropout_mask(static_cast<uint64_t>(seed), B, H, L, S, static_cast<float>(p), keep.data_ptr<bool>(),
                          &parallel);
-#endif
-  } else {
-    generic::dropout_mask(static_cast<uint64_t>(seed), B, H, L, S, static_cast<float>(p), keep.data_ptr<bool>(),
-                          &parallel);
-  }
   return keep;
 }
 
-std::string cpu_isa() { return use_avx512() ? "avx512" : "generic"; }
+std::string cpu_isa() { return kernels().name; }
 
 }  // namespace
 }  // namespace posattn

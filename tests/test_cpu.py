@@ -262,24 +262,31 @@ def test_omp_num_threads_one_in_a_fresh_process(tmp_path):
             f"{name}: OMP_NUM_THREADS=1 differs by {(single[name].double() - here[name].double()).abs().max():.3e}"
 
 
-# ---- the portable path (POSATTN_CPU_ISA=generic) ---------------------------------------------------------
+# ---- the other builds (POSATTN_CPU_ISA=generic | avx2) ----------------------------------------------------
 
-def _cpu_has_avx512():
+def _cpu_flags():
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return "avx512f" in flags
+        return set()
+
+
+# the AVX2 build runs where the CPU has AVX2 + FMA (every AVX-512 machine has them)
+ISAS = ["generic", pytest.param("avx2", marks=pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(),
+                                                                   reason="no avx2 / fma in /proc/cpuinfo"))]
 
 
 @requires_ext
 def test_cpu_isa(monkeypatch):
     monkeypatch.setenv("POSATTN_CPU_ISA", "generic")
     assert ops.cpu_isa() == "generic"
+    monkeypatch.setenv("POSATTN_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="sse9 is not an instruction set"):
+        ops.cpu_isa()
     monkeypatch.delenv("POSATTN_CPU_ISA")
     isa = ops.cpu_isa()
-    assert isa in ("avx512", "generic")
-    if not _cpu_has_avx512():
+    assert isa in ("avx512", "avx2", "generic")
+    if "avx512f" not in _cpu_flags():
         pytest.skip(f"no avx512f in /proc/cpuinfo: the default ISA is {isa!r}, nothing more to check")
     assert isa == "avx512"
 
@@ -300,21 +307,23 @@ GENERIC_CASES = [
 
 
 @requires_ext
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("case_dtype", GENERIC_CASES, ids=thread_case_id)
-def test_generic_isa_against_reference(case_dtype, monkeypatch):
-    monkeypatch.setenv("POSATTN_CPU_ISA", "generic")
-    assert ops.cpu_isa() == "generic"
+def test_other_isa_against_reference(case_dtype, isa, monkeypatch):
+    monkeypatch.setenv("POSATTN_CPU_ISA", isa)
+    assert ops.cpu_isa() == isa
     c, dtype = case_dtype
     check(c, dtype, "cpu", "cpu")
 
 
 @requires_ext
-def test_generic_isa_dropout_same_mask(monkeypatch):
-    monkeypatch.setenv("POSATTN_CPU_ISA", "generic")
+@pytest.mark.parametrize("isa", ISAS)
+def test_other_isa_dropout_same_mask(isa, monkeypatch):
+    monkeypatch.setenv("POSATTN_CPU_ISA", isa)
     c = Case(B=2, H=4, Hkv=2, L=63, S=130, D=40)
     q, k, v, _ = make_inputs(c, torch.float32, "cpu")
     kw = {"dropout_p": 0.3, "causal": True, "q_pos": 67, "rope": posattn.RoPE()}
-    check_dropout_with_kernel_mask("generic-dropout", q, k, v, None, kw, 17, c, "cpu", "cpu")
+    check_dropout_with_kernel_mask(f"{isa}-dropout", q, k, v, None, kw, 17, c, "cpu", "cpu")
 
 
 # ---- dropout: the Triton kernels' Philox stream ------------------------------------------------------------

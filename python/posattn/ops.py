@@ -49,8 +49,8 @@ def require_cpu_extension():
 
 
 def cpu_isa() -> str:
-    """The instruction set the CPU kernels run with: "avx512" or "generic" (runtime dispatch;
-    POSATTN_CPU_ISA=generic forces the portable path)."""
+    """The build of the CPU kernels that runs: "avx512", "avx2" or "generic" (chosen at run
+    time from the CPU; POSATTN_CPU_ISA forces one)."""
     require_cpu_extension()
     return torch.ops.posattn.cpu_isa()
 

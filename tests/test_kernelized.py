@@ -103,15 +103,17 @@ def test_many_prf_features_approach_softmax_with_relative_bias(device):
     assert errors[1] < 0.1 and errors[1] < errors[0]
 
 
-def test_custom_backward_gradcheck():
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.requires_ext)],
+                         ids=["pytorch-ops", "fused-cpu"])
+def test_custom_backward_gradcheck(fused):
     torch.manual_seed(1)
     phi_q = torch.rand(1, 2, 6, 3, dtype=F64, requires_grad=True)
     phi_k = torch.rand(1, 2, 5, 3, dtype=F64, requires_grad=True)
     v = torch.randn(1, 2, 5, 2, dtype=F64, requires_grad=True)
     table = torch.randn(2, 7, dtype=F64, requires_grad=True)
     for causal in (False, True):
-        assert torch.autograd.gradcheck(lambda a, b, c, t: _ToeplitzKernelized.apply(a, b, c, t, causal, 1e-6),
-                                        (phi_q, phi_k, v, table))
+        assert torch.autograd.gradcheck(
+            lambda a, b, c, t: _ToeplitzKernelized.apply(a, b, c, t, causal, 1e-6, fused), (phi_q, phi_k, v, table))
 
 
 def test_default_projection_is_drawn_from_the_global_generator(device):
@@ -147,3 +149,51 @@ def test_errors(kwargs, error, match):
     q, k, v, _ = inputs(1, 2, 1, 5, 5, 8, 4, 1, "cpu")
     with pytest.raises(error, match=match):
         posattn.kernelized_attention(q, k, v, **kwargs)
+
+
+# ---- the CPU backend's fused kernels (posattn._C: kz_outer, kz_contract_f, kz_contract_e) ----------------
+
+@pytest.mark.requires_ext
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_fused_cpu_kernels_match_pytorch_ops(causal, dtype):
+    # the same FFT path with the outer products and contractions in PyTorch ops vs fused
+    from posattn.kernelized import features, kernelized
+    q, k, v, table = inputs(2, 4, 2, 70, 90, 16, 8, 25, "cpu", dtype)
+    proj = orthogonal_projection(40, 16, dtype=dtype)  # 40 features: more than one chunk is not needed here
+    results = []
+    for fused in (False, True):
+        qq, kk, vv, tt = (t.detach().requires_grad_() for t in (q, k, v, table))
+        phi_q, phi_k = features(qq, kk, "prf", proj, None, False)
+        z = kernelized(phi_q, phi_k, vv, posattn.RelativeBias(tt), causal, 1e-6, fused=fused)
+        (z * torch.linspace(-1, 1, z.numel(), dtype=dtype).view_as(z)).sum().backward()
+        results.append({"z": z.detach(), "dq": qq.grad, "dk": kk.grad, "dv": vv.grad, "dtable": tt.grad})
+    assert_matches(results[1], results[0], rel=1e-12)
+
+
+@pytest.mark.requires_ext
+def test_fused_cpu_kernels_chunked(monkeypatch):
+    # a chunk smaller than the features: every chunk's [lo, hi) slice reaches the kernels
+    import posattn.kernelized as kz
+    monkeypatch.setattr(kz, "_CHUNK_BYTES", 1)
+    q, k, v, table = inputs(1, 2, 2, 40, 40, 8, 4, 6, "cpu")
+    kw = dict(causal=True, feature_map="prf", projection=orthogonal_projection(12, 8, dtype=F64))
+    assert_matches(run(q, k, v, table, "cpu", **kw), run(q, k, v, table, "reference", **kw), rel=1e-9)
+
+
+@pytest.mark.requires_ext
+def test_fused_cpu_kernels_opcheck():
+    phi = torch.rand(2, 3, 5, 6, dtype=F64)
+    w = torch.randn(2, 3, 5, 4, dtype=F64)
+    outer = torch.ops.posattn.kz_outer(phi, w, 1, 4, True)
+    torch.testing.assert_close(outer.unflatten(-1, (3, 5))[..., :4], phi[..., 1:4, None] * w[..., None, :])
+    torch.testing.assert_close(outer.unflatten(-1, (3, 5))[..., 4], phi[..., 1:4])
+    x = torch.randn(2, 3, 5, 3 * 5, dtype=F64)
+    torch.testing.assert_close(torch.ops.posattn.kz_contract_f(phi, x, 1, 4),
+                               (phi[..., 1:4, None] * x.unflatten(-1, (3, 5))).sum(-2))
+    torch.testing.assert_close(torch.ops.posattn.kz_contract_e(x, w, 3),
+                               (x.unflatten(-1, (3, 5))[..., :4] * w[..., None, :]).sum(-1) + x.unflatten(-1, (3, 5))[..., 4])
+    for op, args in ((torch.ops.posattn.kz_outer.default, (phi, w, 1, 4, False)),
+                     (torch.ops.posattn.kz_contract_f.default, (phi, x, 1, 4)),
+                     (torch.ops.posattn.kz_contract_e.default, (x, torch.randn(2, 3, 5, 5, dtype=F64), 3))):
+        torch.library.opcheck(op, args)

@@ -222,20 +222,29 @@ def kernelized_attention(q, k, v, *, rpe=None, causal=False, feature_map="prf", 
     chunk over the features and gets the table's gradient as one cross-correlation, so
     memory is O(N·m·Dv / chunks), never O(L·S).
 
-    ``backend``: None (the FFT path above, on any device) or "reference" (the dense O(L·S)
-    oracle). Fused Triton / C++ kernels for the feature map and the contractions are not
-    built yet: "triton" and "cpu" raise.
+    ``backend``: "cpu" (CPU tensors: the outer products φ(k)⊗[v, 1] that feed the FFTs
+    and the contractions with φ(q) after them, forward and backward, are fused C++ kernels of
+    posattn._C, so the (N, m·Dv) tensors exist once per feature chunk: the FFT's input and
+    output), "reference" (the dense O(L·S) oracle), or None: "cpu" for CPU tensors, else the
+    same FFT path in PyTorch ops. The feature maps are PyTorch ops on every backend, and
+    "triton" (fused GPU kernels) is not built yet (issue #6).
     """
     check_kernelized_inputs(q, k, v, rpe, causal, feature_map, projection, num_features, eps)
     if backend == "reference":
         return reference.kernelized_attention(q, k, v, rpe=rpe, causal=causal, feature_map=feature_map,
                                               projection=projection, num_features=num_features, eps=eps,
                                               normalize_qk=normalize_qk)
-    if backend is not None:
-        if backend in ("triton", "cpu"):
-            raise NotImplementedError(f"kernelized_attention(backend={backend!r}): fused kernels for kernelized "
-                                      f"attention are not built yet (issue #6); use backend=None (the FFT path in "
-                                      f"PyTorch ops) or backend='reference'")
-        raise ValueError(f"kernelized_attention: backend={backend!r}; choose None or 'reference'")
+    if backend is None and q.device.type == "cpu":
+        backend = "cpu"
+    if backend == "cpu":
+        ops.require_cpu_extension()
+        if q.device.type != "cpu":
+            raise RuntimeError(f"kernelized_attention(backend='cpu') needs CPU tensors, got q on {q.device}; use "
+                               f"backend=None for the FFT path on {q.device.type}")
+    elif backend == "triton":
+        raise NotImplementedError("kernelized_attention(backend='triton'): fused GPU kernels for kernelized attention "
+                                  "are not built yet (issue #6); use backend=None (the FFT path in PyTorch ops)")
+    elif backend is not None:
+        raise ValueError(f"kernelized_attention: backend={backend!r}; choose None, 'cpu' or 'reference'")
     phi_q, phi_k = features(q, k, feature_map, projection, num_features, normalize_qk)
-    return kernelized(phi_q, phi_k, v, rpe, causal, eps)
+    return kernelized(phi_q, phi_k, v, rpe, causal, eps, fused=backend == "cpu")

@@ -123,7 +123,7 @@ class _ToeplitzKernelized(torch.autograd.Function):
     """z = (φq ⊙ C(φk ⊗ v)) / (φq · C φk + eps), its custom backward and the table's gradient."""
 
     @staticmethod
-    def forward(ctx, phi_q, phi_k, v, table, causal, eps):
+    def forward(ctx, phi_q, phi_k, v, table, causal, eps, fused):
         B, H, L, m = phi_q.shape
         S, dv = phi_k.shape[2], v.shape[-1]
         N = _fft_size(L, S)
@@ -134,6 +134,12 @@ class _ToeplitzKernelized(torch.autograd.Function):
         step = _chunk(m, dv + 1, B, H, N)
         for lo in range(0, m, step):
             hi = min(m, lo + step)
+            if fused:
+                d = _toeplitz_apply(spec, _ops().kz_outer(phi_k, v, lo, hi, True), L, N)  # C(φk⊗[v, 1])
+                nd = _ops().kz_contract_f(phi_q, d, lo, hi)  # [B, H, L, dv+1]
+                num += nd[..., :dv]
+                den += nd[..., dv]
+                continue
             fk = phi_k[..., lo:hi]  # [B, H, S, mc]
             both = torch.cat((fk[..., None] * v[..., None, :], fk[..., None]), dim=-1)  # [B, H, S, mc, dv+1]
             d = _toeplitz_apply(spec, both.flatten(-2), L, N).unflatten(-1, (hi - lo, dv + 1))  # C(φk⊗[v, 1])
@@ -143,7 +149,7 @@ class _ToeplitzKernelized(torch.autograd.Function):
         den = den + eps
         z = num / den[..., None]
         ctx.save_for_backward(phi_q, phi_k, v, table, z, den)
-        ctx.causal = causal
+        ctx.causal, ctx.fused = causal, fused
         return z
 
     @staticmethod
@@ -170,15 +176,24 @@ class _ToeplitzKernelized(torch.autograd.Function):
         for lo in range(0, m, step):
             hi = min(m, lo + step)
             fk, fq = phi_k[..., lo:hi], phi_q[..., lo:hi]
-            kv = torch.cat((fk[..., None] * v[..., None, :], fk[..., None]), dim=-1).flatten(-2)  # φk⊗[v, 1]
-            qa = (fq[..., None] * da[..., None, :]).flatten(-2)  # φq⊗[dnum, dden]
-            # dφq_i = Σ_e C(φk⊗[v,1])_i[l, e] · [dnum, dden]_ie
-            d1 = _toeplitz_apply(spec, kv, L, N).unflatten(-1, (hi - lo, dv + 1))
-            d_phi_q[..., lo:hi] = (d1 * da[..., None, :]).sum(-1)
-            # dφk_j = Σ_e Cᵀ(φq⊗[dnum, dden])_j[l, e] · [v, 1]_je ; dv_j = Σ_l φk_jl · Cᵀ(φq⊗dnum)_j[l]
-            t1 = _toeplitz_apply(spec_t, qa, S, N).unflatten(-1, (hi - lo, dv + 1))
-            d_phi_k[..., lo:hi] = (t1[..., :dv] * v[..., None, :]).sum(-1) + t1[..., dv]
-            d_v += (fk[..., None] * t1[..., :dv]).sum(-2)
+            if ctx.fused:
+                kv = _ops().kz_outer(phi_k, v, lo, hi, True)  # φk⊗[v, 1]
+                qa = _ops().kz_outer(phi_q, da, lo, hi, False)  # φq⊗[dnum, dden]
+                d1 = _toeplitz_apply(spec, kv, L, N)
+                d_phi_q[..., lo:hi] = _ops().kz_contract_e(d1, da, hi - lo)
+                t1 = _toeplitz_apply(spec_t, qa, S, N)
+                d_phi_k[..., lo:hi] = _ops().kz_contract_e(t1, v, hi - lo)  # v's implicit 1 takes t1[..., dv]
+                d_v += _ops().kz_contract_f(phi_k, t1, lo, hi)[..., :dv]
+            else:
+                kv = torch.cat((fk[..., None] * v[..., None, :], fk[..., None]), dim=-1).flatten(-2)  # φk⊗[v, 1]
+                qa = (fq[..., None] * da[..., None, :]).flatten(-2)  # φq⊗[dnum, dden]
+                # dφq_i = Σ_e C(φk⊗[v,1])_i[l, e] · [dnum, dden]_ie
+                d1 = _toeplitz_apply(spec, kv, L, N).unflatten(-1, (hi - lo, dv + 1))
+                d_phi_q[..., lo:hi] = (d1 * da[..., None, :]).sum(-1)
+                # dφk_j = Σ_e Cᵀ(φq⊗[dnum, dden])_j[l, e] · [v, 1]_je ; dv_j = Σ_l φk_jl · Cᵀ(φq⊗dnum)_j[l]
+                t1 = _toeplitz_apply(spec_t, qa, S, N).unflatten(-1, (hi - lo, dv + 1))
+                d_phi_k[..., lo:hi] = (t1[..., :dv] * v[..., None, :]).sum(-1) + t1[..., dv]
+                d_v += (fk[..., None] * t1[..., :dv]).sum(-2)
             if table.requires_grad:
                 # Σ_{j−i=r} (φq⊗a)_i · (φk⊗[v,1])_j, summed over features in frequency space
                 corr += (torch.fft.rfft(qa, n=N, dim=2).conj() * torch.fft.rfft(kv, n=N, dim=2)).sum(-1)
@@ -188,7 +203,7 @@ class _ToeplitzKernelized(torch.autograd.Function):
             r = torch.arange(-(L - 1), S, device=phi_q.device)
             dc = xcorr[:, :, r % N].sum(0)  # [H, L+S−1]: ∂/∂c_r
             d_table, = torch.autograd.grad(c, table_, dc)
-        return d_phi_q, d_phi_k, d_v, d_table, None, None
+        return d_phi_q, d_phi_k, d_v, d_table, None, None, None
 
 
 def _linear_attention(phi_q, phi_k, v, causal, eps):
@@ -260,8 +275,16 @@ def features(q, k, feature_map_kind, projection, num_features, normalize_qk):
     return feature_map(q, feature_map_kind, projection, True), feature_map(k, feature_map_kind, projection, False)
 
 
-def kernelized(phi_q, phi_k, v, rpe, causal, eps):
-    """The O(N log N) path on given features (GQA by repeating φ(k) and v per group)."""
+def _ops():
+    return torch.ops.posattn
+
+
+def kernelized(phi_q, phi_k, v, rpe, causal, eps, fused=False):
+    """The O(N log N) path on given features (GQA by repeating φ(k) and v per group).
+
+    ``fused``: the outer products and contractions around the FFTs run as the CPU backend's
+    fused kernels (posattn._C: kz_outer, kz_contract_f, kz_contract_e) instead of
+    broadcast PyTorch ops."""
     groups = phi_q.shape[1] // phi_k.shape[1]
     if groups > 1:
         phi_k, v = phi_k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -274,5 +297,5 @@ def kernelized(phi_q, phi_k, v, rpe, causal, eps):
     # as the first rows of causal attention (measured at L = 130: 1.3e-4 against dense
     # float32's 1.2e-6).
     pq, pk, vv = (t.to(torch.float64) for t in (phi_q, phi_k, v))
-    z = _ToeplitzKernelized.apply(pq, pk, vv, rpe.table, bool(causal), float(eps))
+    z = _ToeplitzKernelized.apply(pq, pk, vv, rpe.table, bool(causal), float(eps), bool(fused))
     return z.to(v.dtype)

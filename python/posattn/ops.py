@@ -194,7 +194,22 @@ def _backward(bwd_op, ctx, dout, dlse):
 torch.library.register_autograd("posattn::triton_attention_fwd", _make_backward(triton_attention_bwd),
                                 setup_context=_setup_context)
 
+def _kz_outer_fake(phi, w, lo, hi, append_phi):
+    return phi.new_empty((*phi.shape[:3], (hi - lo) * (w.shape[3] + int(append_phi))))
+
+
+def _kz_contract_f_fake(phi, x, lo, hi):
+    return phi.new_empty((*phi.shape[:3], x.shape[3] // (hi - lo)))
+
+
+def _kz_contract_e_fake(x, w, F):
+    return x.new_empty((*x.shape[:3], F))
+
+
 if _C_ERROR is None:
+    torch.library.register_fake("posattn::kz_outer")(_kz_outer_fake)
+    torch.library.register_fake("posattn::kz_contract_f")(_kz_contract_f_fake)
+    torch.library.register_fake("posattn::kz_contract_e")(_kz_contract_e_fake)
     torch.library.register_fake("posattn::cpu_attention_fwd")(_fwd_fake)
     torch.library.register_fake("posattn::cpu_attention_bwd")(_bwd_fake)
     torch.library.register_autograd("posattn::cpu_attention_fwd",

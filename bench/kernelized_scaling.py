@@ -1,69 +1,719 @@
-"""Time of kernelized attention with RPE (FFT path) versus N, against softmax attention.
+"""Issue #6's scaling bench: kernelized attention with RPE (FFT path) versus softmax attention, N = 1k … 64k.
 
-    python bench/kernelized_scaling.py [--max-n 16384] [--reps 3]
+    python bench/kernelized_scaling.py [--quick] [--max-n 65536] [--cap-s 180] [--budget-s 1500]
+    python bench/kernelized_scaling.py --from-csv      # table, fits and plot again from the last run in the CSV
 
-Prints median times per N for: `posattn.kernelized_attention` with a RelativeBias (fwd and
-fwd+bwd incl. the table gradient), torch SDPA without bias (fwd), and softmax attention
-with a RelativeBias on the dense reference (fwd, up to 8192), then the growth exponent of
-each curve (least-squares slope of log time on log N). fp32, B=1, H=8, D=64, m=64 PRF
-features. A one-off script until `python -m bench` (issue #7) takes it over.
+CPU, fp32, 2 threads, B=1, H=8, D=64. Providers:
+
+  kernelized+rpe   posattn.kernelized_attention(q, k, v, rpe=RelativeBias(table), feature_map="prf",
+                   projection=W) with a fixed PRF projection W of m=64 rows (num_features=64); its default
+                   backend (printed at the start: the fused CPU kernels around the FFTs when posattn._C has
+                   them, else the FFT path in PyTorch ops). O(N log N) time, O(N) memory.
+  posattn-cpu+rpe  posattn.attention(q, k, v, bias=RelativeBias(table), backend="cpu"): softmax with the
+                   relative bias on the C++ CPU backend, flash-style, O(N^2) time, O(N) memory.
+  sdpa             torch SDPA without any bias (the floor for exact softmax attention on CPU).
+  dense+rpe        posattn.reference.attention(q, k, v, bias=RelativeBias(table)): the dense O(N^2)-memory
+                   oracle, kept only where cheap (fwd up to --dense-max-n, fwd+bwd up to half of it).
+
+The RelativeBias table is [H, 2N+1] (every distance learnable, no clamp), 0.1·randn. Modes: fwd, and
+fwd+bwd (one backward with a random output gradient into q, k, v and, where there is one, the table).
+
+Harness. Sizes double from 1024 to --max-n, fwd first, then fwd+bwd. A configuration's time is
+predicted from the same provider's previous sizes (last measured growth factor, clamped to [2, 4.5]):
+  * predicted < --inproc-s (4 s): timed in this process, the cheap providers of one (mode, N)
+    round-robin, one warm-up, then 3-7 timed calls (about 10 s per provider); its peak memory comes from a
+    fresh subprocess (baseline = RSS after imports and inputs; one warm-up; the RSS high-water mark reset
+    via /proc/self/clear_refs; one measured call; peak = VmHWM - baseline), as bench/cpu_targets.py does;
+  * otherwise: one fresh subprocess gives both, with no warm-up and 1-3 timed calls (about 20 s in all:
+    a single call at the largest sizes, flagged in the table), peak = VmHWM over those calls - baseline;
+  * predicted time x calls > --cap-s (180 s), predicted peak > 70 % of the available memory, or a run
+    that would end past --budget-s (1500 s) since the start: skipped, with the reason.
+Each configuration records the cores this process and other processes used while it was timed and the
+1-min load average (a compile next door halves absolute speed on this 2-core machine).
+
+Analysis: growth exponents = least-squares slope of log(median time) on log(N) over all measured sizes
+(listed), and over N >= 4096 (the tail, less dominated by fixed overheads); crossovers = the N where
+kernelized+rpe becomes faster than each softmax provider: measured (log-log interpolation between the two
+sizes that bracket the sign change) when it happens inside the sweep, else extrapolated from the tail fits
+and marked as such. Table on stdout; CSV rows appended to bench/results/kernelized_scaling.csv (one run_id
+per run); log-log plot to bench/results/kernelized_scaling.png (skipped with a message if matplotlib is
+missing). A one-off script until `python -m bench` (issue #7) takes it over.
 """
 import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import posattn
 
+THREADS = 2
+B, H, D, M_FEATURES = 1, 8, 64, 64
+DTYPE = torch.float32
+MODES = ("fwd", "fwd+bwd")
+PROVIDERS = ("kernelized+rpe", "posattn-cpu+rpe", "sdpa", "dense+rpe")
+KERNELIZED = "kernelized+rpe"
+SOFTMAX = ("posattn-cpu+rpe", "sdpa", "dense+rpe")
+# growth per doubling assumed before a provider has two measured sizes
+PRIOR_GROWTH = {"kernelized+rpe": 2.3, "posattn-cpu+rpe": 4.0, "sdpa": 4.0, "dense+rpe": 4.0}
+TAIL_N = 4096
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSV_PATH = os.path.join(ROOT, "bench", "results", "kernelized_scaling.csv")
+PNG_PATH = os.path.join(ROOT, "bench", "results", "kernelized_scaling.png")
+CSV_FIELDS = ["run_id", "op", "mode", "provider", "N", "shape", "dtype", "threads", "median_ms", "q20_ms", "q80_ms",
+              "reps", "peak_MB", "where", "hwm_reset", "cores_own", "cores_others", "cores_steal", "loadavg1",
+              "status", "note", "kernelized_backend", "machine", "cores", "torch", "posattn", "git_sha"]
 
-def median_time(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+
+# ---------------------------------------------------------------------------------------------
+# inputs and providers
+
+def make_inputs(n, mode, seed=0):
+    torch.manual_seed(seed)
+    grad = mode == "fwd+bwd"
+    q, k, v = (torch.randn(B, H, n, D, dtype=DTYPE).requires_grad_(grad) for _ in range(3))
+    table = (0.1 * torch.randn(H, 2 * n + 1)).requires_grad_(grad)
+    do = torch.randn(B, H, n, D, dtype=DTYPE) if grad else None
+    proj = posattn.kernelized.orthogonal_projection(M_FEATURES, D, generator=torch.Generator().manual_seed(1))
+    return dict(q=q, k=k, v=v, table=table, do=do, proj=proj)
+
+
+def forward_fn(provider, x):
+    q, k, v, table = x["q"], x["k"], x["v"], x["table"]
+    if provider == "kernelized+rpe":
+        return lambda: posattn.kernelized_attention(q, k, v, rpe=posattn.RelativeBias(table), feature_map="prf",
+                                                    projection=x["proj"], num_features=M_FEATURES)
+    if provider == "posattn-cpu+rpe":
+        return lambda: posattn.attention(q, k, v, bias=posattn.RelativeBias(table), backend="cpu")
+    if provider == "sdpa":
+        return lambda: F.scaled_dot_product_attention(q, k, v)
+    if provider == "dense+rpe":
+        return lambda: posattn.reference.attention(q, k, v, bias=posattn.RelativeBias(table))
+    raise ValueError(provider)
+
+
+def build_step(provider, mode, x):
+    fwd = forward_fn(provider, x)
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fwd()
+        return step
+    wrt = [x["q"], x["k"], x["v"]] + ([x["table"]] if provider != "sdpa" else [])
+
+    def step():
+        out = fwd()
+        return torch.autograd.grad(out, wrt, x["do"])
+    return step
+
+
+def reason(e):
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:160]
+
+
+def kernelized_backend():
+    """Which path kernelized_attention's default backend takes on CPU tensors here."""
+    x = make_inputs(64, "fwd")
+    try:
+        posattn.kernelized_attention(x["q"], x["k"], x["v"], rpe=posattn.RelativeBias(x["table"]),
+                                     projection=x["proj"], backend="cpu")
+    except Exception as e:
+        return f"FFT path in PyTorch ops (backend='cpu' unavailable: {reason(e)[:80]})"
+    return "backend=None -> 'cpu': fused CPU kernels (posattn._C) around torch.fft"
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement helpers
+
+def _status_kib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def _reset_hwm():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cpu_seconds():
+    """(this process's CPU seconds, the whole machine's busy CPU seconds, steal seconds)."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    busy = steal = 0.0
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (sum(ticks[:8]) - ticks[3] - ticks[4]) / hz      # all but idle and iowait
+        steal = ticks[7] / hz
+    except (OSError, ValueError, IndexError):
+        pass
+    return np.array([use.ru_utime + use.ru_stime, busy, steal])
+
+
+class Usage:
+    """Accumulates CPU use over timed calls: cores this process used, cores others used, steal."""
+
+    def __init__(self):
+        self.cpu = np.zeros(3)
+        self.wall = 0.0
+
+    def timed(self, fn):
+        before, start = _cpu_seconds(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        elapsed = time.perf_counter() - start
+        self.cpu += _cpu_seconds() - before
+        self.wall += elapsed
+        return elapsed
+
+    def cores(self):
+        if self.wall <= 0:
+            return (float("nan"),) * 3
+        own, busy, steal = self.cpu / self.wall
+        return float(own), float(max(busy - own, 0.0)), float(steal)
+
+
+def extension_stamp():
+    """mtime of the built posattn._C (another engineer may rebuild it while the sweep runs)."""
+    import glob
+    paths = glob.glob(os.path.join(os.path.dirname(posattn.__file__), "_C*.so"))
+    return max((os.path.getmtime(p) for p in paths), default=0.0)
+
+
+def one(provider, mode, n, warmup, reps):
+    """Child of --one: one configuration in a fresh process; print a RESULT line (JSON)."""
+    torch.set_num_threads(THREADS)
+    x = make_inputs(n, mode)
+    base = _status_kib("VmRSS")
+    step = build_step(provider, mode, x)
+    for _ in range(warmup):
+        step()
+    reset = _reset_hwm() if warmup else False
+    usage, times = Usage(), []
+    for _ in range(reps):
+        times.append(usage.timed(step))
+    hwm = _status_kib("VmHWM")
+    own, others, steal = usage.cores()
+    print("RESULT " + json.dumps(dict(times=times, base_mib=base / 1024, peak_mib=(hwm - base) / 1024, hwm_reset=reset,
+                                      cores=[own, others, steal], loadavg1=os.getloadavg()[0])), flush=True)
+
+
+def run_child(provider, mode, n, warmup, reps, timeout):
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", provider, mode, str(n), "--warmup", str(warmup),
+           "--reps", str(reps)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return None, f"subprocess timed out after {timeout:.0f} s"
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):]), None
+    tail = [s for s in p.stderr.strip().splitlines() if s.strip()]
+    return None, f"subprocess failed (rc {p.returncode}): {tail[-1][:160] if tail else 'no output'}"
+
+
+def mem_available_mib():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def predict(history, key, n, fallback_from=None):
+    """Predicted value at n from the same provider's measured (N, value) pairs, else scaled from fallback_from."""
+    pts = sorted((nn, val) for nn, val in history.get(key, {}).items() if val is not None and nn < n)
+    if not pts:
+        return fallback_from
+    n1, v1 = pts[-1]
+    growth = PRIOR_GROWTH[key[0]]
+    if len(pts) >= 2:
+        n0, v0 = pts[-2]
+        growth = (v1 / v0) ** (1.0 / math.log2(n1 / n0)) if v0 > 0 else growth
+        growth = min(max(growth, 2.0), 4.5)
+    return v1 * growth ** math.log2(n / n1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep
+
+def machine():
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return model, os.cpu_count()
+
+
+def git_sha():
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class CsvSink:
+    """Appends rows as they come (a fresh file, or one with other columns, gets a new header)."""
+
+    def __init__(self, path):
+        self.path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fresh = True
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                fresh = next(csv.reader(f), None) != CSV_FIELDS
+        if fresh:
+            with open(path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=CSV_FIELDS).writeheader()
+
+    def add(self, row):
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow({k: row.get(k, "") for k in CSV_FIELDS})
+
+
+def _fmt(value, digits=6):
+    return "" if value is None or value != value else f"{value:.{digits}g}"
+
+
+def sweep(args, meta, sink):
+    sizes = []
+    n = args.min_n
+    while n <= args.max_n:
+        sizes.append(n)
+        n *= 2
+    providers = [p for p in PROVIDERS if p in args.providers]
+    modes = [m for m in MODES if m in args.modes]
+    t_start = time.perf_counter()
+    history_t, history_m = {}, {}     # (provider, mode) -> {N: per-call seconds | peak MiB}
+    dropped = {}                      # (provider, mode) -> reason: larger N are skipped too
+    results = []
+    ext0 = extension_stamp()
+
+    def emit(provider, mode, n, status, times=None, peak=None, where="", hwm_reset="", cores=(None,) * 3, load=None,
+             note=""):
+        med = q20 = q80 = None
+        if times:
+            med, q20, q80 = (float(np.quantile(times, p)) for p in (0.5, 0.2, 0.8))
+        row = dict(meta, op="relbias" if provider != "sdpa" else "plain", mode=mode, provider=provider, N=n,
+                   shape=f"B{B}-H{H}-N{n}-D{D}" + (f"-m{M_FEATURES}" if provider == KERNELIZED else ""),
+                   dtype="float32", threads=THREADS, median_ms=_fmt(med and med * 1e3), q20_ms=_fmt(q20 and q20 * 1e3),
+                   q80_ms=_fmt(q80 and q80 * 1e3), reps=len(times) if times else 0, peak_MB=_fmt(peak),
+                   where=where, hwm_reset=hwm_reset, cores_own=_fmt(cores[0], 3), cores_others=_fmt(cores[1], 3),
+                   cores_steal=_fmt(cores[2], 3), loadavg1=_fmt(load, 3), status=status, note=note)
+        if extension_stamp() != ext0:
+            row["note"] = (row["note"] + "; " if row["note"] else "") + "posattn._C rebuilt during the run"
+        sink.add(row)
+        results.append(row)
+        if med is not None:
+            history_t.setdefault((provider, mode), {})[n] = med
+        if peak is not None:
+            history_m.setdefault((provider, mode), {})[n] = peak
+        shown = f"{med:9.3f} s" if med is not None else f"{'-':>11s}"
+        mem = f"{peak:8.0f} MiB" if peak is not None else f"{'-':>12s}"
+        extra = f"  [{status}] {note}" if status != "ok" or note else ""
+        print(f"  {mode:7s} N={n:6d} {provider:16s} {shown} x{len(times) if times else 0} {mem}  "
+              f"{where:8s}{extra}  (t+{time.perf_counter() - t_start:.0f} s)", flush=True)
+
+    for mode in modes:
+        for n in sizes:
+            cheap, costly = [], []
+            for p in providers:
+                key = (p, mode)
+                limit = args.dense_max_n if mode == "fwd" else args.dense_max_n // 2
+                if p == "dense+rpe" and n > limit:
+                    emit(p, mode, n, "skipped", note=f"dense kept only up to N={limit} for {mode}")
+                    continue
+                if key in dropped:
+                    emit(p, mode, n, "skipped", note=dropped[key])
+                    continue
+                fallback = None
+                if mode == "fwd+bwd" and (p, "fwd") in history_t and n in history_t[(p, "fwd")]:
+                    fallback = 4.0 * history_t[(p, "fwd")][n]      # a backward ~ 2.5-5x a forward
+                pred = predict(history_t, key, n, fallback)
+                pred_mem = predict(history_m, key, n)
+                if pred_mem is not None and pred_mem > 0.7 * mem_available_mib():
+                    dropped[key] = f"predicted peak {pred_mem:.0f} MiB > 70% of available memory"
+                    emit(p, mode, n, "skipped", note=dropped[key])
+                    continue
+                if pred is None or pred < args.inproc_s:
+                    cheap.append((p, pred))
+                    continue
+                reps = max(1, min(3, int(args.sub_target_s / pred)))
+                if pred * reps > args.cap_s:
+                    dropped[key] = f"predicted {pred:.0f} s > --cap-s {args.cap_s:.0f} s per configuration"
+                    emit(p, mode, n, "skipped", note=dropped[key])
+                    continue
+                costly.append((p, pred, reps))
+
+            # cheap providers: round-robin in this process, then memory in a fresh process each
+            if cheap:
+                x = make_inputs(n, mode)
+                steps, usage, times, first, want = {}, {}, {}, {}, {}
+                for p, _ in cheap:
+                    try:
+                        steps[p] = build_step(p, mode, x)
+                        start = time.perf_counter()
+                        steps[p]()
+                        first[p] = time.perf_counter() - start
+                        want[p] = max(3, min(args.max_reps, int(args.inproc_target_s / max(first[p], 1e-6))))
+                        usage[p], times[p] = Usage(), []
+                    except Exception as e:
+                        steps.pop(p, None)
+                        emit(p, mode, n, "failed", where="in-proc", note=reason(e))
+                for r in range(max(want.values(), default=0)):
+                    for p in list(steps):
+                        if r < want[p]:
+                            try:
+                                times[p].append(usage[p].timed(steps[p]))
+                            except Exception as e:
+                                steps.pop(p)
+                                emit(p, mode, n, "failed", where="in-proc", note="while timing: " + reason(e))
+                load = os.getloadavg()[0]
+                ran = list(steps)
+                del steps, x
+                for p in ran:
+                    res, err = (None, "memory skipped (--no-mem)") if args.no_mem else \
+                        run_child(p, mode, n, 1, 1, timeout=60 + 10 * max(first[p], 1.0))
+                    note = err or ""
+                    if res is not None and not res["hwm_reset"]:
+                        note = "peak includes the warm-up"
+                    emit(p, mode, n, "ok", times=times[p], peak=res and res["peak_mib"], where="in-proc",
+                         hwm_reset=res and int(res["hwm_reset"]), cores=usage[p].cores(), load=load, note=note)
+
+            # costly providers: time and memory from the same fresh process, no warm-up
+            for p, pred, reps in costly:
+                elapsed = time.perf_counter() - t_start
+                if elapsed + pred * reps > args.budget_s:
+                    emit(p, mode, n, "skipped", note=f"predicted {pred * reps:.0f} s would end past --budget-s "
+                                                     f"{args.budget_s:.0f} s (at {elapsed:.0f} s)")
+                    continue
+                res, err = run_child(p, mode, n, 0, reps, timeout=max(120.0, 3 * pred * reps + 60))
+                if res is None:
+                    dropped[(p, mode)] = f"skipped after N={n}: {err}"
+                    emit(p, mode, n, "failed", where="fresh", note=err)
+                    continue
+                note = "single run" if reps == 1 else f"{reps} runs, no warm-up"
+                emit(p, mode, n, "ok", times=res["times"], peak=res["peak_mib"], where="fresh", hwm_reset=0,
+                     cores=res["cores"], load=res["loadavg1"], note=note)
+    return results, time.perf_counter() - t_start
+
+
+# ---------------------------------------------------------------------------------------------
+# analysis: table, growth exponents, crossovers, plot (also from a CSV, --from-csv)
+
+def _num(s):
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        return None
+
+
+def series(rows, provider, mode, field="median_ms"):
+    pts = []
+    for r in rows:
+        if r["provider"] == provider and r["mode"] == mode and r["status"] == "ok":
+            val = _num(r[field])
+            if val is not None and val > 0:
+                pts.append((int(r["N"]), val))
+    return sorted(pts)
+
+
+def fit(pts, min_n=0):
+    pts = [(n, v) for n, v in pts if n >= min_n]
+    if len(pts) < 2:
+        return None
+    x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+    slope, intercept = np.polyfit(x, y, 1)
+    return dict(slope=float(slope), intercept=float(intercept), sizes=[p[0] for p in pts])
+
+
+def _sizes(ns):
+    return ",".join(f"{n // 1024}k" for n in ns)
+
+
+def crossover(kern, soft, kern_fit, soft_fit):
+    """Where kernelized+rpe becomes faster than a softmax provider: (text, N or None, measured?)."""
+    common = sorted(set(dict(kern)) & set(dict(soft)))
+    kd, sd = dict(kern), dict(soft)
+    if common:
+        faster = [kd[n] < sd[n] for n in common]
+        if all(faster):
+            return f"kernelized faster at every common N ({_sizes(common)})", None, False
+        for i in range(1, len(common)):
+            if faster[i] and not faster[i - 1] and all(faster[i:]):
+                n0, n1 = common[i - 1], common[i]
+                r0, r1 = math.log(kd[n0] / sd[n0]), math.log(kd[n1] / sd[n1])
+                nx = math.exp(math.log(n0) + (math.log(n1) - math.log(n0)) * r0 / (r0 - r1))
+                return (f"measured: between N={n0} and N={n1} (~{nx:,.0f} by log-log interpolation; "
+                        f"at N={n1}: {kd[n1]:.3g} s vs {sd[n1]:.3g} s)"), nx, True
+        if any(faster):
+            return f"mixed: kernelized faster at N in {_sizes([n for n, f in zip(common, faster) if f])} only", None, False
+    if kern_fit is None or soft_fit is None:
+        return "n/a (not enough sizes to fit, or no crossing in the sweep)", None, False
+    db = soft_fit["slope"] - kern_fit["slope"]
+    if db <= 0:
+        return "never (the kernelized curve does not grow slower)", None, False
+    nx = math.exp((kern_fit["intercept"] - soft_fit["intercept"]) / db)
+    last = common[-1] if common else None
+    ratio = f"; at N={last}: {kd[last] / sd[last]:.1f}x slower" if last else ""
+    return (f"EXTRAPOLATED: N ~ {nx:,.0f} (fits N^{kern_fit['slope']:.2f} vs N^{soft_fit['slope']:.2f}, "
+            f"sizes {_sizes(kern_fit['sizes'])} / {_sizes(soft_fit['sizes'])}; not crossed in the sweep{ratio})"), nx, False
+
+
+def report(rows, elapsed=None):
+    present = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    meta = rows[0]
+    print(f"\n== run {meta['run_id']}: {meta['machine']}, {meta['cores']} cores, {THREADS} threads | torch "
+          f"{meta['torch']} | posattn {meta['posattn']} @ {meta['git_sha']}")
+    print(f"   fp32, B={B} H={H} D={D}, RelativeBias table [H, 2N+1]; kernelized: PRF m={M_FEATURES}, "
+          f"{meta['kernelized_backend']}")
+    for mode in modes:
+        ns = sorted({int(r["N"]) for r in rows if r["mode"] == mode})
+        print(f"\n-- {mode}: median seconds per call [timed calls] / peak MiB above baseline "
+              f"(* = a single timed call; s = skipped; f = failed)")
+        print(f"  {'N':>6s}  " + "  ".join(f"{p:>24s}" for p in present))
+        for n in ns:
+            cells = []
+            for p in present:
+                r = next((r for r in rows if r["provider"] == p and r["mode"] == mode and int(r["N"]) == n), None)
+                if r is None:
+                    cells.append(f"{'':>24s}")
+                elif r["status"] != "ok":
+                    cells.append(f"{r['status'][0]:>24s}")
+                else:
+                    med, reps = _num(r["median_ms"]) / 1e3, int(r["reps"])
+                    peak = _num(r["peak_MB"])
+                    mark = "*" if reps == 1 else " "
+                    cells.append(f"{med:9.3f}{mark}[{reps}] / " + (f"{peak:7.0f}" if peak is not None else f"{'-':>7s}"))
+            print(f"  {n:6d}  " + "  ".join(cells))
+    print("\n-- detail (q20-q80 of the timed calls; where: in-proc = round-robin in the main process + memory in a "
+          "fresh one, fresh = time and memory from one fresh process without warm-up; cores: this process / others "
+          "while timed; load = 1-min load average)")
+    for r in rows:
+        if r["status"] == "ok":
+            q = f"{_num(r['q20_ms']) / 1e3:.3f}-{_num(r['q80_ms']) / 1e3:.3f} s"
+            print(f"  {r['mode']:7s} {int(r['N']):6d} {r['provider']:16s} {q:>19s} {r['where']:7s} cores "
+                  f"{_num(r['cores_own']) or 0:.2f}/{_num(r['cores_others']) or 0:.2f} load {_num(r['loadavg1']) or 0:.1f}"
+                  + (f"  {r['note']}" if r["note"] else ""))
+        else:
+            print(f"  {r['mode']:7s} {int(r['N']):6d} {r['provider']:16s} {r['status']}: {r['note']}")
+
+    print("\n-- growth exponents (least-squares slope of log time on log N; memory likewise)")
+    fits = {}
+    for mode in modes:
+        for p in present:
+            pts = series(rows, p, mode)
+            full, tail = fit(pts), fit(pts, TAIL_N)
+            fits[(p, mode)] = (full, tail)
+            mem = fit(series(rows, p, mode, "peak_MB"), TAIL_N)
+            if full is None:
+                print(f"  {mode:7s} {p:16s} n/a ({len(pts)} size(s))")
+                continue
+            tail_s = f"N^{tail['slope']:.2f} over {_sizes(tail['sizes'])}" if tail else "n/a"
+            mem_s = f"N^{mem['slope']:.2f} over {_sizes(mem['sizes'])}" if mem else "n/a"
+            print(f"  {mode:7s} {p:16s} time N^{full['slope']:.2f} over {_sizes(full['sizes'])}; tail {tail_s}; "
+                  f"memory {mem_s}")
+
+    print("\n-- crossovers: where kernelized+rpe becomes faster than")
+    crosses = {}
+    for mode in modes:
+        kern = series(rows, KERNELIZED, mode)
+        for p in present:
+            if p == KERNELIZED or not kern:
+                continue
+            kf, sf = fits.get((KERNELIZED, mode), (None, None)), fits.get((p, mode), (None, None))
+            if kf[1] is None or sf[1] is None:    # too few tail sizes (--quick): the fits over every size
+                kf, sf = (kf[0], kf[0]), (sf[0], sf[0])
+            text, nx, measured = crossover([(n, v / 1e3) for n, v in kern], [(n, v / 1e3) for n, v in series(rows, p, mode)],
+                                 kf[1], sf[1])
+            crosses[(p, mode)] = (nx, measured)
+            print(f"  {mode:7s} {p:16s} {text}")
+    load = [_num(r["cores_others"]) for r in rows if r["status"] == "ok" and _num(r["cores_others"]) is not None]
+    if load:
+        worst = max(rows, key=lambda r: _num(r["cores_others"]) or 0)
+        print(f"\ncontention: other processes used {np.mean(load):.2f} cores on average while timing, at most "
+              f"{max(load):.2f} ({worst['mode']} N={worst['N']} {worst['provider']})"
+              + ("  !! absolute times are inflated where that is high" if max(load) > 0.25 else ""))
+    if elapsed is not None:
+        print(f"sweep took {elapsed:.0f} s ({elapsed / 60:.1f} min)")
+    return fits, crosses
+
+
+COLORS = {"kernelized+rpe": "tab:red", "posattn-cpu+rpe": "tab:blue", "sdpa": "tab:green", "dense+rpe": "tab:gray"}
+
+
+def plot(rows, fits, crosses, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG (pip install matplotlib into the venv)")
+        return None
+    meta = rows[0]
+    import matplotlib.ticker  # noqa: F401
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(14, 7.5))
+    styles = {"fwd": ("-", "o"), "fwd+bwd": ("--", "s")}
+    for mode, (ls, mk) in styles.items():
+        for p in PROVIDERS:
+            pts = series(rows, p, mode)
+            if not pts:
+                continue
+            full = fits.get((p, mode), (None, None))[0]
+            label = f"{p} {mode}" + (f"  (N^{full['slope']:.2f})" if full else "")
+            ns, ts = [n for n, _ in pts], [v / 1e3 for _, v in pts]
+            ax_t.plot(ns, ts, ls, marker=mk, color=COLORS[p], label=label)
+            single = [(n, t) for (n, t), r in zip(zip(ns, ts), _ok_rows(rows, p, mode)) if int(r["reps"]) == 1]
+            if single:
+                ax_t.scatter(*zip(*single), s=120, facecolors="none", edgecolors=COLORS[p], linewidths=1.0)
+            mem = series(rows, p, mode, "peak_MB")
+            if mem:
+                ax_m.plot([n for n, _ in mem], [v for _, v in mem], ls, marker=mk, color=COLORS[p], label=f"{p} {mode}")
+    lines = []
+    for (p, mode), (nx, measured) in crosses.items():
+        if nx is None:
+            continue
+        if measured:
+            ax_t.axvline(nx, color=COLORS[p], ls=styles[mode][0], lw=0.8, alpha=0.6)
+        lines.append(f"{mode} vs {p}: N ~ {nx / 1024:,.0f}k ({'measured' if measured else 'extrapolated'})")
+    if lines:
+        ax_t.text(0.98, 0.02, "kernelized+rpe faster beyond\n" + "\n".join(lines), transform=ax_t.transAxes,
+                  fontsize=7, ha="right", va="bottom", bbox=dict(boxstyle="round", fc="white", alpha=0.8))
+    for ax in (ax_t, ax_m):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N (sequence length, L = S)")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.set_ylabel("median time per call (s)")
+    ax_t.set_title("time (open circles: a single timed call; thin verticals: measured crossovers)", fontsize=9)
+    ax_m.set_ylabel("peak memory above baseline (MiB)")
+    ax_m.set_title("peak RSS (fresh process, VmHWM - baseline)", fontsize=9)
+    for ax in (ax_t, ax_m):
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda n, _: f"{n / 1024:g}k"))
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+    fig.suptitle(f"kernelized attention + RelativeBias (FFT, PRF m={M_FEATURES}) vs softmax + RelativeBias vs SDPA: "
+                 f"CPU fp32, B={B} H={H} D={D}, {THREADS} threads\n{meta['machine']}, torch {meta['torch']}, "
+                 f"posattn @ {meta['git_sha']}, run {meta['run_id']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _ok_rows(rows, provider, mode):
+    ok = [r for r in rows if r["provider"] == provider and r["mode"] == mode and r["status"] == "ok"
+          and _num(r["median_ms"]) is not None and _num(r["median_ms"]) > 0]
+    return sorted(ok, key=lambda r: int(r["N"]))
+
+
+def load_csv(path, run_id=None):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise SystemExit(f"{path}: no rows")
+    run_id = run_id or rows[-1]["run_id"]
+    rows = [r for r in rows if r["run_id"] == run_id]
+    if not rows:
+        raise SystemExit(f"{path}: no rows with run_id {run_id}")
+    return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-n", type=int, default=16384)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="N 1024-4096 only, for a smoke test (a minute or two)")
+    parser.add_argument("--min-n", type=int, default=1024)
+    parser.add_argument("--max-n", type=int, default=65536)
+    parser.add_argument("--dense-max-n", type=int, default=8192, help="dense+rpe fwd up to this N, fwd+bwd to half")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--inproc-s", type=float, default=4.0, help="predicted call time below which a config is "
+                        "timed in this process with several calls")
+    parser.add_argument("--inproc-target-s", type=float, default=10.0, help="timed seconds per in-process config")
+    parser.add_argument("--max-reps", type=int, default=7)
+    parser.add_argument("--sub-target-s", type=float, default=20.0, help="timed seconds per fresh-process config "
+                        "(1-3 calls)")
+    parser.add_argument("--cap-s", type=float, default=180.0, help="skip a config predicted to take longer")
+    parser.add_argument("--budget-s", type=float, default=1500.0, help="skip configs that would end past this")
+    parser.add_argument("--no-mem", action="store_true", help="no memory subprocesses for the in-process configs")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--from-csv", nargs="?", const="", metavar="RUN_ID",
+                        help="no measurement: report and plot the last run (or RUN_ID) in the CSV")
+    parser.add_argument("--csv", default=CSV_PATH)
+    parser.add_argument("--png", default=PNG_PATH)
+    parser.add_argument("--one", nargs=3, metavar=("PROVIDER", "MODE", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--reps", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    H, D, m = 8, 64, 64
-    W = posattn.kernelized.orthogonal_projection(m, D)
-    rows = []
-    n = 1024
-    while n <= args.max_n:
-        q, k, v = (torch.randn(1, H, n, D) for _ in range(3))
-        table = torch.randn(H, 2 * n + 1) * 0.1
-        rpe = posattn.RelativeBias(table)
-        fwd = median_time(lambda: posattn.kernelized_attention(q, k, v, rpe=rpe, projection=W), args.reps)
-        qg, kg, vg, tg = (t.clone().requires_grad_() for t in (q, k, v, table))
-
-        def step():
-            z = posattn.kernelized_attention(qg, kg, vg, rpe=posattn.RelativeBias(tg), projection=W)
-            torch.autograd.grad(z.sum(), (qg, kg, vg, tg))
-
-        both = median_time(step, 1)
-        sdpa = median_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), args.reps)
-        dense = (median_time(lambda: posattn.reference.attention(q, k, v, bias=rpe), 1) if n <= 8192
-                 else float("nan"))
-        rows.append((n, fwd, both, sdpa, dense))
-        print(f"N={n:6d}  kernelized+RPE fwd {fwd * 1e3:9.1f} ms  fwd+bwd {both * 1e3:9.1f} ms  |  SDPA fwd "
-              f"{sdpa * 1e3:8.1f} ms  |  dense softmax+RelativeBias fwd {dense * 1e3:9.1f} ms", flush=True)
-        n *= 2
-    data = np.array(rows)
-    if len(data) < 2:
-        print("growth exponents need at least two sizes (--max-n >= 2048)")
+    if args.one:
+        provider, mode, n = args.one
+        one(provider, mode, int(n), args.warmup, args.reps)
         return
-    for col, name in [(1, "kernelized fwd"), (2, "kernelized fwd+bwd"), (3, "SDPA fwd"), (4, "dense softmax+bias fwd")]:
-        ok = ~np.isnan(data[:, col])
-        slope = np.polyfit(np.log(data[ok, 0]), np.log(data[ok, col]), 1)[0]
-        print(f"growth exponent, {name}: {slope:.2f}")
+    if args.from_csv is not None:
+        rows = load_csv(args.csv, args.from_csv or None)
+        fits, crosses = report(rows)
+        if not args.no_plot:
+            out = plot(rows, fits, crosses, args.png)
+            if out:
+                print(f"plot: {os.path.relpath(out, os.getcwd())}")
+        return
+    if args.quick:
+        args.max_n = min(args.max_n, 4096)
+        args.dense_max_n = min(args.dense_max_n, 4096)
+    args.providers = set(args.providers.split(","))
+    args.modes = set(args.modes.split(","))
+    if args.providers - set(PROVIDERS) or args.modes - set(MODES):
+        parser.error(f"providers from {PROVIDERS}, modes from {MODES}")
+
+    torch.set_num_threads(THREADS)
+    model, cores = machine()
+    run_id = datetime.datetime.now().isoformat(timespec="seconds")
+    meta = dict(run_id=run_id, machine=model, cores=cores, torch=torch.__version__, posattn=posattn.__version__,
+                git_sha=git_sha(), kernelized_backend=kernelized_backend())
+    try:
+        isa = posattn.ops.cpu_isa()
+    except Exception as e:
+        isa = f"n/a ({reason(e)})"
+    print(f"machine: {model}, {cores} cores, {THREADS} threads | torch {torch.__version__} | posattn "
+          f"{posattn.__version__} @ {meta['git_sha']} | posattn cpu ISA: {isa}")
+    print(f"kernelized+rpe runs: {meta['kernelized_backend']}")
+    print(f"N {args.min_n}..{args.max_n} (dense+rpe fwd <= {args.dense_max_n}, fwd+bwd <= {args.dense_max_n // 2}); "
+          f"in-process below {args.inproc_s:.0f} s per call, else a fresh process without warm-up; cap "
+          f"{args.cap_s:.0f} s per config, budget {args.budget_s:.0f} s; 1-min load average now "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    sink = CsvSink(args.csv)
+    rows, elapsed = sweep(args, meta, sink)
+    if git_sha() != meta["git_sha"]:
+        print(f"WARNING: the checkout moved during the run ({meta['git_sha']} -> {git_sha()})")
+    rows = [{k: str(v) for k, v in r.items()} for r in rows]
+    fits, crosses = report(rows, elapsed)
+    print(f"CSV: {os.path.relpath(args.csv, os.getcwd())} (run_id {run_id})")
+    if not args.no_plot:
+        out = plot(rows, fits, crosses, args.png)
+        if out:
+            print(f"plot: {os.path.relpath(out, os.getcwd())}")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 import posattn
+from _common import cpu_seconds, git_sha, machine, reason, reset_hwm, status_kib
 
 THREADS = 2
 B, H, D = 1, 8, 64
@@ -218,29 +219,8 @@ def flops(case, n):
     return fwd * (3.5 if case.mode == "fwd+bwd" else 1.0)
 
 
-def reason(e):
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:160]
-
-
 # ---------------------------------------------------------------------------------------------
 # memory: one (provider, case, N) per fresh process
-
-def _status_kib(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
-def _reset_hwm():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def one(provider, case_key, n, warmup):
@@ -249,17 +229,17 @@ def one(provider, case_key, n, warmup):
     torch.manual_seed(0)
     case = CASES[case_key]
     x = make_inputs(case, n)
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     step = build_step(provider, case, x, n)
     for _ in range(warmup):
         step()
-    resident = _status_kib("VmRSS")
-    reset = _reset_hwm()
+    resident = status_kib("VmRSS")
+    reset = reset_hwm()
     start = time.perf_counter()
     result = step()
     seconds = time.perf_counter() - start
     del result
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     print("RESULT " + json.dumps(dict(base_mib=base / 1024, setup_mib=(resident - base) / 1024, hwm_mib=hwm / 1024,
                                       peak_mib=(hwm - base) / 1024,
                                       maxrss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -296,24 +276,6 @@ class Row:
     @property
     def median(self):
         return float(np.median(self.times)) if self.times else None
-
-
-def machine():
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return model, os.cpu_count()
-
-
-def git_sha():
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def rel_diff(a, b):
@@ -567,26 +529,11 @@ def main():
     print(f"done in {elapsed:.0f} s; CSV: {write_csv(csv_rows)}")
 
 
-def _cpu_seconds():
-    """(this process's CPU seconds, the whole machine's busy CPU seconds, steal seconds)."""
-    use = resource.getrusage(resource.RUSAGE_SELF)
-    busy = steal = 0.0
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(t) for t in f.readline().split()[1:]]
-        hz = os.sysconf("SC_CLK_TCK")
-        busy = (sum(ticks[:8]) - ticks[3] - ticks[4]) / hz      # all but idle and iowait
-        steal = ticks[7] / hz
-    except (OSError, ValueError, IndexError):
-        pass
-    return np.array([use.ru_utime + use.ru_stime, busy, steal])
-
-
 def cores_while(fn):
     """Run fn; return (cores this process used, cores other processes used, cores stolen by the hypervisor)."""
-    before, wall = _cpu_seconds(), time.perf_counter()
+    before, wall = cpu_seconds(), time.perf_counter()
     fn()
-    own, busy, steal = (_cpu_seconds() - before) / max(time.perf_counter() - wall, 1e-9)
+    own, busy, steal = (cpu_seconds() - before) / max(time.perf_counter() - wall, 1e-9)
     return own, max(busy - own, 0.0), steal
 
 

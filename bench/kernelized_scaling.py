@@ -45,7 +45,6 @@ import datetime
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -55,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 import posattn
+from _common import cpu_seconds, git_sha, machine, reason, reset_hwm, status_kib
 
 THREADS = 2
 B, H, D, M_FEATURES = 1, 8, 64, 64
@@ -116,11 +116,6 @@ def build_step(provider, mode, x):
     return step
 
 
-def reason(e):
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:160]
-
-
 def kernelized_backend():
     """Which path kernelized_attention's default backend takes on CPU tensors here."""
     x = make_inputs(64, "fwd")
@@ -135,37 +130,6 @@ def kernelized_backend():
 # ---------------------------------------------------------------------------------------------
 # measurement helpers
 
-def _status_kib(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
-def _reset_hwm():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _cpu_seconds():
-    """(this process's CPU seconds, the whole machine's busy CPU seconds, steal seconds)."""
-    use = resource.getrusage(resource.RUSAGE_SELF)
-    busy = steal = 0.0
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(t) for t in f.readline().split()[1:]]
-        hz = os.sysconf("SC_CLK_TCK")
-        busy = (sum(ticks[:8]) - ticks[3] - ticks[4]) / hz      # all but idle and iowait
-        steal = ticks[7] / hz
-    except (OSError, ValueError, IndexError):
-        pass
-    return np.array([use.ru_utime + use.ru_stime, busy, steal])
-
 
 class Usage:
     """Accumulates CPU use over timed calls: cores this process used, cores others used, steal."""
@@ -175,10 +139,10 @@ class Usage:
         self.wall = 0.0
 
     def timed(self, fn):
-        before, start = _cpu_seconds(), time.perf_counter()
+        before, start = cpu_seconds(), time.perf_counter()
         fn()
         elapsed = time.perf_counter() - start
-        self.cpu += _cpu_seconds() - before
+        self.cpu += cpu_seconds() - before
         self.wall += elapsed
         return elapsed
 
@@ -200,15 +164,15 @@ def one(provider, mode, n, warmup, reps):
     """Child of --one: one configuration in a fresh process; print a RESULT line (JSON)."""
     torch.set_num_threads(THREADS)
     x = make_inputs(n, mode)
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     step = build_step(provider, mode, x)
     for _ in range(warmup):
         step()
-    reset = _reset_hwm() if warmup else False
+    reset = reset_hwm() if warmup else False
     usage, times = Usage(), []
     for _ in range(reps):
         times.append(usage.timed(step))
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     own, others, steal = usage.cores()
     print("RESULT " + json.dumps(dict(times=times, base_mib=base / 1024, peak_mib=(hwm - base) / 1024, hwm_reset=reset,
                                       cores=[own, others, steal], loadavg1=os.getloadavg()[0])), flush=True)
@@ -255,23 +219,6 @@ def predict(history, key, n, fallback_from=None):
 
 # ---------------------------------------------------------------------------------------------
 # the sweep
-
-def machine():
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return model, os.cpu_count()
-
-
-def git_sha():
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 class CsvSink:

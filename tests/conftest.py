@@ -45,6 +45,22 @@ def backend_device(backend):
     return "cpu" if backend == "cpu" else DEVICE
 
 
+def backend_fixtures():
+    """The fixtures of a module whose tests run once per kernel backend: ``backend``
+    (ids ``triton`` / ``cpu``) and ``device``, the device that backend's tensors live on.
+    A module binds both with ``backend, device = backend_fixtures()``."""
+
+    @pytest.fixture(params=KERNEL_BACKENDS)
+    def backend(request):
+        return request.param
+
+    @pytest.fixture
+    def device(backend):
+        return backend_device(backend)
+
+    return backend, device
+
+
 def _extension_error():
     from posattn import ops  # imports posattn (not Triton); ops holds the extension's import error
     return ops._C_ERROR

@@ -6,19 +6,11 @@ import pytest
 import torch
 
 import posattn
-from conftest import KERNEL_BACKENDS, backend_device
+from conftest import backend_fixtures
 from posattn import ops
 
 
-@pytest.fixture(params=KERNEL_BACKENDS)
-def backend(request):
-    return request.param
-
-
-@pytest.fixture
-def device(backend):
-    # the cpu backend takes CPU tensors, also where the test device is CUDA
-    return backend_device(backend)
+backend, device = backend_fixtures()
 
 
 def qkv(B=1, H=2, Hkv=2, L=7, S=9, D=16, Dv=16, dtype=torch.float32, device="cpu"):

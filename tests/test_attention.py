@@ -13,20 +13,13 @@ import pytest
 import torch
 
 import posattn
-from conftest import KERNEL_BACKENDS, backend_device, backend_dtype_params
+from conftest import backend_dtype_params, backend_fixtures
 from tolerance import assert_close
 
 HALF = backend_dtype_params()  # (backend, dtype): triton-float16, cpu-bfloat16, cpu-float16, …
 
 
-@pytest.fixture(params=KERNEL_BACKENDS)
-def backend(request):
-    return request.param
-
-
-@pytest.fixture
-def device(backend):
-    return backend_device(backend)
+backend, device = backend_fixtures()
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import posattn
-from conftest import CPU, KERNEL_BACKENDS, TRITON, backend_device
+from conftest import CPU, TRITON, backend_fixtures
 from posattn.positions import rope_frequencies, t5_relative_position_bucket
 from tolerance import assert_close
 
@@ -36,14 +36,7 @@ F32 = torch.float32
 
 # Every test that runs a kernel asks for ``backend`` (and ``device``, the device that backend's
 # tensors live on): it runs once per kernel backend, with ids such as ``triton-…`` / ``cpu-…``.
-@pytest.fixture(params=KERNEL_BACKENDS)
-def backend(request):
-    return request.param
-
-
-@pytest.fixture
-def device(backend):
-    return backend_device(backend)
+backend, device = backend_fixtures()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -176,23 +176,28 @@ inline void micro(int64_t K, const float* A, int64_t ars, int64_t acs, const flo
 #endif
 }
 
-using MicroFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, bool);
-
-template <int R>
-constexpr MicroFn micro_for(int nv) {
-  return nv == 1 ? &micro<R, 1> : nv == 2 ? &micro<R, 2> : nv == 3 ? &micro<R, 3> : &micro<R, 4>;
+// One instance per (rows, vectors): family K<R, NV>::fn for r rows (1..MR) and nv vectors (1..4).
+template <template <int, int> class K, int R>
+constexpr auto micro_for(int nv) {
+  return nv == 1 ? K<R, 1>::fn : nv == 2 ? K<R, 2>::fn : nv == 3 ? K<R, 3>::fn : K<R, 4>::fn;
 }
 
-inline MicroFn micro_fn(int r, int nv) {
+template <template <int, int> class K>
+inline auto micro_fn(int r, int nv) {
   switch (r) {
-    case 1: return micro_for<1>(nv);
-    case 2: return micro_for<2>(nv);
-    case 3: return micro_for<3>(nv);
-    case 4: return micro_for<4>(nv);
-    case 5: return micro_for<5>(nv);
-    default: return micro_for<6>(nv);
+    case 1: return micro_for<K, 1>(nv);
+    case 2: return micro_for<K, 2>(nv);
+    case 3: return micro_for<K, 3>(nv);
+    case 4: return micro_for<K, 4>(nv);
+    case 5: return micro_for<K, 5>(nv);
+    default: return micro_for<K, 6>(nv);
   }
 }
+
+template <int R, int NV>
+struct MicroF32 {
+  static constexpr auto fn = &micro<R, NV>;
+};
 
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, int64_t acs, const float* B,
                  int64_t ldb, float* C, int64_t ldc, bool accumulate) {
@@ -206,7 +211,7 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, i
   constexpr int64_t KC = 64;
   for (int64_t n0 = 0; n0 < N; n0 += 64) {
     const int nv = static_cast<int>(N - n0 >= 64 ? 4 : (N - n0) / 16);
-    const MicroFn full = micro_fn(MR, nv);
+    const auto full = micro_fn<MicroF32>(MR, nv);
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = K - k0 < KC ? K - k0 : KC;
       const bool acc = accumulate || k0 > 0;
@@ -215,7 +220,8 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, i
       int64_t m0 = 0;
       for (; m0 + MR <= M; m0 += MR) full(kc, Ak + m0 * ars, ars, acs, Bk, ldb, C + m0 * ldc + n0, ldc, acc);
       if (m0 < M)
-        micro_fn(static_cast<int>(M - m0), nv)(kc, Ak + m0 * ars, ars, acs, Bk, ldb, C + m0 * ldc + n0, ldc, acc);
+        micro_fn<MicroF32>(static_cast<int>(M - m0), nv)(kc, Ak + m0 * ars, ars, acs, Bk, ldb, C + m0 * ldc + n0, ldc,
+                                                          acc);
     }
   }
 }
@@ -251,23 +257,10 @@ inline void micro_bf16(int64_t Kp, const uint16_t* A, int64_t lda, const uint16_
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + i * ldc + 16 * v, c[i][v]);
 }
 
-using MicroBf16Fn = void (*)(int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, bool);
-
-template <int R>
-constexpr MicroBf16Fn micro_bf16_for(int nv) {
-  return nv == 1 ? &micro_bf16<R, 1> : nv == 2 ? &micro_bf16<R, 2> : nv == 3 ? &micro_bf16<R, 3> : &micro_bf16<R, 4>;
-}
-
-inline MicroBf16Fn micro_bf16_fn(int r, int nv) {
-  switch (r) {
-    case 1: return micro_bf16_for<1>(nv);
-    case 2: return micro_bf16_for<2>(nv);
-    case 3: return micro_bf16_for<3>(nv);
-    case 4: return micro_bf16_for<4>(nv);
-    case 5: return micro_bf16_for<5>(nv);
-    default: return micro_bf16_for<6>(nv);
-  }
-}
+template <int R, int NV>
+struct MicroBf16 {
+  static constexpr auto fn = &micro_bf16<R, NV>;
+};
 
 // K even; B pairs [K/2][N][2] with N a multiple of 16.
 inline void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, float* C,
@@ -275,12 +268,12 @@ inline void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_
   const int64_t ldb = 2 * N;
   for (int64_t n0 = 0; n0 < N; n0 += 64) {
     const int nv = static_cast<int>(N - n0 >= 64 ? 4 : (N - n0) / 16);
-    const MicroBf16Fn full = micro_bf16_fn(MR, nv);
+    const auto full = micro_fn<MicroBf16>(MR, nv);
     int64_t m0 = 0;
     for (; m0 + MR <= M; m0 += MR) full(K / 2, A + m0 * lda, lda, B + 2 * n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
     if (m0 < M)
-      micro_bf16_fn(static_cast<int>(M - m0), nv)(K / 2, A + m0 * lda, lda, B + 2 * n0, ldb, C + m0 * ldc + n0, ldc,
-                                                   accumulate);
+      micro_fn<MicroBf16>(static_cast<int>(M - m0), nv)(K / 2, A + m0 * lda, lda, B + 2 * n0, ldb, C + m0 * ldc + n0,
+                                                         ldc, accumulate);
   }
 }
 #define POSATTN_BF16_DOT 1
@@ -844,7 +837,7 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
   Buffer Qs(BM * Dp), S(BM * BN), acc(BM * Dvp), keep(BN), orow(Dvp);
   Buffer q16_buf(dot16 ? BM * Dp / 2 : 1), p16_buf(dot16 ? BM * BN / 2 : 1);  // bf16 tiles in float storage
   uint16_t* Q16 = reinterpret_cast<uint16_t*>(q16_buf.p);
-  uint16_t* P16 = reinterpret_cast<uint16_t*>(p16_buf.p);
+  [[maybe_unused]] uint16_t* P16 = reinterpret_cast<uint16_t*>(p16_buf.p);  // read by the bf16 build only
   Buffer kx(xpos ? Dp * BN : 1), factor(xpos ? BN * Dp : 1);
   int32_t qp[BM];
   float m_i[BM], l_i[BM];

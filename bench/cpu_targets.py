@@ -44,7 +44,6 @@ import datetime
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 import posattn
-from _common import cpu_seconds, git_sha, machine, reason, reset_hwm, status_kib
+from _common import cpu_seconds, git_sha, machine, reason, reset_hwm, run_child, status_kib
 
 THREADS = 2
 B, H, D = 1, 8, 64
@@ -247,16 +246,7 @@ def one(provider, case_key, n, warmup):
 
 
 def measure_memory(provider, case_key, n, warmup, timeout):
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", provider, case_key, str(n), "--warmup", str(warmup)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return None, f"memory run timed out after {timeout} s"
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):]), None
-    tail = [s for s in p.stderr.strip().splitlines() if s.strip()]
-    return None, f"memory run failed (rc {p.returncode}): {tail[-1][:160] if tail else 'no output'}"
+    return run_child(__file__, ["--one", provider, case_key, n, "--warmup", warmup], timeout)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -54,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 import posattn
-from _common import cpu_seconds, git_sha, machine, reason, reset_hwm, status_kib
+from _common import cpu_seconds, git_sha, machine, reason, reset_hwm, run_child, status_kib
 
 THREADS = 2
 B, H, D, M_FEATURES = 1, 8, 64, 64
@@ -178,18 +177,8 @@ def one(provider, mode, n, warmup, reps):
                                       cores=[own, others, steal], loadavg1=os.getloadavg()[0])), flush=True)
 
 
-def run_child(provider, mode, n, warmup, reps, timeout):
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", provider, mode, str(n), "--warmup", str(warmup),
-           "--reps", str(reps)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return None, f"subprocess timed out after {timeout:.0f} s"
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):]), None
-    tail = [s for s in p.stderr.strip().splitlines() if s.strip()]
-    return None, f"subprocess failed (rc {p.returncode}): {tail[-1][:160] if tail else 'no output'}"
+def child_run(provider, mode, n, warmup, reps, timeout):
+    return run_child(__file__, ["--one", provider, mode, n, "--warmup", warmup, "--reps", reps], timeout)
 
 
 def mem_available_mib():
@@ -342,7 +331,7 @@ def sweep(args, meta, sink):
                 del steps, x
                 for p in ran:
                     res, err = (None, "memory skipped (--no-mem)") if args.no_mem else \
-                        run_child(p, mode, n, 1, 1, timeout=60 + 10 * max(first[p], 1.0))
+                        child_run(p, mode, n, 1, 1, timeout=60 + 10 * max(first[p], 1.0))
                     note = err or ""
                     if res is not None and not res["hwm_reset"]:
                         note = "peak includes the warm-up"
@@ -356,7 +345,7 @@ def sweep(args, meta, sink):
                     emit(p, mode, n, "skipped", note=f"predicted {pred * reps:.0f} s would end past --budget-s "
                                                      f"{args.budget_s:.0f} s (at {elapsed:.0f} s)")
                     continue
-                res, err = run_child(p, mode, n, 0, reps, timeout=max(120.0, 3 * pred * reps + 60))
+                res, err = child_run(p, mode, n, 0, reps, timeout=max(120.0, 3 * pred * reps + 60))
                 if res is None:
                     dropped[(p, mode)] = f"skipped after N={n}: {err}"
                     emit(p, mode, n, "failed", where="fresh", note=err)

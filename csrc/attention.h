@@ -74,9 +74,9 @@ struct BwdArgs {
 // Row padding of the packed fp32 operands (the micro-kernel works on whole vectors).
 inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
 
-// Query tiles per backward chunk: a fixed rule of the sizes only (never the thread count),
-// so the gradients are bitwise the same whatever the number of threads.
-int64_t backward_chunks(int64_t B, int64_t H, int64_t L);
+// Query rows per tile of the kernels (BM in attention_kernel.h); the op layer sizes the
+// backward's chunks of query tiles with it.
+constexpr int64_t QUERY_TILE = 64;
 
 namespace generic {
 void attention_forward(const AttnArgs& a, void* out, float* lse);

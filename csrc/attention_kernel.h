@@ -16,7 +16,7 @@
 
 namespace {
 
-constexpr int64_t BM = 64;  // query rows per tile
+constexpr int64_t BM = QUERY_TILE;  // query rows per tile
 constexpr int64_t BN = 128; // keys per tile
 constexpr int MR = 6;       // micro-kernel rows (6 x 4 vectors of accumulators)
 constexpr float NEG_INF = -__builtin_inff();

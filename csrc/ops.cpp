@@ -17,19 +17,20 @@
 #include "attention.h"
 
 namespace posattn {
-
-int64_t backward_chunks(int64_t B, int64_t H, int64_t L) {
-  // Enough tasks to keep every core busy under causal imbalance when B·H is small; one
-  // chunk per (batch, head) otherwise. Sizes only: never the thread count.
-  const int64_t tiles = (L + 63) / 64;
-  const int64_t want = (32 + B * H - 1) / (B * H);
-  return std::max<int64_t>(1, std::min(want, tiles));
-}
-
 namespace {
 
 using at::Tensor;
 using c10::optional;
+
+// Query-tile chunks per (batch, head) in the backward. Enough tasks to keep every core busy
+// under causal imbalance when B·H is small; one chunk per (batch, head) otherwise. A rule of
+// the sizes only (never the thread count), so gradients are bitwise the same for any thread
+// count.
+int64_t backward_chunks(int64_t B, int64_t H, int64_t L) {
+  const int64_t tiles = (L + QUERY_TILE - 1) / QUERY_TILE;
+  const int64_t want = (32 + B * H - 1) / (B * H);
+  return std::max<int64_t>(1, std::min(want, tiles));
+}
 
 bool cpu_supports(const char* feature) {
 #if defined(POSATTN_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))

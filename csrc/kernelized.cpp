@@ -11,6 +11,17 @@
 // The forward is kz_outer(φk, v) → FFT → kz_contract_f(φq, ·); the backward uses all three
 // (the gradients w.r.t. φq, φk and v), so the (N, F·(Dv+1)) tensors exist once per chunk:
 // the FFT's input and output.
+//
+// And the positive-random-feature map (FAVOR+) around its one projection GEMM, x̃ = x·D^{-1/4}:
+//
+//   kz_prf:     φ[n, l] = exp(w_l·x̃_n − ‖x̃_n‖²/2 − stab) / √m, stab the row's max over l for
+//               queries, the max over every row of the (batch, head) for keys
+//   kz_prf_bwd: dx[n]   = D^{-1/4}·(Σ_l g[n, l]·w_l − x̃_n·Σ_l g[n, l]),  g = dφ ⊙ φ
+//
+// in float32 (float64 for float64 inputs); the GEMMs are ATen's, the rest one pass each.
+#include <cmath>
+#include <limits>
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -124,6 +135,89 @@ Tensor kz_contract_e(const Tensor& x_in, const Tensor& w_in, int64_t F) {
   return out;
 }
 
+at::ScalarType compute_type(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_prf(const Tensor& x, const Tensor& w, const char* op) {
+  TORCH_CHECK(x.dim() == 4 && x.is_floating_point() && x.device().is_cpu(), op, ": x must be a CPU float tensor [B, H, N, D], got ",
+              x.sizes(), " ", x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(3) && w.size(0) >= 1 && w.is_floating_point() && w.device().is_cpu(), op,
+              ": the projection must be a CPU float tensor [m, ", x.size(3), "], got ", w.sizes());
+}
+
+Tensor kz_prf(const Tensor& x, const Tensor& w, bool is_query) {
+  check_prf(x, w, "kz_prf");
+  const auto ct = compute_type(x);
+  const int64_t B = x.size(0), H = x.size(1), N = x.size(2), D = x.size(3), m = w.size(0);
+  const Tensor xs = (x.to(ct) * std::pow(double(D), -0.25)).contiguous();
+  Tensor phi = at::matmul(xs, w.to(ct).t()).contiguous();  // [B, H, N, m]: w_l·x̃
+  Tensor stab = at::empty({B * H, N}, xs.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "kz_prf", [&] {
+    scalar_t* p = phi.data_ptr<scalar_t>();
+    const scalar_t* xr = xs.data_ptr<scalar_t>();
+    scalar_t* st = stab.data_ptr<scalar_t>();
+    const scalar_t inv_sqrt_m = scalar_t(1) / std::sqrt(scalar_t(m));
+    at::parallel_for(0, B * H * N, 64, [&](int64_t begin, int64_t end) {  // logits and each row's max
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t half_sq = 0;
+        for (int64_t d = 0; d < D; ++d) half_sq += xr[r * D + d] * xr[r * D + d];
+        half_sq *= scalar_t(0.5);
+        scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
+        for (int64_t l = 0; l < m; ++l) mx = std::max(mx, p[r * m + l] -= half_sq);
+        st[r] = mx;
+      }
+    });
+    if (!is_query) {  // keys: one stabiliser per (batch, head) (a per-key one would not cancel)
+      const Tensor gmax = std::get<0>(stab.max(1, true));
+      stab.copy_(gmax.expand_as(stab));
+    }
+    at::parallel_for(0, B * H * N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t l = 0; l < m; ++l) p[r * m + l] = std::exp(p[r * m + l] - st[r]) * inv_sqrt_m;
+    });
+  });
+  return phi;
+}
+
+Tensor kz_prf_bwd(const Tensor& dphi_in, const Tensor& phi_in, const Tensor& x, const Tensor& w) {
+  check_prf(x, w, "kz_prf_bwd");
+  const auto ct = compute_type(x);
+  const int64_t D = x.size(3), m = w.size(0);
+  TORCH_CHECK(phi_in.scalar_type() == ct && dphi_in.scalar_type() == ct && phi_in.sizes() == dphi_in.sizes() &&
+                  phi_in.dim() == 4 && phi_in.sizes().slice(0, 3) == x.sizes().slice(0, 3) && phi_in.size(3) == m,
+              "kz_prf_bwd: dphi ", dphi_in.sizes(), " and phi ", phi_in.sizes(), " must be [B, H, N, ", m, "] in ", ct);
+  const Tensor dphi = dphi_in.contiguous(), phi = phi_in.contiguous();
+  const double scale = std::pow(double(D), -0.25);
+  Tensor g = at::empty_like(phi);
+  Tensor gsum = at::empty(phi.sizes().slice(0, 3), phi.options());
+  const int64_t rows = rows_of(phi);
+  AT_DISPATCH_FLOATING_TYPES(ct, "kz_prf_bwd", [&] {
+    const scalar_t* dp = dphi.data_ptr<scalar_t>();
+    const scalar_t* pp = phi.data_ptr<scalar_t>();
+    scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* sp = gsum.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t s = 0;
+        for (int64_t l = 0; l < m; ++l) s += gp[r * m + l] = dp[r * m + l] * pp[r * m + l];
+        sp[r] = s;
+      }
+    });
+  });
+  Tensor dx = at::matmul(g, w.to(ct)).contiguous();  // [B, H, N, D]: Σ_l g_l·w_l
+  const Tensor xc = x.to(ct).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "kz_prf_bwd_x", [&] {
+    scalar_t* o = dx.data_ptr<scalar_t>();
+    const scalar_t* xr = xc.data_ptr<scalar_t>();
+    const scalar_t* sp = gsum.data_ptr<scalar_t>();
+    const scalar_t s1 = scalar_t(scale), s2 = scalar_t(scale * scale);
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t d = 0; d < D; ++d) o[r * D + d] = s1 * o[r * D + d] - s2 * xr[r * D + d] * sp[r];
+    });
+  });
+  return dx.to(x.scalar_type());
+}
+
 }  // namespace
 }  // namespace posattn
 
@@ -131,10 +225,14 @@ TORCH_LIBRARY_FRAGMENT(posattn, m) {
   m.def("kz_outer(Tensor phi, Tensor w, int lo, int hi, bool append_phi) -> Tensor");
   m.def("kz_contract_f(Tensor phi, Tensor x, int lo, int hi) -> Tensor");
   m.def("kz_contract_e(Tensor x, Tensor w, int F) -> Tensor");
+  m.def("kz_prf(Tensor x, Tensor w, bool is_query) -> Tensor");
+  m.def("kz_prf_bwd(Tensor dphi, Tensor phi, Tensor x, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(posattn, CPU, m) {
   m.impl("kz_outer", &posattn::kz_outer);
   m.impl("kz_contract_f", &posattn::kz_contract_f);
   m.impl("kz_contract_e", &posattn::kz_contract_e);
+  m.impl("kz_prf", &posattn::kz_prf);
+  m.impl("kz_prf_bwd", &posattn::kz_prf_bwd);
 }

@@ -195,6 +195,28 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out.reshape(L, out.shape[-1]) if out_2d else out
 
 
+def _kernelized_backend(backend, q):
+    """The fused kernels kernelized attention runs with: "cpu", "triton", or None (the FFT
+    path in PyTorch ops, for devices without fused kernels). Unlike softmax attention, float64
+    stays on the fast path (its Toeplitz products are float64 anyway)."""
+    if backend is None:
+        if q.device.type == "cpu":
+            ops.require_cpu_extension()  # a missing build is an error, never a silent switch
+            return "cpu"
+        if q.device.type == "cuda" and _config.triton_available() and q.dtype != torch.float64:
+            return "triton"
+        return None
+    if backend == "cpu":
+        ops.require_cpu_extension()
+        if q.device.type != "cpu":
+            raise RuntimeError(f"kernelized_attention(backend='cpu') needs CPU tensors, got q on {q.device}; use "
+                               f"backend='triton' for CUDA tensors or backend=None")
+        return backend
+    if backend == "triton":
+        return select_backend(backend, q)  # the same checks as softmax attention's Triton backend
+    raise ValueError(f"kernelized_attention: backend={backend!r}; choose None, 'cpu', 'triton' or 'reference'")
+
+
 def kernelized_attention(q, k, v, *, rpe=None, causal=False, feature_map="prf", projection=None, num_features=None,
                          eps=1e-6, backend=None, normalize_qk=False):
     """Kernelized attention with relative positions in O(N log N) (Luo et al., NeurIPS 2021).
@@ -205,9 +227,10 @@ def kernelized_attention(q, k, v, *, rpe=None, causal=False, feature_map="prf", 
     attention in O(N)); ``causal`` sets c_r = 0 for r > 0 (top-left, like SDPA).
 
     q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] (GQA: H a multiple of Hkv); returns
-    [B, H, L, Dv] in v's dtype. The feature maps run in the inputs' dtype; the Toeplitz
-    products in float64 (an FFT's round-off is absolute, and in float32 it swamps rows with a
-    small denominator, e.g. the first causal rows); linear attention (no ``rpe``) in fp32.
+    [B, H, L, Dv] in v's dtype. The fused "prf" feature map computes in fp32 (fp64 for fp64
+    inputs; the other maps in the inputs' dtype); the Toeplitz products in float64 (an FFT's
+    round-off is absolute, and in float32 it swamps rows with a small denominator, e.g. the
+    first causal rows); linear attention (no ``rpe``) in fp32.
 
     ``feature_map``: "prf" (FAVOR+ positive random features exp(W·x̃ − ‖x̃‖²/2)/√m,
     x̃ = x·D^{-1/4}, with max-stabilisers that cancel), "elu" (elu(x) + 1), "relu", or a
@@ -218,33 +241,24 @@ def kernelized_attention(q, k, v, *, rpe=None, causal=False, feature_map="prf", 
     for stable training, as we read it; MATH.md §1.1).
 
     The Toeplitz products run through ``torch.fft`` on a circulant embedding of length
-    ≥ L + S − 1; the backward is custom (MATH.md §1.5): it recomputes those products chunk by
-    chunk over the features and gets the table's gradient as one cross-correlation, so
-    memory is O(N·m·Dv / chunks), never O(L·S).
+    ≥ L + S − 1; the backward is custom (MATH.md §1.5): it recomputes those products piece by
+    piece (a range of features, or one feature of some (batch, head) slices, so that each
+    piece's spectra stay near 64 MiB), reuses each piece's spectra for the table's gradient
+    (one cross-correlation), and never forms anything of size L·S.
 
-    ``backend``: "cpu" (CPU tensors: the outer products φ(k)⊗[v, 1] that feed the FFTs
-    and the contractions with φ(q) after them, forward and backward, are fused C++ kernels of
-    posattn._C, so the (N, m·Dv) tensors exist once per feature chunk: the FFT's input and
-    output), "reference" (the dense O(L·S) oracle), or None: "cpu" for CPU tensors, else the
-    same FFT path in PyTorch ops. The feature maps are PyTorch ops on every backend, and
-    "triton" (fused GPU kernels) is not built yet (issue #6).
+    ``backend``: "cpu" (CPU tensors: posattn._C's fused kernels), "triton" (CUDA tensors, or
+    CPU tensors under TRITON_INTERPRET=1: fused Triton kernels), "reference" (the dense O(L·S)
+    oracle), or None: "cpu" for CPU tensors, "triton" for CUDA tensors (float64 CUDA inputs,
+    and other devices, run the same FFT path in PyTorch ops). The fused kernels are the "prf"
+    feature map (forward and backward around one projection GEMM each), the outer products
+    φ(k)⊗[v, 1] that feed the FFTs and the contractions with φ(q) after them, so the
+    (N, m·Dv) tensors exist once per piece: the FFT's input and output.
     """
     check_kernelized_inputs(q, k, v, rpe, causal, feature_map, projection, num_features, eps)
     if backend == "reference":
         return reference.kernelized_attention(q, k, v, rpe=rpe, causal=causal, feature_map=feature_map,
                                               projection=projection, num_features=num_features, eps=eps,
                                               normalize_qk=normalize_qk)
-    if backend is None and q.device.type == "cpu":
-        backend = "cpu"
-    if backend == "cpu":
-        ops.require_cpu_extension()
-        if q.device.type != "cpu":
-            raise RuntimeError(f"kernelized_attention(backend='cpu') needs CPU tensors, got q on {q.device}; use "
-                               f"backend=None for the FFT path on {q.device.type}")
-    elif backend == "triton":
-        raise NotImplementedError("kernelized_attention(backend='triton'): fused GPU kernels for kernelized attention "
-                                  "are not built yet (issue #6); use backend=None (the FFT path in PyTorch ops)")
-    elif backend is not None:
-        raise ValueError(f"kernelized_attention: backend={backend!r}; choose None, 'cpu' or 'reference'")
-    phi_q, phi_k = features(q, k, feature_map, projection, num_features, normalize_qk)
-    return kernelized(phi_q, phi_k, v, rpe, causal, eps, fused=backend == "cpu")
+    backend = _kernelized_backend(backend, q)
+    phi_q, phi_k = features(q, k, feature_map, projection, num_features, normalize_qk, backend)
+    return kernelized(phi_q, phi_k, v, rpe, causal, eps, backend)

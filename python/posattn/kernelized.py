@@ -7,15 +7,17 @@ with c_r = exp(table[h, clamp(r, −M, M) + M]) from a :class:`~posattn.Relative
 C_ij = c_{j−i} is Toeplitz, so every product with it is a convolution computed with
 ``torch.fft`` on a circulant embedding of length ≥ L + S − 1 (MATH.md §1.2). The
 Toeplitz core is one autograd Function whose backward (MATH.md §1.5) recomputes the
-forward's products chunk by chunk over the feature dimension and obtains the table's
-gradient as one cross-correlation, so memory stays O(N·chunk) rather than O(N²); the
-feature maps are differentiated by autograd.
+forward's products piece by piece (:func:`_chunks`) and obtains the table's gradient as one
+cross-correlation from the same spectra, so memory stays O(N·piece) rather than O(N²).
+The pieces around the FFTs (outer products, contractions) and the "prf" feature map come
+from a backend's fused kernels (:func:`kernel_ops`) or from PyTorch ops.
 
 Without ``rpe`` (c ≡ 1) this is plain linear attention, O(N).
 """
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -108,102 +110,87 @@ def _kernel_spectrum(c, L, S, N, transpose):
     return torch.fft.rfft(col, n=N, dim=-1)  # [H, N/2 + 1]
 
 
-def _toeplitz_apply(spectrum, x, n_out, N):
-    """y [B, H, n_out, F] = (C or Cᵀ) x for x [B, H, n_in, F], by one circular convolution."""
-    X = torch.fft.rfft(x, n=N, dim=2)
-    return torch.fft.irfft(X * spectrum[None, :, :, None], n=N, dim=2)[:, :, :n_out]
-
-
-def _chunk(m, dv, B, H, N):
-    per_feature = B * H * (N // 2 + 1) * 16 * max(dv, 1)
-    return max(1, min(m, _CHUNK_BYTES // per_feature))
+def _chunks(G, m, e1, N):
+    """(heads, lo, hi): the pieces the Toeplitz products run in, each with spectra of about
+    ``_CHUNK_BYTES`` or less: a range of features for every (batch, head) while one feature
+    of all of them fits, else one feature for as many (batch, head) slices as fit (at least
+    one: a single slice's (N/2 + 1) × e1 spectrum is the floor)."""
+    unit = (N // 2 + 1) * 16 * e1  # bytes of one feature's complex128 spectra in one slice
+    budget = max(1, _CHUNK_BYTES // unit)
+    g_step, f_step = (G, min(m, budget // G)) if budget >= G else (budget, 1)
+    for g0 in range(0, G, g_step):
+        for lo in range(0, m, f_step):
+            yield slice(g0, min(G, g0 + g_step)), lo, min(m, lo + f_step)
 
 
 class _ToeplitzKernelized(torch.autograd.Function):
-    """z = (φq ⊙ C(φk ⊗ v)) / (φq · C φk + eps), its custom backward and the table's gradient."""
+    """z = (φq · C(φk ⊗ v)) / (φq · C φk + eps), its custom backward and the table's gradient.
+
+    Works on [1, G, N, ·] views with G = B·H (batch and heads folded), so the chunks of
+    :func:`_chunks` can split them; ``ops`` supplies the outer products and contractions
+    around the FFTs (fused kernels of a backend, or PyTorch ops)."""
 
     @staticmethod
-    def forward(ctx, phi_q, phi_k, v, table, causal, eps, fused):
+    def forward(ctx, phi_q, phi_k, v, table, causal, eps, ops):
         B, H, L, m = phi_q.shape
         S, dv = phi_k.shape[2], v.shape[-1]
-        N = _fft_size(L, S)
+        G, N = B * H, _fft_size(L, S)
+        pq, pk, vv = phi_q.reshape(1, G, L, m), phi_k.reshape(1, G, S, m), v.reshape(1, G, S, dv)
         c = rpe_coefficients(table, L, S, causal, phi_q.dtype)
-        spec = _kernel_spectrum(c, L, S, N, transpose=False)
-        num = phi_q.new_zeros(B, H, L, dv)
-        den = phi_q.new_zeros(B, H, L)
-        step = _chunk(m, dv + 1, B, H, N)
-        for lo in range(0, m, step):
-            hi = min(m, lo + step)
-            if fused:
-                d = _toeplitz_apply(spec, _ops().kz_outer(phi_k, v, lo, hi, True), L, N)  # C(φk⊗[v, 1])
-                nd = _ops().kz_contract_f(phi_q, d, lo, hi)  # [B, H, L, dv+1]
-                num += nd[..., :dv]
-                den += nd[..., dv]
-                continue
-            fk = phi_k[..., lo:hi]  # [B, H, S, mc]
-            both = torch.cat((fk[..., None] * v[..., None, :], fk[..., None]), dim=-1)  # [B, H, S, mc, dv+1]
-            d = _toeplitz_apply(spec, both.flatten(-2), L, N).unflatten(-1, (hi - lo, dv + 1))  # C(φk⊗[v, 1])
-            fq = phi_q[..., lo:hi, None]
-            num += (fq * d[..., :dv]).sum(-2)
-            den += (fq[..., 0] * d[..., dv]).sum(-1)
-        den = den + eps
-        z = num / den[..., None]
-        ctx.save_for_backward(phi_q, phi_k, v, table, z, den)
-        ctx.causal, ctx.fused = causal, fused
+        spec = _kernel_spectrum(c, L, S, N, transpose=False).repeat(B, 1)[None, :, :, None]  # [1, G, N/2+1, 1]
+        nd = phi_q.new_zeros(1, G, L, dv + 1)  # [numerator, denominator]
+        for g, lo, hi in _chunks(G, m, dv + 1, N):
+            kv = torch.fft.rfft(ops.outer(pk[:, g], vv[:, g], lo, hi, True), n=N, dim=2)  # φk⊗[v, 1]
+            d = torch.fft.irfft(kv.mul_(spec[:, g]), n=N, dim=2)[:, :, :L]  # C(φk⊗[v, 1])
+            nd[:, g] += ops.contract_f(pq[:, g], d, lo, hi)
+        den = nd[..., dv] + eps
+        z = (nd[..., :dv] / den[..., None]).view(B, H, L, dv)
+        ctx.save_for_backward(phi_q, phi_k, v, table, z, den.view(B, H, L))
+        ctx.causal, ctx.ops = causal, ops
         return z
 
     @staticmethod
     def backward(ctx, dz):
         phi_q, phi_k, v, table, z, den = ctx.saved_tensors
+        ops = ctx.ops
         B, H, L, m = phi_q.shape
         S, dv = phi_k.shape[2], v.shape[-1]
-        N = _fft_size(L, S)
+        G, N = B * H, _fft_size(L, S)
+        pq, pk, vv = phi_q.reshape(1, G, L, m), phi_k.reshape(1, G, S, m), v.reshape(1, G, S, dv)
         with torch.enable_grad():
             table_ = table.detach().requires_grad_(table.requires_grad)
             c = rpe_coefficients(table_, L, S, ctx.causal, phi_q.dtype)
         cd = c.detach()
-        spec = _kernel_spectrum(cd, L, S, N, transpose=False)
-        spec_t = _kernel_spectrum(cd, L, S, N, transpose=True)
+        spec = _kernel_spectrum(cd, L, S, N, transpose=False).repeat(B, 1)[None, :, :, None]
+        spec_t = _kernel_spectrum(cd, L, S, N, transpose=True).repeat(B, 1)[None, :, :, None]
         dnum = dz / den[..., None]  # [B, H, L, dv]
         dden = -(dz * z).sum(-1) / den  # [B, H, L]
-        da = torch.cat((dnum, dden[..., None]), dim=-1)  # gradient pairs with [v, 1]
-        d_phi_q = torch.zeros_like(phi_q)
-        d_phi_k = torch.zeros_like(phi_k)
-        d_v = torch.zeros_like(v)
-        corr = phi_q.new_zeros(B, H, N // 2 + 1, dtype=torch.complex128 if phi_q.dtype == torch.float64
-                               else torch.complex64)
-        step = _chunk(m, dv + 1, B, H, N)
-        for lo in range(0, m, step):
-            hi = min(m, lo + step)
-            fk, fq = phi_k[..., lo:hi], phi_q[..., lo:hi]
-            if ctx.fused:
-                kv = _ops().kz_outer(phi_k, v, lo, hi, True)  # φk⊗[v, 1]
-                qa = _ops().kz_outer(phi_q, da, lo, hi, False)  # φq⊗[dnum, dden]
-                d1 = _toeplitz_apply(spec, kv, L, N)
-                d_phi_q[..., lo:hi] = _ops().kz_contract_e(d1, da, hi - lo)
-                t1 = _toeplitz_apply(spec_t, qa, S, N)
-                d_phi_k[..., lo:hi] = _ops().kz_contract_e(t1, v, hi - lo)  # v's implicit 1 takes t1[..., dv]
-                d_v += _ops().kz_contract_f(phi_k, t1, lo, hi)[..., :dv]
-            else:
-                kv = torch.cat((fk[..., None] * v[..., None, :], fk[..., None]), dim=-1).flatten(-2)  # φk⊗[v, 1]
-                qa = (fq[..., None] * da[..., None, :]).flatten(-2)  # φq⊗[dnum, dden]
-                # dφq_i = Σ_e C(φk⊗[v,1])_i[l, e] · [dnum, dden]_ie
-                d1 = _toeplitz_apply(spec, kv, L, N).unflatten(-1, (hi - lo, dv + 1))
-                d_phi_q[..., lo:hi] = (d1 * da[..., None, :]).sum(-1)
-                # dφk_j = Σ_e Cᵀ(φq⊗[dnum, dden])_j[l, e] · [v, 1]_je ; dv_j = Σ_l φk_jl · Cᵀ(φq⊗dnum)_j[l]
-                t1 = _toeplitz_apply(spec_t, qa, S, N).unflatten(-1, (hi - lo, dv + 1))
-                d_phi_k[..., lo:hi] = (t1[..., :dv] * v[..., None, :]).sum(-1) + t1[..., dv]
-                d_v += (fk[..., None] * t1[..., :dv]).sum(-2)
+        da = torch.cat((dnum, dden[..., None]), dim=-1).view(1, G, L, dv + 1)  # gradient pairs with [v, 1]
+        d_phi_q = torch.empty_like(pq)
+        d_phi_k = torch.empty_like(pk)
+        d_v = torch.zeros_like(vv)
+        corr = torch.zeros(G, N // 2 + 1, dtype=spec.dtype, device=spec.device)
+        for g, lo, hi in _chunks(G, m, dv + 1, N):
+            kv = torch.fft.rfft(ops.outer(pk[:, g], vv[:, g], lo, hi, True), n=N, dim=2)  # φk⊗[v, 1]
+            qa = torch.fft.rfft(ops.outer(pq[:, g], da[:, g], lo, hi, False), n=N, dim=2)  # φq⊗[dnum, dden]
             if table.requires_grad:
-                # Σ_{j−i=r} (φq⊗a)_i · (φk⊗[v,1])_j, summed over features in frequency space
-                corr += (torch.fft.rfft(qa, n=N, dim=2).conj() * torch.fft.rfft(kv, n=N, dim=2)).sum(-1)
+                # ∂/∂c_r = Σ_{j−i=r} (φq⊗a)_i · (φk⊗[v,1])_j: a cross-correlation, summed over the
+                # features in frequency space, from the same spectra the products below use
+                corr[g] += torch.linalg.vecdot(qa, kv, dim=-1)[0]
+            # dφq_i = Σ_e C(φk⊗[v,1])_i[l, e] · [dnum, dden]_ie
+            d1 = torch.fft.irfft(kv.mul_(spec[:, g]), n=N, dim=2)[:, :, :L]
+            d_phi_q[:, g, :, lo:hi] = ops.contract_e(d1, da[:, g], hi - lo)
+            # dφk_j = Σ_e Cᵀ(φq⊗[dnum, dden])_j[l, e] · [v, 1]_je ; dv_j = Σ_l φk_jl · Cᵀ(φq⊗dnum)_j[l]
+            t1 = torch.fft.irfft(qa.mul_(spec_t[:, g]), n=N, dim=2)[:, :, :S]
+            d_phi_k[:, g, :, lo:hi] = ops.contract_e(t1, vv[:, g], hi - lo)  # v's implicit 1 takes t1[..., dv]
+            d_v[:, g] += ops.contract_f(pk[:, g], t1, lo, hi)[..., :dv]
         d_table = None
         if table.requires_grad:
-            xcorr = torch.fft.irfft(corr, n=N, dim=2)  # [B, H, N]: index r ≥ 0 at r, r < 0 at N + r
+            xcorr = torch.fft.irfft(corr, n=N, dim=-1).view(B, H, N)  # index r ≥ 0 at r, r < 0 at N + r
             r = torch.arange(-(L - 1), S, device=phi_q.device)
             dc = xcorr[:, :, r % N].sum(0)  # [H, L+S−1]: ∂/∂c_r
             d_table, = torch.autograd.grad(c, table_, dc)
-        return d_phi_q, d_phi_k, d_v, d_table, None, None, None
+        return (d_phi_q.view_as(phi_q), d_phi_k.view_as(phi_k), d_v.view_as(v), d_table, None, None, None)
 
 
 def _linear_attention(phi_q, phi_k, v, causal, eps):
@@ -264,27 +251,100 @@ def default_num_features(head_dim):
     return max(head_dim, math.ceil(head_dim * math.log(max(head_dim, 2))))
 
 
-def features(q, k, feature_map_kind, projection, num_features, normalize_qk):
-    """φ(q) [B, H, L, m] and φ(k) [B, Hkv, S, m] (the projection drawn if needed)."""
+def features(q, k, feature_map_kind, projection, num_features, normalize_qk, backend=None):
+    """φ(q) [B, H, L, m] and φ(k) [B, Hkv, S, m] (the projection drawn if needed).
+
+    With ``backend`` "cpu" or "triton", "prf" runs as that backend's fused kernels (one
+    projection GEMM with the norm, stabiliser, exp and scale around it; the backward one GEMM
+    as well) in fp32 (fp64 for fp64 inputs), and returns φ in that precision; otherwise
+    (and for the element-wise maps) :func:`feature_map` in PyTorch ops, the definition."""
     if normalize_qk:
         q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         k = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     if feature_map_kind == "prf" and projection is None:
         projection = orthogonal_projection(num_features or default_num_features(q.shape[-1]), q.shape[-1],
                                            device=q.device, dtype=q.dtype)
+    if feature_map_kind == "prf" and backend is not None:
+        ops = kernel_ops(backend)
+        return _FusedPRF.apply(q, projection, True, ops), _FusedPRF.apply(k, projection, False, ops)
     return feature_map(q, feature_map_kind, projection, True), feature_map(k, feature_map_kind, projection, False)
 
 
-def _ops():
-    return torch.ops.posattn
+class KernelOps(NamedTuple):
+    """The fused pieces of one backend (signatures and semantics of csrc/kernelized.cpp)."""
+    outer: Callable  # (phi, w, lo, hi, append_phi) -> φ[.., lo:hi] ⊗ [w, (1)]  [B, H, N, F·E1]
+    contract_f: Callable  # (phi, x, lo, hi) -> Σ_f φ[.., lo+f] · x[.., f, :]  [B, H, N, E1]
+    contract_e: Callable  # (x, w, F) -> Σ_e x[.., f, e] · w[.., e] (+ x[.., f, E1−1])  [B, H, N, F]
+    prf: Callable = None  # (x, W, is_query) -> φ(x)  [B, H, N, m]
+    prf_bwd: Callable = None  # (dφ, φ, x, W) -> dx  [B, H, N, D]
 
 
-def kernelized(phi_q, phi_k, v, rpe, causal, eps, fused=False):
+def _outer(phi, w, lo, hi, append_phi):
+    f = phi[..., lo:hi, None]
+    out = f * w[..., None, :]
+    return (torch.cat((out, f), dim=-1) if append_phi else out).flatten(-2)
+
+
+def _contract_f(phi, x, lo, hi):
+    return (phi[..., lo:hi, None] * x.unflatten(-1, (hi - lo, -1))).sum(-2)
+
+
+def _contract_e(x, w, F):
+    x = x.unflatten(-1, (F, -1))
+    E = w.shape[-1]
+    out = (x[..., :E] * w[..., None, :]).sum(-1)
+    return out + x[..., E] if x.shape[-1] == E + 1 else out
+
+
+# The same pieces in broadcast PyTorch ops (any device; the fused kernels are tested against them)
+TORCH_OPS = KernelOps(_outer, _contract_f, _contract_e)
+
+
+def kernel_ops(backend):
+    """The :class:`KernelOps` of a backend: "cpu" (posattn._C), "triton", or None (PyTorch ops)."""
+    if backend is None:
+        return TORCH_OPS
+    from . import ops
+    if backend == "cpu":
+        ops.require_cpu_extension()
+        o = torch.ops.posattn
+        return KernelOps(o.kz_outer, o.kz_contract_f, o.kz_contract_e, o.kz_prf, o.kz_prf_bwd)
+    if backend == "triton":
+        return KernelOps(ops.triton_kz_outer, ops.triton_kz_contract_f, ops.triton_kz_contract_e, ops.triton_kz_prf,
+                         ops.triton_kz_prf_bwd)
+    raise ValueError(f"kernel_ops: backend={backend!r}; choose None, 'cpu' or 'triton'")
+
+
+class _FusedPRF(torch.autograd.Function):
+    """φ(x) of :func:`feature_map`'s "prf" through a backend's fused kernels. The stabiliser
+    is a constant here as there (it cancels), so dx = D^{-1/4}·(g·W − x̃·Σ_l g_l) and
+    dW = gᵀ·x̃ with g = dφ ⊙ φ and x̃ = x·D^{-1/4}."""
+
+    @staticmethod
+    def forward(ctx, x, projection, is_query, ops):
+        phi = ops.prf(x, projection, is_query)
+        ctx.save_for_backward(x, projection, phi)
+        ctx.ops = ops
+        return phi
+
+    @staticmethod
+    def backward(ctx, dphi):
+        x, projection, phi = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = ctx.ops.prf_bwd(dphi.contiguous(), phi, x, projection)
+        if ctx.needs_input_grad[1]:  # W is a fixed random matrix in FAVOR+, but a learnt one gets its gradient
+            xs = x.to(phi.dtype) * x.shape[-1] ** -0.25
+            dw = ((dphi * phi).flatten(0, -2).T @ xs.flatten(0, -2)).to(projection.dtype)
+        return dx, dw, None, None
+
+
+def kernelized(phi_q, phi_k, v, rpe, causal, eps, backend=None):
     """The O(N log N) path on given features (GQA by repeating φ(k) and v per group).
 
-    ``fused``: the outer products and contractions around the FFTs run as the CPU backend's
-    fused kernels (posattn._C: kz_outer, kz_contract_f, kz_contract_e) instead of
-    broadcast PyTorch ops."""
+    ``backend``: whose fused kernels form the outer products φ(k)⊗[v, 1] that feed the FFTs
+    and the contractions after them ("cpu": posattn._C; "triton"), or None for broadcast
+    PyTorch ops."""
     groups = phi_q.shape[1] // phi_k.shape[1]
     if groups > 1:
         phi_k, v = phi_k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -297,5 +357,5 @@ def kernelized(phi_q, phi_k, v, rpe, causal, eps, fused=False):
     # as the first rows of causal attention (measured at L = 130: 1.3e-4 against dense
     # float32's 1.2e-6).
     pq, pk, vv = (t.to(torch.float64) for t in (phi_q, phi_k, v))
-    z = _ToeplitzKernelized.apply(pq, pk, vv, rpe.table, bool(causal), float(eps), bool(fused))
+    z = _ToeplitzKernelized.apply(pq, pk, vv, rpe.table, bool(causal), float(eps), kernel_ops(backend))
     return z.to(v.dtype)

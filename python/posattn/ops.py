@@ -206,10 +206,51 @@ def _kz_contract_e_fake(x, w, F):
     return x.new_empty((*x.shape[:3], F))
 
 
+def _kz_prf_fake(x, w, is_query):
+    return x.new_empty((*x.shape[:3], w.shape[0]), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def _kz_prf_bwd_fake(dphi, phi, x, w):
+    return torch.empty_like(x)
+
+
+# The kernelized attention's fused pieces (python/posattn/kernelized.py): the C++ ops are
+# defined by csrc/kernelized.cpp, the Triton ones here, with one signature and fake each.
+_KZ_FAKES = {"kz_outer": _kz_outer_fake, "kz_contract_f": _kz_contract_f_fake, "kz_contract_e": _kz_contract_e_fake,
+             "kz_prf": _kz_prf_fake, "kz_prf_bwd": _kz_prf_bwd_fake}
+
+
+@torch.library.custom_op("posattn::triton_kz_outer", mutates_args=())
+def triton_kz_outer(phi: Tensor, w: Tensor, lo: int, hi: int, append_phi: bool) -> Tensor:
+    return _triton().kz_outer(phi, w, lo, hi, append_phi)
+
+
+@torch.library.custom_op("posattn::triton_kz_contract_f", mutates_args=())
+def triton_kz_contract_f(phi: Tensor, x: Tensor, lo: int, hi: int) -> Tensor:
+    return _triton().kz_contract_f(phi, x, lo, hi)
+
+
+@torch.library.custom_op("posattn::triton_kz_contract_e", mutates_args=())
+def triton_kz_contract_e(x: Tensor, w: Tensor, F: int) -> Tensor:
+    return _triton().kz_contract_e(x, w, F)
+
+
+@torch.library.custom_op("posattn::triton_kz_prf", mutates_args=())
+def triton_kz_prf(x: Tensor, w: Tensor, is_query: bool) -> Tensor:
+    return _triton().kz_prf(x, w, is_query)
+
+
+@torch.library.custom_op("posattn::triton_kz_prf_bwd", mutates_args=())
+def triton_kz_prf_bwd(dphi: Tensor, phi: Tensor, x: Tensor, w: Tensor) -> Tensor:
+    return _triton().kz_prf_bwd(dphi, phi, x, w)
+
+
+for _name, _fake in _KZ_FAKES.items():
+    torch.library.register_fake(f"posattn::triton_{_name}")(_fake)
+    if _C_ERROR is None:
+        torch.library.register_fake(f"posattn::{_name}")(_fake)
+
 if _C_ERROR is None:
-    torch.library.register_fake("posattn::kz_outer")(_kz_outer_fake)
-    torch.library.register_fake("posattn::kz_contract_f")(_kz_contract_f_fake)
-    torch.library.register_fake("posattn::kz_contract_e")(_kz_contract_e_fake)
     torch.library.register_fake("posattn::cpu_attention_fwd")(_fwd_fake)
     torch.library.register_fake("posattn::cpu_attention_bwd")(_bwd_fake)
     torch.library.register_autograd("posattn::cpu_attention_fwd",

@@ -1,0 +1,340 @@
+"""Fused pieces of kernelized attention in Triton (python/posattn/kernelized.py, MATH.md §1).
+
+The same five operations, with the same signatures and semantics, as the CPU backend's
+csrc/kernelized.cpp; the FFTs between them are torch.fft's. Tensors are [B, H, N, ·] with
+any strides; one program takes BLOCK_R rows of one (batch, head).
+
+  kz_outer:      out[n, f·E1 + e] = φ[n, lo+f] · w[n, e] (e < E), and out[n, f·E1 + E] = φ[n, lo+f]
+                 with append_phi (the product with w's implicit "1")
+  kz_contract_f: out[n, e] = Σ_f φ[n, lo+f] · x[n, f·E1 + e]
+  kz_contract_e: out[n, f] = Σ_e x[n, f·E1 + e] · w[n, e] (+ x[n, f·E1 + E1−1] when w has E1 − 1 columns)
+  kz_prf:        φ[n, l] = exp(w_l·x̃_n − ‖x̃_n‖²/2 − stab) / √m, x̃ = x·D^{-1/4}; stab the row max
+                 (queries) or the max over every row of the (batch, head) (keys)
+  kz_prf_bwd:    dx[n] = D^{-1/4}·(Σ_l g[n, l]·w_l − x̃_n·Σ_l g[n, l]), g = dφ ⊙ φ
+
+Every stride is taken (the FFT returns its columns strided); the outer products and contractions run in the dtype they are given (float64 on the FFT
+path, so no tl.dot); the feature map computes in fp32 with exact (ieee) dots, since an
+error in w·x̃ is an error in the exponent.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .attention import _alloc, _check_device
+
+_BLOCK_R = 32
+
+
+@triton.jit
+def _rows(P, g, H, stride_b, stride_h):
+    """The first element of (batch, head) slice g = b·H + h."""
+    g = g.to(tl.int64)
+    return P + (g // H) * stride_b + (g % H) * stride_h
+
+
+@triton.jit(do_not_specialize=["N", "lo"])
+def _kz_outer_kernel(
+    # pointers
+    OUT, PHI, W,
+    # sizes
+    H, N, E, E1, lo,
+    # strides
+    stride_o_b, stride_o_h, stride_o_n, stride_o_e, stride_p_b, stride_p_h, stride_p_n, stride_p_f, stride_w_b,
+    stride_w_h, stride_w_n, stride_w_e,
+    # constexprs
+    APPEND_PHI: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    g, rb, f = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_E)
+    live = rows < N
+    phi = tl.load(_rows(PHI, g, H, stride_p_b, stride_p_h) + rows * stride_p_n + (lo + f) * stride_p_f,
+                  mask=live)  # [BLOCK_R]
+    w = tl.load(_rows(W, g, H, stride_w_b, stride_w_h) + rows[:, None] * stride_w_n + cols[None, :] * stride_w_e,
+                mask=live[:, None] & (cols[None, :] < E), other=0.0)  # [BLOCK_R, BLOCK_E]
+    out = phi[:, None] * w
+    if APPEND_PHI:
+        out = tl.where(cols[None, :] == E, phi[:, None], out)
+    tl.store(_rows(OUT, g, H, stride_o_b, stride_o_h) + rows[:, None] * stride_o_n + (f * E1 + cols[None, :]) * stride_o_e,
+             out,
+             mask=live[:, None] & (cols[None, :] < E1))
+
+
+@triton.jit(do_not_specialize=["N", "lo", "F"])
+def _kz_contract_f_kernel(
+    # pointers
+    OUT, PHI, X,
+    # sizes
+    H, N, E1, lo, F,
+    # strides
+    stride_o_b, stride_o_h, stride_o_n, stride_o_e, stride_p_b, stride_p_h, stride_p_n, stride_p_f, stride_x_b,
+    stride_x_h, stride_x_n, stride_x_e,
+    # constexprs
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    g, rb = tl.program_id(0), tl.program_id(1)
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_E)
+    live = rows < N
+    both = live[:, None] & (cols[None, :] < E1)
+    phi_row = _rows(PHI, g, H, stride_p_b, stride_p_h) + rows * stride_p_n + lo * stride_p_f
+    x_rows = _rows(X, g, H, stride_x_b, stride_x_h) + rows[:, None] * stride_x_n + cols[None, :] * stride_x_e
+    acc = tl.zeros([BLOCK_R, BLOCK_E], dtype=OUT.dtype.element_ty)
+    for f in range(F):
+        phi = tl.load(phi_row + f * stride_p_f, mask=live)  # [BLOCK_R]
+        acc += phi[:, None] * tl.load(x_rows + f * E1 * stride_x_e, mask=both, other=0.0)
+    tl.store(_rows(OUT, g, H, stride_o_b, stride_o_h) + rows[:, None] * stride_o_n + cols[None, :] * stride_o_e, acc,
+             mask=both)
+
+
+@triton.jit(do_not_specialize=["N", "F"])
+def _kz_contract_e_kernel(
+    # pointers
+    OUT, X, W,
+    # sizes
+    H, N, E1, Ew, F,
+    # strides
+    stride_o_b, stride_o_h, stride_o_n, stride_o_f, stride_x_b, stride_x_h, stride_x_n, stride_x_e, stride_w_b,
+    stride_w_h, stride_w_n, stride_w_e,
+    # constexprs
+    IMPLICIT_ONE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    g, rb = tl.program_id(0), tl.program_id(1)
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_E)
+    live = rows < N
+    w = tl.load(_rows(W, g, H, stride_w_b, stride_w_h) + rows[:, None] * stride_w_n + cols[None, :] * stride_w_e,
+                mask=live[:, None] & (cols[None, :] < Ew), other=0.0)  # [BLOCK_R, BLOCK_E]
+    if IMPLICIT_ONE:
+        w = tl.where(cols[None, :] == Ew, 1.0, w)  # the "1" that x's last column pairs with
+    x_rows = _rows(X, g, H, stride_x_b, stride_x_h) + rows[:, None] * stride_x_n + cols[None, :] * stride_x_e
+    out_rows = _rows(OUT, g, H, stride_o_b, stride_o_h) + rows * stride_o_n
+    for f in range(F):
+        x = tl.load(x_rows + f * E1 * stride_x_e, mask=live[:, None] & (cols[None, :] < E1), other=0.0)
+        tl.store(out_rows + f * stride_o_f, tl.sum(x * w, axis=1), mask=live)
+
+
+@triton.jit
+def _prf_logits(x, W, f0, m, D, stride_w_m, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+    """w_l·x̃ for features [f0, f0 + BLOCK_F) of the rows x̃ [BLOCK_R, BLOCK_D]; −inf past m."""
+    feats = f0 + tl.arange(0, BLOCK_F)
+    dims = tl.arange(0, BLOCK_D)
+    w = tl.load(W + feats[:, None] * stride_w_m + dims[None, :], mask=(feats[:, None] < m) & (dims[None, :] < D),
+                other=0.0).to(tl.float32)  # [BLOCK_F, BLOCK_D]
+    s = tl.dot(x, tl.trans(w), input_precision="ieee")  # [BLOCK_R, BLOCK_F]
+    return tl.where(feats[None, :] < m, s, float("-inf")), feats
+
+
+@triton.jit(do_not_specialize=["N"])
+def _prf_kernel(
+    # pointers
+    PHI, STAB, X, W,
+    # sizes
+    H, N, D, m,
+    # strides
+    stride_p_b, stride_p_h, stride_p_n, stride_x_b, stride_x_h, stride_x_n, stride_w_m,
+    # scalars
+    x_scale, inv_sqrt_m,
+    # constexprs
+    WRITE_PHI: tl.constexpr, ROW_STAB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """WRITE_PHI=False: STAB[g, n] = max_l (w_l·x̃_n − ‖x̃_n‖²/2) (the keys' first pass).
+    WRITE_PHI=True: φ with the row's own max (ROW_STAB, queries) or STAB[g] (keys)."""
+    g, rb = tl.program_id(0), tl.program_id(1)
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    dims = tl.arange(0, BLOCK_D)
+    live = rows < N
+    x = tl.load(_rows(X, g, H, stride_x_b, stride_x_h) + rows[:, None] * stride_x_n + dims[None, :],
+                mask=live[:, None] & (dims[None, :] < D), other=0.0).to(tl.float32) * x_scale  # x̃ [BLOCK_R, BLOCK_D]
+    half_sq = 0.5 * tl.sum(x * x, axis=1)  # [BLOCK_R]
+    if ROW_STAB or not WRITE_PHI:
+        # the stabiliser needs every feature before the first exp: the GEMM runs twice
+        # rather than keep [BLOCK_R, m] logits in registers
+        m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        for f0 in range(0, m, BLOCK_F):
+            s, _ = _prf_logits(x, W, f0, m, D, stride_w_m, BLOCK_F, BLOCK_D)
+            m_i = tl.maximum(m_i, tl.max(s, axis=1))
+        stab = m_i - half_sq
+        if not WRITE_PHI:
+            tl.store(STAB + g.to(tl.int64) * N + rows, stab, mask=live)
+            return
+    else:
+        stab = tl.load(STAB + g) + tl.zeros([BLOCK_R], dtype=tl.float32)
+    shift = half_sq + stab  # exp(w·x̃ − ‖x̃‖²/2 − stab)
+    out_rows = _rows(PHI, g, H, stride_p_b, stride_p_h) + rows[:, None] * stride_p_n
+    for f0 in range(0, m, BLOCK_F):
+        s, feats = _prf_logits(x, W, f0, m, D, stride_w_m, BLOCK_F, BLOCK_D)
+        phi = tl.exp(s - shift[:, None]) * inv_sqrt_m
+        tl.store(out_rows + feats[None, :], phi, mask=live[:, None] & (feats[None, :] < m))
+
+
+@triton.jit(do_not_specialize=["N"])
+def _prf_bwd_kernel(
+    # pointers
+    DX, DPHI, PHI, X, W,
+    # sizes
+    H, N, D, m,
+    # strides
+    stride_dx_b, stride_dx_h, stride_dx_n, stride_p_b, stride_p_h, stride_p_n, stride_x_b, stride_x_h, stride_x_n,
+    stride_w_m,
+    # scalars
+    x_scale,
+    # constexprs
+    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    g, rb = tl.program_id(0), tl.program_id(1)
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    dims = tl.arange(0, BLOCK_D)
+    live = rows < N
+    both = live[:, None] & (dims[None, :] < D)
+    x = tl.load(_rows(X, g, H, stride_x_b, stride_x_h) + rows[:, None] * stride_x_n + dims[None, :], mask=both,
+                other=0.0).to(tl.float32) * x_scale  # x̃ [BLOCK_R, BLOCK_D]
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # Σ_l g_l·w_l
+    g_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    # dφ and φ share one layout (the launcher makes dφ like φ)
+    p_rows = rows[:, None] * stride_p_n
+    for f0 in range(0, m, BLOCK_F):
+        feats = f0 + tl.arange(0, BLOCK_F)
+        fm = live[:, None] & (feats[None, :] < m)
+        off = p_rows + feats[None, :]
+        gt = (tl.load(_rows(DPHI, g, H, stride_p_b, stride_p_h) + off, mask=fm, other=0.0) *
+              tl.load(_rows(PHI, g, H, stride_p_b, stride_p_h) + off, mask=fm, other=0.0))  # [BLOCK_R, BLOCK_F]
+        w = tl.load(W + feats[:, None] * stride_w_m + dims[None, :], mask=(feats[:, None] < m) & (dims[None, :] < D),
+                    other=0.0).to(tl.float32)  # [BLOCK_F, BLOCK_D]
+        acc += tl.dot(gt, w, input_precision="ieee")
+        g_sum += tl.sum(gt, axis=1)
+    dx = x_scale * (acc - x * g_sum[:, None])
+    tl.store(_rows(DX, g, H, stride_dx_b, stride_dx_h) + rows[:, None] * stride_dx_n + dims[None, :],
+             dx.to(DX.dtype.element_ty), mask=both)
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _row_strides(t):
+    """Strides of an operand the feature map reads row-wise (its last dim contiguous)."""
+    assert t.shape[-1] <= 1 or t.stride(-1) == 1
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _unit_last(x):
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
+
+
+def _block(n):
+    return max(16, triton.next_power_of_2(n))
+
+
+def _grid_rows(phi, *more):
+    B, H, N = phi.shape[:3]
+    return (B * H, triton.cdiv(N, _BLOCK_R), *more)
+
+
+def _check(op, *tensors):
+    _check_device(*tensors)
+    t0 = tensors[0]
+    for t in tensors:
+        if t.dim() != 4 or t.shape[:3] != t0.shape[:3] or t.dtype != t0.dtype:
+            raise ValueError(f"{op}: every operand must be [B, H, N, ·] with shape {tuple(t0.shape[:3])} and dtype "
+                             f"{t0.dtype}, got {tuple(t.shape)} {t.dtype}")
+
+
+def kz_outer(phi, w, lo, hi, append_phi):
+    _check("kz_outer", phi, w)
+    if not 0 <= lo < hi <= phi.shape[3]:
+        raise ValueError(f"kz_outer: feature chunk [{lo}, {hi}) is outside [0, {phi.shape[3]})")
+    E = w.shape[3]
+    E1 = E + int(append_phi)
+    out = _alloc((*phi.shape[:3], (hi - lo) * E1), phi.dtype, phi.device)
+    if out.numel():
+        _kz_outer_kernel[_grid_rows(phi, hi - lo)](
+            out, phi, w, phi.shape[1], phi.shape[2], E, E1, lo, *_strides(out), *_strides(phi), *_strides(w),
+            APPEND_PHI=append_phi, BLOCK_R=_BLOCK_R, BLOCK_E=_block(E1))
+    return out
+
+
+def kz_contract_f(phi, x, lo, hi):
+    _check("kz_contract_f", phi, x)
+    F = hi - lo
+    if not (0 <= lo < hi <= phi.shape[3] and x.shape[3] % F == 0):
+        raise ValueError(f"kz_contract_f: x {tuple(x.shape)} must be [B, H, N, F·E1] for the feature chunk "
+                         f"[{lo}, {hi}) of phi {tuple(phi.shape)}")
+    E1 = x.shape[3] // F
+    out = _alloc((*phi.shape[:3], E1), phi.dtype, phi.device)
+    if out.numel():
+        _kz_contract_f_kernel[_grid_rows(phi)](
+            out, phi, x, phi.shape[1], phi.shape[2], E1, lo, F, *_strides(out), *_strides(phi), *_strides(x),
+            BLOCK_R=_BLOCK_R, BLOCK_E=_block(E1))
+    return out
+
+
+def kz_contract_e(x, w, F):
+    _check("kz_contract_e", x, w)
+    E1, Ew = x.shape[3] // max(F, 1), w.shape[3]
+    if F < 1 or x.shape[3] % F or Ew not in (E1, E1 - 1):
+        raise ValueError(f"kz_contract_e: x {tuple(x.shape)} and w {tuple(w.shape)} must be [B, H, N, F·E1] and "
+                         f"[B, H, N, E1] or [B, H, N, E1 − 1] for F = {F}")
+    out = _alloc((*x.shape[:3], F), x.dtype, x.device)
+    if out.numel():
+        _kz_contract_e_kernel[_grid_rows(x)](
+            out, x, w, x.shape[1], x.shape[2], E1, Ew, F, *_strides(out), *_strides(x), *_strides(w),
+            IMPLICIT_ONE=Ew == E1 - 1, BLOCK_R=_BLOCK_R, BLOCK_E=_block(E1))
+    return out
+
+
+def _check_prf(op, x, w):
+    _check_device(x, w)
+    if x.dim() != 4 or not x.dtype.is_floating_point or x.dtype == torch.float64:
+        raise ValueError(f"{op}: x must be [B, H, N, D] in float32, float16 or bfloat16, got {tuple(x.shape)} "
+                         f"{x.dtype}")
+    if w.dim() != 2 or w.shape[1] != x.shape[3] or w.shape[0] < 1:
+        raise ValueError(f"{op}: the projection must be [m, {x.shape[3]}], got {tuple(w.shape)}")
+    if x.shape[3] > 256:
+        raise ValueError(f"{op}: head dim {x.shape[3]} > 256; use backend='cpu' or backend=None")
+
+
+def _prf_blocks(x, w):
+    return dict(BLOCK_R=_BLOCK_R, BLOCK_F=min(64, _block(w.shape[0])), BLOCK_D=_block(x.shape[3]))
+
+
+def kz_prf(x, w, is_query):
+    _check_prf("kz_prf", x, w)
+    x = _unit_last(x)
+    B, H, N, D = x.shape
+    m = w.shape[0]
+    w = w.to(torch.float32).contiguous()
+    phi = _alloc((B, H, N, m), torch.float32, x.device)
+    if not phi.numel():
+        return phi
+    args = (H, N, D, m)
+    phi_strides, x_strides = _row_strides(phi), _row_strides(x)
+    scalars = (D ** -0.25, m ** -0.5)
+    if is_query:
+        stab = phi  # not read: each row stabilises itself
+    else:
+        row_max = _alloc((B * H, N), torch.float32, x.device)
+        _prf_kernel[_grid_rows(x)](phi, row_max, x, w, *args, *phi_strides, *x_strides, w.stride(0), *scalars,
+                                   WRITE_PHI=False, ROW_STAB=False, **_prf_blocks(x, w))
+        stab = row_max.amax(dim=1)  # [B·H]: keys share one stabiliser per (batch, head)
+    _prf_kernel[_grid_rows(x)](phi, stab, x, w, *args, *phi_strides, *x_strides, w.stride(0), *scalars,
+                               WRITE_PHI=True, ROW_STAB=is_query, **_prf_blocks(x, w))
+    return phi
+
+
+def kz_prf_bwd(dphi, phi, x, w):
+    _check_prf("kz_prf_bwd", x, w)
+    if phi.shape != (*x.shape[:3], w.shape[0]) or dphi.shape != phi.shape or phi.dtype != torch.float32:
+        raise ValueError(f"kz_prf_bwd: dphi {tuple(dphi.shape)} and phi {tuple(phi.shape)} must be float32 "
+                         f"[B, H, N, {w.shape[0]}] for x {tuple(x.shape)}")
+    _check_device(dphi, phi)
+    x = _unit_last(x)
+    B, H, N, D = x.shape
+    w = w.to(torch.float32).contiguous()
+    phi, dphi = phi.contiguous(), dphi.contiguous()  # one layout for both (the kernel takes one set of strides)
+    dx = _alloc(x.shape, x.dtype, x.device)
+    if dx.numel():
+        _prf_bwd_kernel[_grid_rows(x)](dx, dphi, phi, x, w, H, N, D, w.shape[0], *_row_strides(dx), *_row_strides(phi),
+                                       *_row_strides(x), w.stride(0), D ** -0.25, **_prf_blocks(x, w))
+    return dx

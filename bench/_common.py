@@ -1,14 +1,13 @@
-"""Helpers shared by the bench scripts: the machine and code version a row was measured
+"""Helpers shared by the bench tools: the machine and code version a row was measured
 on, a process's memory high-water mark, and CPU-time counters for contention checks.
 
-The scripts run as ``python bench/<script>.py``, so this folder is on ``sys.path``.
+bench/harness.py imports them as ``bench._common``; the stand-alone scripts run as
+``python bench/<script>.py`` (this folder on ``sys.path``) import ``_common``.
 """
-import json
 import os
 import pathlib
 import resource
 import subprocess
-import sys
 
 import numpy as np
 
@@ -72,18 +71,3 @@ def cpu_seconds():
     except (OSError, ValueError, IndexError):
         pass
     return np.array([use.ru_utime + use.ru_stime, busy, steal])
-
-
-def run_child(script, args, timeout):
-    """Run ``python script *args`` in a fresh process (repo root as cwd) and return (the dict
-    its last ``RESULT {json}`` line holds, None) or (None, why it gave none)."""
-    cmd = [sys.executable, os.path.abspath(script), *map(str, args)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return None, f"subprocess timed out after {timeout:.0f} s"
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):]), None
-    tail = [s for s in p.stderr.strip().splitlines() if s.strip()]
-    return None, f"subprocess failed (rc {p.returncode}): {tail[-1][:160] if tail else 'no output'}"

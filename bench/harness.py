@@ -664,16 +664,18 @@ def series(rows, provider, mode, key="median_ms"):
     return sorted((n, v) for n, v in pts if v is not None and v > 0)
 
 
-def plot_case(rows, title, path, decorate=None):
+def plot_case(rows, title, path, decorate=None, colors=None):
     """One figure, two log-log panels: median time vs N and peak memory vs N, one line per
-    (provider, mode): fwd solid, fwd+bwd dashed. ``decorate(ax_time, ax_mem)`` may add to it."""
+    (provider, mode): fwd solid, fwd+bwd dashed. ``decorate(ax_time, ax_mem)`` may add to it;
+    ``colors`` maps further provider names to colours."""
+    colors = {**COLORS, **(colors or {})}
     plt = require_matplotlib()
     import matplotlib.ticker
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 5.2))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     for mode, (ls, mk) in STYLES.items():
         for p in providers:
-            color = COLORS.get(p)
+            color = colors.get(p)
             pts = series(rows, p, mode)
             if pts:
                 ax_t.plot(*zip(*pts), ls, marker=mk, color=color, label=f"{p} {mode}")

@@ -1,9 +1,10 @@
 """Issue #6's scaling bench: kernelized attention with RPE (FFT path) versus softmax attention, N = 1k … 64k.
 
-    python bench/kernelized_scaling.py [--quick] [--max-n 65536] [--cap-s 180] [--budget-s 1500]
-    python bench/kernelized_scaling.py --from-csv      # table, fits and plot again from the last run in the CSV
+    python -m bench --only kernelized [--quick] [--max-n 65536] [--cap-s 180] [--budget-s 1500]
+    python -m bench --only kernelized --from-csv   # table, fits and plot again from the last run in the CSV
+    (the same as python -m bench.kernelized_scaling ...)
 
-CPU, fp32, 2 threads, B=1, H=8, D=64. Providers:
+CPU, fp32, 2 threads, B=1, H=8, D=64. Providers (configurations of bench/harness.py):
 
   kernelized+rpe   posattn.kernelized_attention(q, k, v, rpe=RelativeBias(table), feature_map="prf",
                    projection=W) with a fixed PRF projection W of m=64 rows (num_features=64); its default
@@ -15,15 +16,16 @@ CPU, fp32, 2 threads, B=1, H=8, D=64. Providers:
   dense+rpe        posattn.reference.attention(q, k, v, bias=RelativeBias(table)): the dense O(N^2)-memory
                    oracle, kept only where cheap (fwd up to --dense-max-n, fwd+bwd up to half of it).
 
-The RelativeBias table is [H, 2N+1] (every distance learnable, no clamp), 0.1·randn. Modes: fwd, and
-fwd+bwd (one backward with a random output gradient into q, k, v and, where there is one, the table).
+The RelativeBias table is [H, 2N+1] (every distance learnable, no clamp: case "relbias-full"), 0.1·randn.
+Modes: fwd, and fwd+bwd (one backward with a random output gradient into q, k, v and, where there is one,
+the table).
 
-Harness. Sizes double from 1024 to --max-n, fwd first, then fwd+bwd. A configuration's time is
+Sweep. Sizes double from 1024 to --max-n, fwd first, then fwd+bwd. A configuration's time is
 predicted from the same provider's previous sizes (last measured growth factor, clamped to [2, 4.5]):
-  * predicted < --inproc-s (4 s): timed in this process, the cheap providers of one (mode, N)
-    round-robin, one warm-up, then 3-7 timed calls (about 10 s per provider); its peak memory comes from a
-    fresh subprocess (baseline = RSS after imports and inputs; one warm-up; the RSS high-water mark reset
-    via /proc/self/clear_refs; one measured call; peak = VmHWM - baseline), as bench/cpu_targets.py does;
+  * predicted < --inproc-s (4 s): timed in this process by the harness (warm-up, then the cheap providers
+    of one (mode, N) round-robin, 3-7 timed calls, about 10 s per provider); its peak memory from a fresh
+    subprocess (the harness's: baseline = RSS after imports and inputs; one warm-up; the RSS high-water
+    mark reset via /proc/self/clear_refs; one measured call; peak = VmHWM - baseline);
   * otherwise: one fresh subprocess gives both, with no warm-up and 1-3 timed calls (about 20 s in all:
     a single call at the largest sizes, flagged in the table), peak = VmHWM over those calls - baseline;
   * predicted time x calls > --cap-s (180 s), predicted peak > 70 % of the available memory, or a run
@@ -36,149 +38,61 @@ Analysis: growth exponents = least-squares slope of log(median time) on log(N) o
 kernelized+rpe becomes faster than each softmax provider: measured (log-log interpolation between the two
 sizes that bracket the sign change) when it happens inside the sweep, else extrapolated from the tail fits
 and marked as such. Table on stdout; CSV rows appended to bench/results/kernelized_scaling.csv (one run_id
-per run); log-log plot to bench/results/kernelized_scaling.png (skipped with a message if matplotlib is
-missing). A one-off script until `python -m bench` (issue #7) takes it over.
+per run); log-log plot (the harness's) to bench/results/kernelized_scaling.png.
 """
 import argparse
 import csv
-import datetime
-import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-import posattn
-from _common import cpu_seconds, git_sha, machine, reason, reset_hwm, run_child, status_kib
+from . import harness as H
 
 THREADS = 2
-B, H, D, M_FEATURES = 1, 8, 64, 64
-DTYPE = torch.float32
-MODES = ("fwd", "fwd+bwd")
-PROVIDERS = ("kernelized+rpe", "posattn-cpu+rpe", "sdpa", "dense+rpe")
+B, H_, D = 1, 8, 64
+MODES = H.MODES
+# display name -> (harness case, harness provider)
+PROVIDERS = {"kernelized+rpe": ("relbias-full", "kernelized"), "posattn-cpu+rpe": ("relbias-full", "posattn-cpu"),
+             "sdpa": ("plain", "sdpa"), "dense+rpe": ("relbias-full", "reference")}
+NAME = {v[1]: k for k, v in PROVIDERS.items()}
 KERNELIZED = "kernelized+rpe"
-SOFTMAX = ("posattn-cpu+rpe", "sdpa", "dense+rpe")
 # growth per doubling assumed before a provider has two measured sizes
 PRIOR_GROWTH = {"kernelized+rpe": 2.3, "posattn-cpu+rpe": 4.0, "sdpa": 4.0, "dense+rpe": 4.0}
 TAIL_N = 4096
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSV_PATH = os.path.join(ROOT, "bench", "results", "kernelized_scaling.csv")
-PNG_PATH = os.path.join(ROOT, "bench", "results", "kernelized_scaling.png")
-CSV_FIELDS = ["run_id", "op", "mode", "provider", "N", "shape", "dtype", "threads", "median_ms", "q20_ms", "q80_ms",
-              "reps", "peak_MB", "where", "hwm_reset", "cores_own", "cores_others", "cores_steal", "loadavg1",
-              "status", "note", "kernelized_backend", "machine", "cores", "torch", "posattn", "git_sha"]
+CSV_PATH = H.RESULTS / "kernelized_scaling.csv"
+PNG_PATH = H.RESULTS / "kernelized_scaling.png"
+CSV_FIELDS = ["run_id", "case", "mode", "provider", "B", "H", "L", "S", "D", "dtype", "device", "threads", "median_ms",
+              "q20_ms", "q80_ms", "reps", "peak_mem_mib", "where", "hwm_reset", "cores_own", "cores_others",
+              "cores_steal", "loadavg1", "status", "note", "kernelized_backend", "machine", "cores", "gpu", "torch",
+              "triton", "posattn", "git_sha"]
 
 
-# ---------------------------------------------------------------------------------------------
-# inputs and providers
-
-def make_inputs(n, mode, seed=0):
-    torch.manual_seed(seed)
-    grad = mode == "fwd+bwd"
-    q, k, v = (torch.randn(B, H, n, D, dtype=DTYPE).requires_grad_(grad) for _ in range(3))
-    table = (0.1 * torch.randn(H, 2 * n + 1)).requires_grad_(grad)
-    do = torch.randn(B, H, n, D, dtype=DTYPE) if grad else None
-    proj = posattn.kernelized.orthogonal_projection(M_FEATURES, D, generator=torch.Generator().manual_seed(1))
-    return dict(q=q, k=k, v=v, table=table, do=do, proj=proj)
-
-
-def forward_fn(provider, x):
-    q, k, v, table = x["q"], x["k"], x["v"], x["table"]
-    if provider == "kernelized+rpe":
-        return lambda: posattn.kernelized_attention(q, k, v, rpe=posattn.RelativeBias(table), feature_map="prf",
-                                                    projection=x["proj"], num_features=M_FEATURES)
-    if provider == "posattn-cpu+rpe":
-        return lambda: posattn.attention(q, k, v, bias=posattn.RelativeBias(table), backend="cpu")
-    if provider == "sdpa":
-        return lambda: F.scaled_dot_product_attention(q, k, v)
-    if provider == "dense+rpe":
-        return lambda: posattn.reference.attention(q, k, v, bias=posattn.RelativeBias(table))
-    raise ValueError(provider)
-
-
-def build_step(provider, mode, x):
-    fwd = forward_fn(provider, x)
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                return fwd()
-        return step
-    wrt = [x["q"], x["k"], x["v"]] + ([x["table"]] if provider != "sdpa" else [])
-
-    def step():
-        out = fwd()
-        return torch.autograd.grad(out, wrt, x["do"])
-    return step
+def config(name, mode, n, warmup=1):
+    case, provider = PROVIDERS[name]
+    return H.Config(case, mode, provider, n, b=B, h=H_, d=D, warmup=warmup, dense_max_n=n)
 
 
 def kernelized_backend():
     """Which path kernelized_attention's default backend takes on CPU tensors here."""
-    x = make_inputs(64, "fwd")
+    cfg = config(KERNELIZED, "fwd", 64)
+    x = H.make_inputs(cfg)
     try:
-        posattn.kernelized_attention(x["q"], x["k"], x["v"], rpe=posattn.RelativeBias(x["table"]),
-                                     projection=x["proj"], backend="cpu")
+        import posattn
+        posattn.kernelized_attention(x.q, x.k, x.v, rpe=x.bias, num_features=H.KERNELIZED_FEATURES, backend="cpu")
     except Exception as e:
-        return f"FFT path in PyTorch ops (backend='cpu' unavailable: {reason(e)[:80]})"
+        return f"FFT path in PyTorch ops (backend='cpu' unavailable: {H.reason(e)[:80]})"
     return "backend=None -> 'cpu': fused CPU kernels (posattn._C) around torch.fft"
-
-
-# ---------------------------------------------------------------------------------------------
-# measurement helpers
-
-
-class Usage:
-    """Accumulates CPU use over timed calls: cores this process used, cores others used, steal."""
-
-    def __init__(self):
-        self.cpu = np.zeros(3)
-        self.wall = 0.0
-
-    def timed(self, fn):
-        before, start = cpu_seconds(), time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        self.cpu += cpu_seconds() - before
-        self.wall += elapsed
-        return elapsed
-
-    def cores(self):
-        if self.wall <= 0:
-            return (float("nan"),) * 3
-        own, busy, steal = self.cpu / self.wall
-        return float(own), float(max(busy - own, 0.0)), float(steal)
 
 
 def extension_stamp():
     """mtime of the built posattn._C (another engineer may rebuild it while the sweep runs)."""
     import glob
+    import posattn
     paths = glob.glob(os.path.join(os.path.dirname(posattn.__file__), "_C*.so"))
     return max((os.path.getmtime(p) for p in paths), default=0.0)
-
-
-def one(provider, mode, n, warmup, reps):
-    """Child of --one: one configuration in a fresh process; print a RESULT line (JSON)."""
-    torch.set_num_threads(THREADS)
-    x = make_inputs(n, mode)
-    base = status_kib("VmRSS")
-    step = build_step(provider, mode, x)
-    for _ in range(warmup):
-        step()
-    reset = reset_hwm() if warmup else False
-    usage, times = Usage(), []
-    for _ in range(reps):
-        times.append(usage.timed(step))
-    hwm = status_kib("VmHWM")
-    own, others, steal = usage.cores()
-    print("RESULT " + json.dumps(dict(times=times, base_mib=base / 1024, peak_mib=(hwm - base) / 1024, hwm_reset=reset,
-                                      cores=[own, others, steal], loadavg1=os.getloadavg()[0])), flush=True)
-
-
-def child_run(provider, mode, n, warmup, reps, timeout):
-    return run_child(__file__, ["--one", provider, mode, n, "--warmup", warmup, "--reps", reps], timeout)
 
 
 def mem_available_mib():
@@ -210,30 +124,7 @@ def predict(history, key, n, fallback_from=None):
 # the sweep
 
 
-class CsvSink:
-    """Appends rows as they come (a fresh file, or one with other columns, gets a new header)."""
-
-    def __init__(self, path):
-        self.path = path
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fresh = True
-        if os.path.exists(path):
-            with open(path, newline="") as f:
-                fresh = next(csv.reader(f), None) != CSV_FIELDS
-        if fresh:
-            with open(path, "w", newline="") as f:
-                csv.DictWriter(f, fieldnames=CSV_FIELDS).writeheader()
-
-    def add(self, row):
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow({k: row.get(k, "") for k in CSV_FIELDS})
-
-
-def _fmt(value, digits=6):
-    return "" if value is None or value != value else f"{value:.{digits}g}"
-
-
-def sweep(args, meta, sink):
+def sweep(args, meta):
     sizes = []
     n = args.min_n
     while n <= args.max_n:
@@ -252,15 +143,16 @@ def sweep(args, meta, sink):
         med = q20 = q80 = None
         if times:
             med, q20, q80 = (float(np.quantile(times, p)) for p in (0.5, 0.2, 0.8))
-        row = dict(meta, op="relbias" if provider != "sdpa" else "plain", mode=mode, provider=provider, N=n,
-                   shape=f"B{B}-H{H}-N{n}-D{D}" + (f"-m{M_FEATURES}" if provider == KERNELIZED else ""),
-                   dtype="float32", threads=THREADS, median_ms=_fmt(med and med * 1e3), q20_ms=_fmt(q20 and q20 * 1e3),
-                   q80_ms=_fmt(q80 and q80 * 1e3), reps=len(times) if times else 0, peak_MB=_fmt(peak),
-                   where=where, hwm_reset=hwm_reset, cores_own=_fmt(cores[0], 3), cores_others=_fmt(cores[1], 3),
-                   cores_steal=_fmt(cores[2], 3), loadavg1=_fmt(load, 3), status=status, note=note)
+        case = PROVIDERS[provider][0]
+        row = dict(meta, case=case, mode=mode, provider=provider, B=B, H=H_, L=n, S=n, D=D, dtype="float32",
+                   device="cpu", threads=THREADS, median_ms=H.fmt(med, 1e3), q20_ms=H.fmt(q20, 1e3),
+                   q80_ms=H.fmt(q80, 1e3), reps=len(times) if times else 0, peak_mem_mib=H.fmt(peak), where=where,
+                   hwm_reset=hwm_reset, cores_own=H.fmt(cores[0], 1, 3), cores_others=H.fmt(cores[1], 1, 3),
+                   cores_steal=H.fmt(cores[2], 1, 3), loadavg1=H.fmt(load, 1, 3), status=status, note=note)
         if extension_stamp() != ext0:
             row["note"] = (row["note"] + "; " if row["note"] else "") + "posattn._C rebuilt during the run"
-        sink.add(row)
+        row = {k: row.get(k, "") for k in CSV_FIELDS}
+        H.write_csv(args.csv, [row])
         results.append(row)
         if med is not None:
             history_t.setdefault((provider, mode), {})[n] = med
@@ -303,40 +195,26 @@ def sweep(args, meta, sink):
                     continue
                 costly.append((p, pred, reps))
 
-            # cheap providers: round-robin in this process, then memory in a fresh process each
+            # cheap providers: the harness, round-robin in this process, then memory in a fresh process
             if cheap:
-                x = make_inputs(n, mode)
-                steps, usage, times, first, want = {}, {}, {}, {}, {}
-                for p, _ in cheap:
-                    try:
-                        steps[p] = build_step(p, mode, x)
-                        start = time.perf_counter()
-                        steps[p]()
-                        first[p] = time.perf_counter() - start
-                        want[p] = max(3, min(args.max_reps, int(args.inproc_target_s / max(first[p], 1e-6))))
-                        usage[p], times[p] = Usage(), []
-                    except Exception as e:
-                        steps.pop(p, None)
-                        emit(p, mode, n, "failed", where="in-proc", note=reason(e))
-                for r in range(max(want.values(), default=0)):
-                    for p in list(steps):
-                        if r < want[p]:
-                            try:
-                                times[p].append(usage[p].timed(steps[p]))
-                            except Exception as e:
-                                steps.pop(p)
-                                emit(p, mode, n, "failed", where="in-proc", note="while timing: " + reason(e))
+                known = [pred for _, pred in cheap if pred is not None]
+                slowest = max(known) if len(known) == len(cheap) else None
+                reps = 3 if slowest is None else max(3, min(args.max_reps, int(args.inproc_target_s / max(slowest, 1e-6))))
+                res = H.measure([config(p, mode, n) for p, _ in cheap], reps, verbose=False)
                 load = os.getloadavg()[0]
-                ran = list(steps)
-                del steps, x
-                for p in ran:
-                    res, err = (None, "memory skipped (--no-mem)") if args.no_mem else \
-                        child_run(p, mode, n, 1, 1, timeout=60 + 10 * max(first[p], 1.0))
-                    note = err or ""
-                    if res is not None and not res["hwm_reset"]:
-                        note = "peak includes the warm-up"
-                    emit(p, mode, n, "ok", times=times[p], peak=res and res["peak_mib"], where="in-proc",
-                         hwm_reset=res and int(res["hwm_reset"]), cores=usage[p].cores(), load=load, note=note)
+                ran = [r for r in res if r.na is None]
+                for r in res:
+                    if r.na is not None:
+                        emit(NAME[r.cfg.provider], mode, n, "failed", where="in-proc", note=r.na)
+                if args.no_mem:
+                    for r in ran:
+                        r.mem_note = "memory skipped (--no-mem)"
+                else:
+                    H.measure_memory(ran, verbose=False, timeout=60 + 10 * max(max(r.times) for r in ran) if ran else 60)
+                for r in ran:
+                    emit(NAME[r.cfg.provider], mode, n, "ok", times=r.times, peak=r.peak_mib, where="in-proc",
+                         hwm_reset="" if r.peak_mib is None else int("warm-up" not in r.mem_note), cores=r.cores,
+                         load=load, note=r.mem_note)
 
             # costly providers: time and memory from the same fresh process, no warm-up
             for p, pred, reps in costly:
@@ -345,11 +223,13 @@ def sweep(args, meta, sink):
                     emit(p, mode, n, "skipped", note=f"predicted {pred * reps:.0f} s would end past --budget-s "
                                                      f"{args.budget_s:.0f} s (at {elapsed:.0f} s)")
                     continue
-                res, err = child_run(p, mode, n, 0, reps, timeout=max(120.0, 3 * pred * reps + 60))
-                if res is None:
+                out, err = H.run_mem_child([config(p, mode, n, warmup=0)], max(120.0, 3 * pred * reps + 60), reps=reps)
+                if not out or "error" in out[0]:
+                    err = err or out[0]["error"]
                     dropped[(p, mode)] = f"skipped after N={n}: {err}"
                     emit(p, mode, n, "failed", where="fresh", note=err)
                     continue
+                res = out[0]
                 note = "single run" if reps == 1 else f"{reps} runs, no warm-up"
                 emit(p, mode, n, "ok", times=res["times"], peak=res["peak_mib"], where="fresh", hwm_reset=0,
                      cores=res["cores"], load=res["loadavg1"], note=note)
@@ -358,23 +238,6 @@ def sweep(args, meta, sink):
 
 # ---------------------------------------------------------------------------------------------
 # analysis: table, growth exponents, crossovers, plot (also from a CSV, --from-csv)
-
-def _num(s):
-    try:
-        return float(s)
-    except (TypeError, ValueError):
-        return None
-
-
-def series(rows, provider, mode, field="median_ms"):
-    pts = []
-    for r in rows:
-        if r["provider"] == provider and r["mode"] == mode and r["status"] == "ok":
-            val = _num(r[field])
-            if val is not None and val > 0:
-                pts.append((int(r["N"]), val))
-    return sorted(pts)
-
 
 def fit(pts, min_n=0):
     pts = [(n, v) for n, v in pts if n >= min_n]
@@ -424,24 +287,24 @@ def report(rows, elapsed=None):
     meta = rows[0]
     print(f"\n== run {meta['run_id']}: {meta['machine']}, {meta['cores']} cores, {THREADS} threads | torch "
           f"{meta['torch']} | posattn {meta['posattn']} @ {meta['git_sha']}")
-    print(f"   fp32, B={B} H={H} D={D}, RelativeBias table [H, 2N+1]; kernelized: PRF m={M_FEATURES}, "
+    print(f"   fp32, B={B} H={H_} D={D}, RelativeBias table [H, 2N+1]; kernelized: PRF m={H.KERNELIZED_FEATURES}, "
           f"{meta['kernelized_backend']}")
     for mode in modes:
-        ns = sorted({int(r["N"]) for r in rows if r["mode"] == mode})
+        ns = sorted({int(r["L"]) for r in rows if r["mode"] == mode})
         print(f"\n-- {mode}: median seconds per call [timed calls] / peak MiB above baseline "
               f"(* = a single timed call; s = skipped; f = failed)")
         print(f"  {'N':>6s}  " + "  ".join(f"{p:>24s}" for p in present))
         for n in ns:
             cells = []
             for p in present:
-                r = next((r for r in rows if r["provider"] == p and r["mode"] == mode and int(r["N"]) == n), None)
+                r = next((r for r in rows if r["provider"] == p and r["mode"] == mode and int(r["L"]) == n), None)
                 if r is None:
                     cells.append(f"{'':>24s}")
                 elif r["status"] != "ok":
                     cells.append(f"{r['status'][0]:>24s}")
                 else:
-                    med, reps = _num(r["median_ms"]) / 1e3, int(r["reps"])
-                    peak = _num(r["peak_MB"])
+                    med, reps = H.num(r["median_ms"]) / 1e3, int(r["reps"])
+                    peak = H.num(r["peak_mem_mib"])
                     mark = "*" if reps == 1 else " "
                     cells.append(f"{med:9.3f}{mark}[{reps}] / " + (f"{peak:7.0f}" if peak is not None else f"{'-':>7s}"))
             print(f"  {n:6d}  " + "  ".join(cells))
@@ -450,21 +313,21 @@ def report(rows, elapsed=None):
           "while timed; load = 1-min load average)")
     for r in rows:
         if r["status"] == "ok":
-            q = f"{_num(r['q20_ms']) / 1e3:.3f}-{_num(r['q80_ms']) / 1e3:.3f} s"
-            print(f"  {r['mode']:7s} {int(r['N']):6d} {r['provider']:16s} {q:>19s} {r['where']:7s} cores "
-                  f"{_num(r['cores_own']) or 0:.2f}/{_num(r['cores_others']) or 0:.2f} load {_num(r['loadavg1']) or 0:.1f}"
+            q = f"{H.num(r['q20_ms']) / 1e3:.3f}-{H.num(r['q80_ms']) / 1e3:.3f} s"
+            print(f"  {r['mode']:7s} {int(r['L']):6d} {r['provider']:16s} {q:>19s} {r['where']:7s} cores "
+                  f"{H.num(r['cores_own']) or 0:.2f}/{H.num(r['cores_others']) or 0:.2f} load {H.num(r['loadavg1']) or 0:.1f}"
                   + (f"  {r['note']}" if r["note"] else ""))
         else:
-            print(f"  {r['mode']:7s} {int(r['N']):6d} {r['provider']:16s} {r['status']}: {r['note']}")
+            print(f"  {r['mode']:7s} {int(r['L']):6d} {r['provider']:16s} {r['status']}: {r['note']}")
 
     print("\n-- growth exponents (least-squares slope of log time on log N; memory likewise)")
     fits = {}
     for mode in modes:
         for p in present:
-            pts = series(rows, p, mode)
+            pts = H.series(rows, p, mode)
             full, tail = fit(pts), fit(pts, TAIL_N)
             fits[(p, mode)] = (full, tail)
-            mem = fit(series(rows, p, mode, "peak_MB"), TAIL_N)
+            mem = fit(H.series(rows, p, mode, "peak_mem_mib"), TAIL_N)
             if full is None:
                 print(f"  {mode:7s} {p:16s} n/a ({len(pts)} size(s))")
                 continue
@@ -476,93 +339,57 @@ def report(rows, elapsed=None):
     print("\n-- crossovers: where kernelized+rpe becomes faster than")
     crosses = {}
     for mode in modes:
-        kern = series(rows, KERNELIZED, mode)
+        kern = H.series(rows, KERNELIZED, mode)
         for p in present:
             if p == KERNELIZED or not kern:
                 continue
             kf, sf = fits.get((KERNELIZED, mode), (None, None)), fits.get((p, mode), (None, None))
             if kf[1] is None or sf[1] is None:    # too few tail sizes (--quick): the fits over every size
                 kf, sf = (kf[0], kf[0]), (sf[0], sf[0])
-            text, nx, measured = crossover([(n, v / 1e3) for n, v in kern], [(n, v / 1e3) for n, v in series(rows, p, mode)],
+            text, nx, measured = crossover([(n, v / 1e3) for n, v in kern], [(n, v / 1e3) for n, v in H.series(rows, p, mode)],
                                  kf[1], sf[1])
             crosses[(p, mode)] = (nx, measured)
             print(f"  {mode:7s} {p:16s} {text}")
-    load = [_num(r["cores_others"]) for r in rows if r["status"] == "ok" and _num(r["cores_others"]) is not None]
+    load = [H.num(r["cores_others"]) for r in rows if r["status"] == "ok" and H.num(r["cores_others"]) is not None]
     if load:
-        worst = max(rows, key=lambda r: _num(r["cores_others"]) or 0)
+        worst = max(rows, key=lambda r: H.num(r["cores_others"]) or 0)
         print(f"\ncontention: other processes used {np.mean(load):.2f} cores on average while timing, at most "
-              f"{max(load):.2f} ({worst['mode']} N={worst['N']} {worst['provider']})"
+              f"{max(load):.2f} ({worst['mode']} N={worst['L']} {worst['provider']})"
               + ("  !! absolute times are inflated where that is high" if max(load) > 0.25 else ""))
     if elapsed is not None:
         print(f"sweep took {elapsed:.0f} s ({elapsed / 60:.1f} min)")
     return fits, crosses
 
 
-COLORS = {"kernelized+rpe": "tab:red", "posattn-cpu+rpe": "tab:blue", "sdpa": "tab:green", "dense+rpe": "tab:gray"}
-
-
 def plot(rows, fits, crosses, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG (pip install matplotlib into the venv)")
-        return None
     meta = rows[0]
-    import matplotlib.ticker  # noqa: F401
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(14, 7.5))
-    styles = {"fwd": ("-", "o"), "fwd+bwd": ("--", "s")}
-    for mode, (ls, mk) in styles.items():
+
+    def decorate(ax_t, ax_m):
         for p in PROVIDERS:
-            pts = series(rows, p, mode)
-            if not pts:
-                continue
-            full = fits.get((p, mode), (None, None))[0]
-            label = f"{p} {mode}" + (f"  (N^{full['slope']:.2f})" if full else "")
-            ns, ts = [n for n, _ in pts], [v / 1e3 for _, v in pts]
-            ax_t.plot(ns, ts, ls, marker=mk, color=COLORS[p], label=label)
-            single = [(n, t) for (n, t), r in zip(zip(ns, ts), _ok_rows(rows, p, mode)) if int(r["reps"]) == 1]
+            single = [(int(r["L"]), H.num(r["median_ms"])) for r in rows
+                      if r["provider"] == p and r["status"] == "ok" and r["reps"] == "1"]
             if single:
-                ax_t.scatter(*zip(*single), s=120, facecolors="none", edgecolors=COLORS[p], linewidths=1.0)
-            mem = series(rows, p, mode, "peak_MB")
-            if mem:
-                ax_m.plot([n for n, _ in mem], [v for _, v in mem], ls, marker=mk, color=COLORS[p], label=f"{p} {mode}")
-    lines = []
-    for (p, mode), (nx, measured) in crosses.items():
-        if nx is None:
-            continue
-        if measured:
-            ax_t.axvline(nx, color=COLORS[p], ls=styles[mode][0], lw=0.8, alpha=0.6)
-        lines.append(f"{mode} vs {p}: N ~ {nx / 1024:,.0f}k ({'measured' if measured else 'extrapolated'})")
-    if lines:
-        ax_t.text(0.98, 0.02, "kernelized+rpe faster beyond\n" + "\n".join(lines), transform=ax_t.transAxes,
-                  fontsize=7, ha="right", va="bottom", bbox=dict(boxstyle="round", fc="white", alpha=0.8))
-    for ax in (ax_t, ax_m):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("N (sequence length, L = S)")
-        ax.grid(True, which="both", alpha=0.3)
-    ax_t.set_ylabel("median time per call (s)")
-    ax_t.set_title("time (open circles: a single timed call; thin verticals: measured crossovers)", fontsize=9)
-    ax_m.set_ylabel("peak memory above baseline (MiB)")
-    ax_m.set_title("peak RSS (fresh process, VmHWM - baseline)", fontsize=9)
-    for ax in (ax_t, ax_m):
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda n, _: f"{n / 1024:g}k"))
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
-    fig.suptitle(f"kernelized attention + RelativeBias (FFT, PRF m={M_FEATURES}) vs softmax + RelativeBias vs SDPA: "
-                 f"CPU fp32, B={B} H={H} D={D}, {THREADS} threads\n{meta['machine']}, torch {meta['torch']}, "
-                 f"posattn @ {meta['git_sha']}, run {meta['run_id']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+                ax_t.scatter(*zip(*single), s=120, facecolors="none", edgecolors=H.COLORS[PROVIDERS[p][1]], linewidths=1.0)
+        lines = []
+        for (p, mode), (nx, measured) in crosses.items():
+            if nx is None:
+                continue
+            if measured:
+                ax_t.axvline(nx, color=H.COLORS[PROVIDERS[p][1]], ls=H.STYLES[mode][0], lw=0.8, alpha=0.6)
+            lines.append(f"{mode} vs {p}: N ~ {nx / 1024:,.0f}k ({'measured' if measured else 'extrapolated'})")
+        if lines:
+            ax_t.text(0.98, 0.02, "kernelized+rpe faster beyond\n" + "\n".join(lines), transform=ax_t.transAxes,
+                      fontsize=7, ha="right", va="bottom", bbox=dict(boxstyle="round", fc="white", alpha=0.8))
+        ax_t.set_title("time (open circles: a single timed call; thin verticals: measured crossovers)", fontsize=9)
+        for (p, mode), (full, _) in fits.items():
+            if full is not None:
+                ax_t.plot([], [], " ", label=f"{p} {mode}: N^{full['slope']:.2f}")
+        ax_t.legend(fontsize=7)
 
-
-def _ok_rows(rows, provider, mode):
-    ok = [r for r in rows if r["provider"] == provider and r["mode"] == mode and r["status"] == "ok"
-          and _num(r["median_ms"]) is not None and _num(r["median_ms"]) > 0]
-    return sorted(ok, key=lambda r: int(r["N"]))
+    title = (f"kernelized attention + RelativeBias (FFT, PRF m={H.KERNELIZED_FEATURES}) vs softmax + RelativeBias vs "
+             f"SDPA: CPU fp32, B={B} H={H_} D={D}, {THREADS} threads\n{meta['machine']}, torch {meta['torch']}, "
+             f"posattn @ {meta['git_sha']}, run {meta['run_id']}")
+    return H.plot_case(rows, title, path, decorate, colors={k: H.COLORS[v[1]] for k, v in PROVIDERS.items()})
 
 
 def load_csv(path, run_id=None):
@@ -577,8 +404,8 @@ def load_csv(path, run_id=None):
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench --only kernelized", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N 1024-4096 only, for a smoke test (a minute or two)")
     parser.add_argument("--min-n", type=int, default=1024)
     parser.add_argument("--max-n", type=int, default=65536)
@@ -597,23 +424,14 @@ def main():
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--from-csv", nargs="?", const="", metavar="RUN_ID",
                         help="no measurement: report and plot the last run (or RUN_ID) in the CSV")
-    parser.add_argument("--csv", default=CSV_PATH)
-    parser.add_argument("--png", default=PNG_PATH)
-    parser.add_argument("--one", nargs=3, metavar=("PROVIDER", "MODE", "N"), help=argparse.SUPPRESS)
-    parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--reps", type=int, default=1, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        provider, mode, n = args.one
-        one(provider, mode, int(n), args.warmup, args.reps)
-        return
+    parser.add_argument("--csv", default=str(CSV_PATH))
+    parser.add_argument("--png", default=str(PNG_PATH))
+    args = parser.parse_args(argv)
     if args.from_csv is not None:
         rows = load_csv(args.csv, args.from_csv or None)
         fits, crosses = report(rows)
         if not args.no_plot:
-            out = plot(rows, fits, crosses, args.png)
-            if out:
-                print(f"plot: {os.path.relpath(out, os.getcwd())}")
+            print(f"plot: {plot(rows, fits, crosses, args.png)}")
         return
     if args.quick:
         args.max_n = min(args.max_n, 4096)
@@ -621,35 +439,27 @@ def main():
     args.providers = set(args.providers.split(","))
     args.modes = set(args.modes.split(","))
     if args.providers - set(PROVIDERS) or args.modes - set(MODES):
-        parser.error(f"providers from {PROVIDERS}, modes from {MODES}")
+        parser.error(f"providers from {list(PROVIDERS)}, modes from {MODES}")
 
     torch.set_num_threads(THREADS)
-    model, cores = machine()
-    run_id = datetime.datetime.now().isoformat(timespec="seconds")
-    meta = dict(run_id=run_id, machine=model, cores=cores, torch=torch.__version__, posattn=posattn.__version__,
-                git_sha=git_sha(), kernelized_backend=kernelized_backend())
-    try:
-        isa = posattn.ops.cpu_isa()
-    except Exception as e:
-        isa = f"n/a ({reason(e)})"
-    print(f"machine: {model}, {cores} cores, {THREADS} threads | torch {torch.__version__} | posattn "
-          f"{posattn.__version__} @ {meta['git_sha']} | posattn cpu ISA: {isa}")
+    info = H.meta()
+    meta = {k: info[k] for k in ("run_id", "machine", "cores", "gpu", "torch", "triton", "posattn", "git_sha")}
+    meta["kernelized_backend"] = kernelized_backend()
+    print(f"machine: {info['machine']}, {info['cores']} cores, {THREADS} threads | torch {info['torch']} | posattn "
+          f"{info['posattn']} @ {info['git_sha']} | posattn cpu ISA: {info['cpu_isa']}")
     print(f"kernelized+rpe runs: {meta['kernelized_backend']}")
     print(f"N {args.min_n}..{args.max_n} (dense+rpe fwd <= {args.dense_max_n}, fwd+bwd <= {args.dense_max_n // 2}); "
           f"in-process below {args.inproc_s:.0f} s per call, else a fresh process without warm-up; cap "
           f"{args.cap_s:.0f} s per config, budget {args.budget_s:.0f} s; 1-min load average now "
           f"{os.getloadavg()[0]:.2f}", flush=True)
-    sink = CsvSink(args.csv)
-    rows, elapsed = sweep(args, meta, sink)
-    if git_sha() != meta["git_sha"]:
-        print(f"WARNING: the checkout moved during the run ({meta['git_sha']} -> {git_sha()})")
+    rows, elapsed = sweep(args, meta)
+    if H.git_sha() != meta["git_sha"]:
+        print(f"WARNING: the checkout moved during the run ({meta['git_sha']} -> {H.git_sha()})")
     rows = [{k: str(v) for k, v in r.items()} for r in rows]
     fits, crosses = report(rows, elapsed)
-    print(f"CSV: {os.path.relpath(args.csv, os.getcwd())} (run_id {run_id})")
+    print(f"CSV: {os.path.relpath(args.csv, os.getcwd())} (run_id {meta['run_id']})")
     if not args.no_plot:
-        out = plot(rows, fits, crosses, args.png)
-        if out:
-            print(f"plot: {os.path.relpath(out, os.getcwd())}")
+        print(f"plot: {plot(rows, fits, crosses, args.png)}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ $(VENV)/.installed: setup.py Makefile
 		$(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
 			|| { echo "no CPU build of torch $(TORCH_VERSION) found: rerun with TORCH_INDEX=https://download.pytorch.org/whl/cpu"; exit 1; }; \
 	fi
-	$(PY) -m pip install -q triton==$(TRITON_VERSION) numpy pytest transformers==$(TRANSFORMERS_VERSION) cmake ninja
+	$(PY) -m pip install -q triton==$(TRITON_VERSION) numpy pytest transformers==$(TRANSFORMERS_VERSION) cmake ninja matplotlib
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -10,10 +10,11 @@
    kernels are shown by re-running the check, on smaller shapes, in a subprocess that sets
    ``TRITON_INTERPRET=1`` before anything imports ``posattn.triton_kernels`` (Triton reads
    it when the kernels are decorated).
-3. Timing: on CUDA with Triton, posattn against torch SDPA. Without CUDA, issue #5's CPU
-   target table: ``bench/cpu_targets.py --quick`` (posattn's CPU backend against torch SDPA
-   and FlexAttention) in a subprocess, its output streamed; only from a source checkout
-   (``bench/`` is not part of an installed package).
+3. Timing: on CUDA with Triton, posattn against torch SDPA. Without CUDA, the benchmark:
+   ``python -m bench --quick`` (posattn's CPU backend against torch SDPA, SDPA with a
+   materialised bias, FlexAttention and the dense reference, every case) in a subprocess
+   from the repository root, its output streamed; only from a source checkout (``bench/``
+   is not part of an installed package).
 
 Only run as ``__main__``: nothing here runs when ``posattn`` is imported.
 """
@@ -41,7 +42,7 @@ INTERPRETER_FLAG = "--interpreter-check"
 # Under the interpreter bf16 tl.dot returns garbage (upstream triton issue #11584).
 INTERPRETER_DTYPES = (torch.float32, torch.float16)
 INTERPRETER_TIMEOUT_S = 180
-CPU_TARGETS_TIMEOUT_S = 600
+BENCH_TIMEOUT_S = 600
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,41 +374,40 @@ def time_pair(attn, q, k, v, dout) -> tuple[float, float]:
     return fwd, median_ms(step)
 
 
-def cpu_targets_script() -> str | None:
-    """bench/cpu_targets.py of the source checkout this posattn comes from (the repository root is
-    the parent of python/), or None (e.g. an installed wheel: bench/ is not packaged)."""
+def bench_root() -> str | None:
+    """The source checkout this posattn comes from (the repository root is the parent of python/)
+    when it has the ``bench`` package, else None (e.g. an installed wheel: bench/ is not packaged)."""
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(posattn.__file__)))
     if os.path.basename(package_parent) != "python":
         return None
-    script = os.path.join(os.path.dirname(package_parent), "bench", "cpu_targets.py")
-    return script if os.path.isfile(script) else None
+    root = os.path.dirname(package_parent)
+    return root if os.path.isfile(os.path.join(root, "bench", "__main__.py")) else None
 
 
 def print_cpu_timing() -> None:
-    """Issue #5's CPU target table: bench/cpu_targets.py --quick in a subprocess, its output streamed."""
-    print("== timing: posattn backend='cpu' vs torch SDPA / FlexAttention (issue #5's CPU targets)")
+    """The benchmark: python -m bench --quick in a subprocess (repository root), its output streamed."""
+    print("== timing: posattn backend='cpu' vs torch SDPA / SDPA + bias / FlexAttention / reference (python -m bench)")
     if not posattn.ops.cpu_available():
         print(f"the C++ CPU backend is not available (posattn._C did not load: {posattn.ops._C_ERROR}): no timing")
         return
-    script = cpu_targets_script()
-    if script is None:
-        print("bench/cpu_targets.py is not here (posattn is not run from a source checkout): no timing; "
-              "run it from the repository: python bench/cpu_targets.py --quick")
+    root = bench_root()
+    if root is None:
+        print("bench/ is not here (posattn is not run from a source checkout): no timing; run it from the "
+              "repository: python -m bench --quick")
         return
-    root = os.path.dirname(os.path.dirname(script))
-    cmd = [sys.executable, script, "--quick"]
+    cmd = [sys.executable, "-m", "bench", "--quick"]
     print(f"$ {' '.join(cmd)}   (in {root})", flush=True)
     # the same posattn in the bench and in its memory subprocesses; unbuffered, so its lines stream
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(posattn.__file__)))
+    package_parent = os.path.join(root, "python")
     pythonpath = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
     try:
-        proc = subprocess.run(cmd, cwd=root, env=env, timeout=CPU_TARGETS_TIMEOUT_S)
+        proc = subprocess.run(cmd, cwd=root, env=env, timeout=BENCH_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        print(f"bench/cpu_targets.py took longer than {CPU_TARGETS_TIMEOUT_S} s and was stopped")
+        print(f"python -m bench --quick took longer than {BENCH_TIMEOUT_S} s and was stopped")
         return
     if proc.returncode != 0:
-        print(f"bench/cpu_targets.py failed (exit {proc.returncode})")
+        print(f"python -m bench --quick failed (exit {proc.returncode})")
 
 
 def print_timing() -> None:

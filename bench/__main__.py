@@ -31,7 +31,7 @@ from . import harness as H
 CPU_SIZES = [512, 1024, 2048, 4096, 8192]
 CUDA_SIZES = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 QUICK_SIZES = {"cpu": [512, 1024], "cuda": [1024, 4096]}
-QUICK_DENSE_MAX_N = 512
+QUICK_DENSE_MAX_N = {"cpu": 512, "cuda": 1024}     # the reference in --quick: the smallest N
 DEFAULT_CASES = ["plain", "causal", "alibi", "relbias", "t5", "rope", "window"]
 CSV_PATH = H.RESULTS / "bench.csv"
 
@@ -196,7 +196,7 @@ def main(argv=None):
     warmup = args.warmup or (1 if args.quick else 2)
     if args.quick:
         print("QUICK: small N and 5 timed runs; see python -m bench for the full sweep")
-    dense_max_n = QUICK_DENSE_MAX_N if args.quick else H.REFERENCE_MAX_N
+    dense_max_n = QUICK_DENSE_MAX_N[args.device] if args.quick else H.REFERENCE_MAX_N
     configs = plan(cases, providers, sizes, modes, args.device, args.dtype, warmup, dense_max_n=dense_max_n)
     run(configs, reps, mem=not args.no_mem, plot=not args.no_plot, csv_path=args.csv)
 

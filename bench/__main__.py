@@ -195,7 +195,7 @@ def main(argv=None):
     reps = args.reps or (3 if args.quick else 10)
     warmup = args.warmup or (1 if args.quick else 2)
     if args.quick:
-        print("QUICK: small N and 5 timed runs; see python -m bench for the full sweep")
+        print("QUICK: N 512 and 1024, 3 timed runs, the reference at the smallest N; python -m bench runs the full sweep")
     dense_max_n = QUICK_DENSE_MAX_N[args.device] if args.quick else H.REFERENCE_MAX_N
     configs = plan(cases, providers, sizes, modes, args.device, args.dtype, warmup, dense_max_n=dense_max_n)
     run(configs, reps, mem=not args.no_mem, plot=not args.no_plot, csv_path=args.csv)

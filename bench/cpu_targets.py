@@ -32,13 +32,17 @@ rows appended to bench/results/cpu_targets.csv.
 """
 import argparse
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import harness as H
+if __package__ in (None, ""):   # run as python bench/<this>.py: import it as part of the bench package
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"
+from . import harness as H  # noqa: E402
 
 THREADS = 2
 FMA_PEAK_PER_CORE = 117.5      # GFLOP/s fp32, AVX-512 FMA, measured on the 2-core dev machine

@@ -44,12 +44,16 @@ import argparse
 import csv
 import math
 import os
+import sys
 import time
 
 import numpy as np
 import torch
 
-from . import harness as H
+if __package__ in (None, ""):   # run as python bench/<this>.py: import it as part of the bench package
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"
+from . import harness as H  # noqa: E402
 
 THREADS = 2
 B, H_, D = 1, 8, 64

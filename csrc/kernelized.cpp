@@ -1,16 +1,21 @@
 // Fused pieces of kernelized attention (python/posattn/kernelized.py, MATH.md §1) for the
 // CPU backend: the outer products that feed the FFTs and the contractions that follow
 // them, each one pass over its operands with no broadcast temporaries. For one chunk of
-// features [lo, hi) (F = hi − lo) and rows n of every (batch, head):
+// features [lo, hi) (F = hi − lo), the columns c = f·E1 + e, and rows n < N of every
+// (batch, head):
 //
-//   kz_outer:      out[n, f, e] = φ[n, lo+f] · w[n, e]   (e < E),   and with append_phi
-//                  one more column out[n, f, E] = φ[n, lo+f] (the product with w's "1")
-//   kz_contract_f: out[n, e]    = Σ_f φ[n, lo+f] · x[n, f, e]        (e < E1)
-//   kz_contract_e: out[n, f]    = Σ_e x[n, f, e] · w[n, e]  (+ x[n, f, E1−1] when w has E1 − 1 entries)
+//   kz_outer:      out[c, n]  = φ[n, lo+f] · w[n, e]   (e < E),   and with append_phi one more
+//                  column per feature, out[f·E1 + E, n] = φ[n, lo+f] (the product with w's "1");
+//                  out is [B, H, F·E1, n_pad], zero for N ≤ n < n_pad: the FFT's input as it is
+//   kz_contract_f: out[n, e]  = Σ_f φ[n, lo+f] · x[f·E1 + e, n]      (e < E1)
+//   kz_contract_e: out[n, f]  = Σ_e x[f·E1 + e, n] · w[n, e]  (+ x[f·E1 + E1−1, n] when w has E1 − 1 columns)
 //
-// The forward is kz_outer(φk, v) → FFT → kz_contract_f(φq, ·); the backward uses all three
-// (the gradients w.r.t. φq, φk and v), so the (N, F·(Dv+1)) tensors exist once per chunk:
-// the FFT's input and output.
+// x is [B, H, F·E1, ≥ N] (the inverse FFT's output, sliced; any strides but a contiguous last
+// dim). Columns hold a sequence each, so every FFT runs over contiguous memory and nothing is
+// padded, transposed or copied between the kernels and the FFTs. The forward is
+// kz_outer(φk, v) → FFT → kz_contract_f(φq, ·); the backward uses all three (the gradients
+// w.r.t. φq, φk and v), so the (F·(Dv+1), N) tensors exist once per chunk: the FFT's input
+// and output. Rows are taken in blocks of kRows, whose [rows, E] operands stay in L1.
 //
 // And the positive-random-feature map (FAVOR+) around its one projection GEMM, x̃ = x·D^{-1/4}:
 //
@@ -19,8 +24,10 @@
 //   kz_prf_bwd: dx[n]   = D^{-1/4}·(Σ_l g[n, l]·w_l − x̃_n·Σ_l g[n, l]),  g = dφ ⊙ φ
 //
 // in float32 (float64 for float64 inputs); the GEMMs are ATen's, the rest one pass each.
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -41,29 +48,56 @@ void check_rows(const Tensor& t, const char* name, int64_t rank) {
 // [B, H, N, ·] viewed as rows: all dims but the last one folded
 int64_t rows_of(const Tensor& t) { return t.numel() / std::max<int64_t>(t.size(-1), 1); }
 
-Tensor kz_outer(const Tensor& phi_in, const Tensor& w_in, int64_t lo, int64_t hi, bool append_phi) {
+constexpr int64_t kRows = 64;
+
+// Strides of a [B, H, ·, ·] operand, (batch, head) folded into one index g = b·H + h.
+struct Strided {
+  int64_t sb, sh, sr, H;
+  int64_t at(int64_t g) const { return (g / H) * sb + (g % H) * sh; }
+};
+
+Strided strided(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.size(1)}; }
+
+Tensor unit_last(const Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+Tensor kz_outer(const Tensor& phi_in, const Tensor& w_in, int64_t lo, int64_t hi, bool append_phi, int64_t n_pad) {
   check_rows(phi_in, "phi", 4);
   check_rows(w_in, "w", 4);
   TORCH_CHECK(phi_in.sizes().slice(0, 3) == w_in.sizes().slice(0, 3) && phi_in.scalar_type() == w_in.scalar_type(),
               "kz_outer: phi ", phi_in.sizes(), " and w ", w_in.sizes(), " must share [B, H, N] and dtype");
   TORCH_CHECK(0 <= lo && lo < hi && hi <= phi_in.size(3), "kz_outer: feature chunk [", lo, ", ", hi,
               ") is outside [0, ", phi_in.size(3), ")");
-  const Tensor phi = phi_in.contiguous(), w = w_in.contiguous();
-  const int64_t m = phi.size(3), E = w.size(3), F = hi - lo, rows = rows_of(phi), E1 = E + (append_phi ? 1 : 0);
-  Tensor out = at::empty({phi.size(0), phi.size(1), phi.size(2), F * E1}, phi.options());
+  TORCH_CHECK(n_pad >= phi_in.size(2), "kz_outer: n_pad=", n_pad, " is shorter than the ", phi_in.size(2), " rows");
+  const Tensor phi = unit_last(phi_in), w = unit_last(w_in);
+  const int64_t N = phi.size(2), E = w.size(3), F = hi - lo, E1 = E + (append_phi ? 1 : 0);
+  // the blocks run to n_pad: the zero padding is written in the same pass, column by column
+  const int64_t G = phi.size(0) * phi.size(1), C = F * E1, blocks = (n_pad + kRows - 1) / kRows;
+  Tensor out = at::empty({phi.size(0), phi.size(1), C, n_pad}, phi.options());
+  const Strided ps = strided(phi), ws = strided(w);
   AT_DISPATCH_FLOATING_TYPES(phi.scalar_type(), "kz_outer", [&] {
     const scalar_t* p = phi.data_ptr<scalar_t>();
     const scalar_t* x = w.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* pr = p + r * m + lo;
-        const scalar_t* wr = x + r * E;
-        scalar_t* orow = o + r * F * E1;
-        for (int64_t f = 0; f < F; ++f) {
-          scalar_t* of = orow + f * E1;
-          for (int64_t e = 0; e < E; ++e) of[e] = pr[f] * wr[e];
-          if (append_phi) of[E] = pr[f];
+    at::parallel_for(0, G * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> wt(E * kRows), pf(kRows);  // the block of w transposed, one φ column
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t g = t / blocks, n0 = (t % blocks) * kRows, nend = std::min(kRows, n_pad - n0);
+        const int64_t nb = std::clamp<int64_t>(N - n0, 0, nend);  // rows [nb, nend) are padding
+        const scalar_t* pg = p + ps.at(g) + n0 * ps.sr + lo;
+        const scalar_t* wg = x + ws.at(g) + n0 * ws.sr;
+        scalar_t* og = o + g * C * n_pad + n0;
+        if (nb < nend)
+          for (int64_t c = 0; c < C; ++c) std::fill(og + c * n_pad + nb, og + c * n_pad + nend, scalar_t(0));
+        for (int64_t n = 0; n < nb; ++n)
+          for (int64_t e = 0; e < E; ++e) wt[e * kRows + n] = wg[n * ws.sr + e];
+        for (int64_t f = 0; f < F && nb > 0; ++f) {
+          for (int64_t n = 0; n < nb; ++n) pf[n] = pg[n * ps.sr + f];
+          for (int64_t e = 0; e < E; ++e) {
+            scalar_t* col = og + (f * E1 + e) * n_pad;
+            const scalar_t* we = wt.data() + e * kRows;
+            for (int64_t n = 0; n < nb; ++n) col[n] = pf[n] * we[n];
+          }
+          if (append_phi) std::copy(pf.begin(), pf.begin() + nb, og + (f * E1 + E) * n_pad);
         }
       }
     });
@@ -71,32 +105,45 @@ Tensor kz_outer(const Tensor& phi_in, const Tensor& w_in, int64_t lo, int64_t hi
   return out;
 }
 
+void check_columns(const Tensor& x, const Tensor& rows, int64_t F, const char* op) {
+  check_rows(x, "x", 4);
+  TORCH_CHECK(F >= 1 && x.size(2) % F == 0 && x.sizes().slice(0, 2) == rows.sizes().slice(0, 2) &&
+                  x.size(3) >= rows.size(2) && x.scalar_type() == rows.scalar_type(),
+              op, ": x ", x.sizes(), " must be [B, H, F·E1, ≥ N] for F = ", F, " and [B, H, N, ·] = ", rows.sizes());
+}
+
 Tensor kz_contract_f(const Tensor& phi_in, const Tensor& x_in, int64_t lo, int64_t hi) {
   check_rows(phi_in, "phi", 4);
-  check_rows(x_in, "x", 4);
   TORCH_CHECK(0 <= lo && lo < hi && hi <= phi_in.size(3), "kz_contract_f: feature chunk [", lo, ", ", hi,
               ") is outside [0, ", phi_in.size(3), ")");
   const int64_t F = hi - lo;
-  TORCH_CHECK(phi_in.sizes().slice(0, 3) == x_in.sizes().slice(0, 3) && x_in.size(3) % F == 0 &&
-                  phi_in.scalar_type() == x_in.scalar_type(),
-              "kz_contract_f: x ", x_in.sizes(), " must be [B, H, N, F·E1] for phi ", phi_in.sizes(), " and F = ", F);
-  const Tensor phi = phi_in.contiguous(), x = x_in.contiguous();
-  const int64_t m = phi.size(3), E1 = x.size(3) / F, rows = rows_of(phi);
-  Tensor out = at::empty({phi.size(0), phi.size(1), phi.size(2), E1}, phi.options());
+  check_columns(x_in, phi_in, F, "kz_contract_f");
+  const Tensor phi = unit_last(phi_in), x = unit_last(x_in);
+  const int64_t N = phi.size(2), E1 = x.size(2) / F, G = phi.size(0) * phi.size(1), blocks = (N + kRows - 1) / kRows;
+  Tensor out = at::empty({phi.size(0), phi.size(1), N, E1}, phi.options());
+  const Strided ps = strided(phi), xs = strided(x);
   AT_DISPATCH_FLOATING_TYPES(phi.scalar_type(), "kz_contract_f", [&] {
     const scalar_t* p = phi.data_ptr<scalar_t>();
-    const scalar_t* xs = x.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* pr = p + r * m + lo;
-        const scalar_t* xr = xs + r * F * E1;
-        scalar_t* orow = o + r * E1;
-        for (int64_t e = 0; e < E1; ++e) orow[e] = 0;
+    at::parallel_for(0, G * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> acc(E1 * kRows), pf(kRows);  // acc[e][n]: the sums, vectorised over rows
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t g = t / blocks, n0 = (t % blocks) * kRows, nb = std::min(kRows, N - n0);
+        const scalar_t* pg = p + ps.at(g) + n0 * ps.sr + lo;
+        const scalar_t* xg = xp + xs.at(g) + n0;
+        std::fill(acc.begin(), acc.end(), scalar_t(0));
         for (int64_t f = 0; f < F; ++f) {
-          const scalar_t* xf = xr + f * E1;
-          for (int64_t e = 0; e < E1; ++e) orow[e] += pr[f] * xf[e];
+          for (int64_t n = 0; n < nb; ++n) pf[n] = pg[n * ps.sr + f];
+          for (int64_t e = 0; e < E1; ++e) {
+            const scalar_t* col = xg + (f * E1 + e) * xs.sr;
+            scalar_t* a = acc.data() + e * kRows;
+            for (int64_t n = 0; n < nb; ++n) a[n] += pf[n] * col[n];
+          }
         }
+        scalar_t* og = o + (g * N + n0) * E1;
+        for (int64_t n = 0; n < nb; ++n)
+          for (int64_t e = 0; e < E1; ++e) og[n * E1 + e] = acc[e * kRows + n];
       }
     });
   });
@@ -104,30 +151,41 @@ Tensor kz_contract_f(const Tensor& phi_in, const Tensor& x_in, int64_t lo, int64
 }
 
 Tensor kz_contract_e(const Tensor& x_in, const Tensor& w_in, int64_t F) {
-  check_rows(x_in, "x", 4);
   check_rows(w_in, "w", 4);
-  TORCH_CHECK(F >= 1 && x_in.size(3) % F == 0, "kz_contract_e: x ", x_in.sizes(), " is not [B, H, N, F·E1] for F = ",
-              F);
-  const int64_t E1 = x_in.size(3) / F, Ew = w_in.size(3);
-  TORCH_CHECK(x_in.sizes().slice(0, 3) == w_in.sizes().slice(0, 3) && (Ew == E1 || Ew == E1 - 1) &&
-                  x_in.scalar_type() == w_in.scalar_type(),
-              "kz_contract_e: w ", w_in.sizes(), " must be [B, H, N, E1] or [B, H, N, E1 − 1] for x ", x_in.sizes());
-  const Tensor x = x_in.contiguous(), w = w_in.contiguous();
-  const int64_t rows = rows_of(x);
+  check_columns(x_in, w_in, F, "kz_contract_e");
+  const int64_t E1 = x_in.size(2) / F, Ew = w_in.size(3);
+  TORCH_CHECK(Ew == E1 || Ew == E1 - 1, "kz_contract_e: w ", w_in.sizes(), " must have E1 = ", E1,
+              " or E1 − 1 columns for x ", x_in.sizes());
+  const Tensor x = unit_last(x_in), w = unit_last(w_in);
+  const int64_t N = w.size(2), G = w.size(0) * w.size(1), blocks = (N + kRows - 1) / kRows;
   const bool implicit_one = Ew == E1 - 1;
-  Tensor out = at::empty({x.size(0), x.size(1), x.size(2), F}, x.options());
+  Tensor out = at::empty({w.size(0), w.size(1), N, F}, w.options());
+  const Strided xs = strided(x), ws = strided(w);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kz_contract_e", [&] {
-    const scalar_t* xs = x.data_ptr<scalar_t>();
-    const scalar_t* ws = w.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* wr = ws + r * Ew;
+    at::parallel_for(0, G * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> wt(Ew * kRows), acc(kRows);  // wt[e][n]: the block of w, transposed
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t g = t / blocks, n0 = (t % blocks) * kRows, nb = std::min(kRows, N - n0);
+        const scalar_t* wg = wp + ws.at(g) + n0 * ws.sr;
+        for (int64_t n = 0; n < nb; ++n)
+          for (int64_t e = 0; e < Ew; ++e) wt[e * kRows + n] = wg[n * ws.sr + e];
+        const scalar_t* xg = xp + xs.at(g) + n0;
+        scalar_t* og = o + (g * N + n0) * F;
         for (int64_t f = 0; f < F; ++f) {
-          const scalar_t* xf = xs + (r * F + f) * E1;
-          scalar_t acc = implicit_one ? xf[E1 - 1] : scalar_t(0);
-          for (int64_t e = 0; e < Ew; ++e) acc += xf[e] * wr[e];
-          o[r * F + f] = acc;
+          const scalar_t* xf = xg + f * E1 * xs.sr;
+          if (implicit_one)
+            std::copy(xf + Ew * xs.sr, xf + Ew * xs.sr + nb, acc.begin());
+          else
+            std::fill(acc.begin(), acc.end(), scalar_t(0));
+          for (int64_t e = 0; e < Ew; ++e) {
+            const scalar_t* col = xf + e * xs.sr;
+            const scalar_t* we = wt.data() + e * kRows;
+            for (int64_t n = 0; n < nb; ++n) acc[n] += col[n] * we[n];
+          }
+          for (int64_t n = 0; n < nb; ++n) og[n * F + f] = acc[n];
         }
       }
     });
@@ -222,7 +280,7 @@ Tensor kz_prf_bwd(const Tensor& dphi_in, const Tensor& phi_in, const Tensor& x, 
 }  // namespace posattn
 
 TORCH_LIBRARY_FRAGMENT(posattn, m) {
-  m.def("kz_outer(Tensor phi, Tensor w, int lo, int hi, bool append_phi) -> Tensor");
+  m.def("kz_outer(Tensor phi, Tensor w, int lo, int hi, bool append_phi, int n_pad) -> Tensor");
   m.def("kz_contract_f(Tensor phi, Tensor x, int lo, int hi) -> Tensor");
   m.def("kz_contract_e(Tensor x, Tensor w, int F) -> Tensor");
   m.def("kz_prf(Tensor x, Tensor w, bool is_query) -> Tensor");

@@ -264,22 +264,27 @@ def test_fused_kernels_explicit_formulas_and_opcheck(backend, kdevice):
     ops = kernel_ops(backend)
     phi = torch.rand(2, 3, 5, 6, dtype=F64, device=kdevice)
     w = torch.randn(2, 3, 5, 4, dtype=F64, device=kdevice)
-    outer = ops.outer(phi, w, 1, 4, True)
-    torch.testing.assert_close(outer.unflatten(-1, (3, 5))[..., :4], phi[..., 1:4, None] * w[..., None, :])
-    torch.testing.assert_close(outer.unflatten(-1, (3, 5))[..., 4], phi[..., 1:4])
-    # strided x, as the FFT returns it
-    x = torch.randn(2, 3, 3 * 5, 5, dtype=F64, device=kdevice).transpose(2, 3)
+    outer = ops.outer(phi, w, 1, 4, True, 9)  # [B, H, F·E1, n_pad]: one zero-padded sequence per column
+    assert outer.shape == (2, 3, 15, 9) and not outer[..., 5:].any()
+    cols = outer[..., :5].transpose(-1, -2).unflatten(-1, (3, 5))  # [B, H, N, F, E1]
+    torch.testing.assert_close(cols[..., :4], phi[..., 1:4, None] * w[..., None, :])
+    torch.testing.assert_close(cols[..., 4], phi[..., 1:4])
+    torch.testing.assert_close(outer, TORCH_OPS.outer(phi, w, 1, 4, True, 9))
+    # x as the inverse FFT returns it, sliced to the rows: [B, H, F·E1, ≥ N] with a longer row stride
+    x = torch.randn(2, 3, 3 * 5, 8, dtype=F64, device=kdevice)[..., :5]
+    rows = x.transpose(-1, -2).unflatten(-1, (3, 5))  # [B, H, N, F, E1]
+    torch.testing.assert_close(ops.contract_f(phi, x, 1, 4), (phi[..., 1:4, None] * rows).sum(-2))
     torch.testing.assert_close(ops.contract_f(phi, x, 1, 4), TORCH_OPS.contract_f(phi, x, 1, 4))
-    torch.testing.assert_close(ops.contract_f(phi, x, 1, 4), (phi[..., 1:4, None] * x.unflatten(-1, (3, 5))).sum(-2))
-    torch.testing.assert_close(ops.contract_e(x, w, 3), (x.unflatten(-1, (3, 5))[..., :4] * w[..., None, :]).sum(-1)
-                               + x.unflatten(-1, (3, 5))[..., 4])
+    torch.testing.assert_close(ops.contract_e(x, w, 3), (rows[..., :4] * w[..., None, :]).sum(-1) + rows[..., 4])
     torch.testing.assert_close(ops.contract_e(x, w, 3), TORCH_OPS.contract_e(x, w, 3))
+    w5 = torch.randn(2, 3, 5, 5, dtype=F64, device=kdevice)
+    torch.testing.assert_close(ops.contract_e(x, w5, 3), (rows * w5[..., None, :]).sum(-1))
     xq = torch.randn(2, 3, 5, 16, device=kdevice)
     proj = torch.randn(20, 16, device=kdevice)
     ph = ops.prf(xq, proj, False)
-    for op, args in ((ops.outer, (phi, w, 1, 4, False)), (ops.contract_f, (phi, x, 1, 4)),
-                     (ops.contract_e, (x, torch.randn(2, 3, 5, 5, dtype=F64, device=kdevice), 3)),
-                     (ops.prf, (xq, proj, True)), (ops.prf_bwd, (torch.randn_like(ph), ph, xq, proj))):
+    for op, args in ((ops.outer, (phi, w, 1, 4, False, 7)), (ops.contract_f, (phi, x, 1, 4)),
+                     (ops.contract_e, (x, w5, 3)), (ops.prf, (xq, proj, True)),
+                     (ops.prf_bwd, (torch.randn_like(ph), ph, xq, proj))):
         torch.library.opcheck(op, args)
 
 
@@ -287,7 +292,11 @@ def test_fused_kernels_reject_bad_operands(backend, kdevice):
     ops = kernel_ops(backend)
     phi = torch.rand(1, 2, 5, 6, dtype=F64, device=kdevice)
     with pytest.raises((ValueError, RuntimeError), match="outside"):
-        ops.outer(phi, phi, 4, 7, True)
+        ops.outer(phi, phi, 4, 7, True, 5)
+    with pytest.raises((ValueError, RuntimeError), match="n_pad"):
+        ops.outer(phi, phi, 1, 2, True, 4)
+    with pytest.raises((ValueError, RuntimeError), match=r"F·E1, ≥ N"):
+        ops.contract_f(phi, torch.rand(1, 2, 6, 4, dtype=F64, device=kdevice), 0, 3)
     with pytest.raises((ValueError, RuntimeError), match=r"\[m, 8\]|projection"):
         ops.prf(torch.randn(1, 2, 5, 8, device=kdevice), torch.randn(4, 6, device=kdevice), True)
 

@@ -1,18 +1,19 @@
 """Fused pieces of kernelized attention in Triton (python/posattn/kernelized.py, MATH.md §1).
 
 The same five operations, with the same signatures and semantics, as the CPU backend's
-csrc/kernelized.cpp; the FFTs between them are torch.fft's. Tensors are [B, H, N, ·] with
-any strides; one program takes BLOCK_R rows of one (batch, head).
+csrc/kernelized.cpp; the FFTs between them are torch.fft's. Operands are [B, H, N, ·] rows or
+[B, H, C, n] columns with any strides; one program takes BLOCK_R rows of one (batch, head).
 
-  kz_outer:      out[n, f·E1 + e] = φ[n, lo+f] · w[n, e] (e < E), and out[n, f·E1 + E] = φ[n, lo+f]
-                 with append_phi (the product with w's implicit "1")
-  kz_contract_f: out[n, e] = Σ_f φ[n, lo+f] · x[n, f·E1 + e]
-  kz_contract_e: out[n, f] = Σ_e x[n, f·E1 + e] · w[n, e] (+ x[n, f·E1 + E1−1] when w has E1 − 1 columns)
+  kz_outer:      out[f·E1 + e, n] = φ[n, lo+f] · w[n, e] (e < E), and out[f·E1 + E, n] = φ[n, lo+f]
+                 with append_phi (the product with w's implicit "1"); [B, H, F·E1, n_pad], zero
+                 for N ≤ n < n_pad: one sequence per column, the FFT's input as it is
+  kz_contract_f: out[n, e] = Σ_f φ[n, lo+f] · x[f·E1 + e, n]      (x [B, H, F·E1, ≥ N])
+  kz_contract_e: out[n, f] = Σ_e x[f·E1 + e, n] · w[n, e] (+ x[f·E1 + E1−1, n] when w has E1 − 1 columns)
   kz_prf:        φ[n, l] = exp(w_l·x̃_n − ‖x̃_n‖²/2 − stab) / √m, x̃ = x·D^{-1/4}; stab the row max
                  (queries) or the max over every row of the (batch, head) (keys)
   kz_prf_bwd:    dx[n] = D^{-1/4}·(Σ_l g[n, l]·w_l − x̃_n·Σ_l g[n, l]), g = dφ ⊙ φ
 
-Every stride is taken (the FFT returns its columns strided); the outer products and contractions run in the dtype they are given (float64 on the FFT
+The outer products and contractions run in the dtype they are given (float64 on the FFT
 path, so no tl.dot); the feature map computes in fp32 with exact (ieee) dots, since an
 error in w·x̃ is an error in the exponent.
 """
@@ -32,12 +33,12 @@ def _rows(P, g, H, stride_b, stride_h):
     return P + (g // H) * stride_b + (g % H) * stride_h
 
 
-@triton.jit(do_not_specialize=["N", "lo"])
+@triton.jit(do_not_specialize=["N", "n_pad", "lo"])
 def _kz_outer_kernel(
     # pointers
     OUT, PHI, W,
     # sizes
-    H, N, E, E1, lo,
+    H, N, n_pad, E, E1, lo,
     # strides
     stride_o_b, stride_o_h, stride_o_n, stride_o_e, stride_p_b, stride_p_h, stride_p_n, stride_p_f, stride_w_b,
     stride_w_h, stride_w_n, stride_w_e,
@@ -49,15 +50,14 @@ def _kz_outer_kernel(
     cols = tl.arange(0, BLOCK_E)
     live = rows < N
     phi = tl.load(_rows(PHI, g, H, stride_p_b, stride_p_h) + rows * stride_p_n + (lo + f) * stride_p_f,
-                  mask=live)  # [BLOCK_R]
+                  mask=live, other=0.0)  # [BLOCK_R]; rows N ≤ n < n_pad are the zero padding
     w = tl.load(_rows(W, g, H, stride_w_b, stride_w_h) + rows[:, None] * stride_w_n + cols[None, :] * stride_w_e,
                 mask=live[:, None] & (cols[None, :] < E), other=0.0)  # [BLOCK_R, BLOCK_E]
     out = phi[:, None] * w
     if APPEND_PHI:
         out = tl.where(cols[None, :] == E, phi[:, None], out)
     tl.store(_rows(OUT, g, H, stride_o_b, stride_o_h) + rows[:, None] * stride_o_n + (f * E1 + cols[None, :]) * stride_o_e,
-             out,
-             mask=live[:, None] & (cols[None, :] < E1))
+             out, mask=(rows[:, None] < n_pad) & (cols[None, :] < E1))
 
 
 @triton.jit(do_not_specialize=["N", "lo", "F"])
@@ -232,54 +232,70 @@ def _grid_rows(phi, *more):
     return (B * H, triton.cdiv(N, _BLOCK_R), *more)
 
 
-def _check(op, *tensors):
-    _check_device(*tensors)
-    t0 = tensors[0]
-    for t in tensors:
-        if t.dim() != 4 or t.shape[:3] != t0.shape[:3] or t.dtype != t0.dtype:
-            raise ValueError(f"{op}: every operand must be [B, H, N, ·] with shape {tuple(t0.shape[:3])} and dtype "
-                             f"{t0.dtype}, got {tuple(t.shape)} {t.dtype}")
+def _check(op, rows, *others):
+    _check_device(rows, *others)
+    for t in (rows, *others):
+        if t.dim() != 4 or t.dtype != rows.dtype:
+            raise ValueError(f"{op}: operands must be 4-D of one dtype, got {tuple(t.shape)} {t.dtype} and "
+                             f"{tuple(rows.shape)} {rows.dtype}")
 
 
-def kz_outer(phi, w, lo, hi, append_phi):
+def _check_columns(op, x, rows, F):
+    """x [B, H, F·E1, ≥ N] against an operand [B, H, N, ·]."""
+    _check(op, rows, x)
+    if F < 1 or x.shape[2] % F or x.shape[:2] != rows.shape[:2] or x.shape[3] < rows.shape[2]:
+        raise ValueError(f"{op}: x {tuple(x.shape)} must be [B, H, F·E1, ≥ N] for F = {F} and [B, H, N, ·] = "
+                         f"{tuple(rows.shape)}")
+
+
+def _col_strides(x):
+    """A [B, H, C, n] operand's strides in the kernels' (batch, head, row, column) order."""
+    return x.stride(0), x.stride(1), x.stride(3), x.stride(2)
+
+
+def kz_outer(phi, w, lo, hi, append_phi, n_pad):
     _check("kz_outer", phi, w)
+    B, H, N = phi.shape[:3]
+    if w.shape[:3] != phi.shape[:3]:
+        raise ValueError(f"kz_outer: phi {tuple(phi.shape)} and w {tuple(w.shape)} must share [B, H, N]")
     if not 0 <= lo < hi <= phi.shape[3]:
         raise ValueError(f"kz_outer: feature chunk [{lo}, {hi}) is outside [0, {phi.shape[3]})")
+    if n_pad < N:
+        raise ValueError(f"kz_outer: n_pad={n_pad} is shorter than the {N} rows")
     E = w.shape[3]
     E1 = E + int(append_phi)
-    out = _alloc((*phi.shape[:3], (hi - lo) * E1), phi.dtype, phi.device)
+    out = _alloc((B, H, (hi - lo) * E1, n_pad), phi.dtype, phi.device)
     if out.numel():
-        _kz_outer_kernel[_grid_rows(phi, hi - lo)](
-            out, phi, w, phi.shape[1], phi.shape[2], E, E1, lo, *_strides(out), *_strides(phi), *_strides(w),
+        _kz_outer_kernel[(B * H, triton.cdiv(n_pad, _BLOCK_R), hi - lo)](
+            out, phi, w, H, N, n_pad, E, E1, lo, *_col_strides(out), *_strides(phi), *_strides(w),
             APPEND_PHI=append_phi, BLOCK_R=_BLOCK_R, BLOCK_E=_block(E1))
     return out
 
 
 def kz_contract_f(phi, x, lo, hi):
-    _check("kz_contract_f", phi, x)
+    if not 0 <= lo < hi <= phi.shape[3]:
+        raise ValueError(f"kz_contract_f: feature chunk [{lo}, {hi}) is outside [0, {phi.shape[3]})")
     F = hi - lo
-    if not (0 <= lo < hi <= phi.shape[3] and x.shape[3] % F == 0):
-        raise ValueError(f"kz_contract_f: x {tuple(x.shape)} must be [B, H, N, F·E1] for the feature chunk "
-                         f"[{lo}, {hi}) of phi {tuple(phi.shape)}")
-    E1 = x.shape[3] // F
+    _check_columns("kz_contract_f", x, phi, F)
+    E1 = x.shape[2] // F
     out = _alloc((*phi.shape[:3], E1), phi.dtype, phi.device)
     if out.numel():
         _kz_contract_f_kernel[_grid_rows(phi)](
-            out, phi, x, phi.shape[1], phi.shape[2], E1, lo, F, *_strides(out), *_strides(phi), *_strides(x),
+            out, phi, x, phi.shape[1], phi.shape[2], E1, lo, F, *_strides(out), *_strides(phi), *_col_strides(x),
             BLOCK_R=_BLOCK_R, BLOCK_E=_block(E1))
     return out
 
 
 def kz_contract_e(x, w, F):
-    _check("kz_contract_e", x, w)
-    E1, Ew = x.shape[3] // max(F, 1), w.shape[3]
-    if F < 1 or x.shape[3] % F or Ew not in (E1, E1 - 1):
-        raise ValueError(f"kz_contract_e: x {tuple(x.shape)} and w {tuple(w.shape)} must be [B, H, N, F·E1] and "
-                         f"[B, H, N, E1] or [B, H, N, E1 − 1] for F = {F}")
-    out = _alloc((*x.shape[:3], F), x.dtype, x.device)
+    _check_columns("kz_contract_e", x, w, F)
+    E1, Ew = x.shape[2] // F, w.shape[3]
+    if Ew not in (E1, E1 - 1):
+        raise ValueError(f"kz_contract_e: w {tuple(w.shape)} must have E1 = {E1} or E1 − 1 columns for x "
+                         f"{tuple(x.shape)}")
+    out = _alloc((*w.shape[:3], F), x.dtype, x.device)
     if out.numel():
-        _kz_contract_e_kernel[_grid_rows(x)](
-            out, x, w, x.shape[1], x.shape[2], E1, Ew, F, *_strides(out), *_strides(x), *_strides(w),
+        _kz_contract_e_kernel[_grid_rows(w)](
+            out, x, w, w.shape[1], w.shape[2], E1, Ew, F, *_strides(out), *_col_strides(x), *_strides(w),
             IMPLICIT_ONE=Ew == E1 - 1, BLOCK_R=_BLOCK_R, BLOCK_E=_block(E1))
     return out
 

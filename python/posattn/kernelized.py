@@ -137,11 +137,11 @@ class _ToeplitzKernelized(torch.autograd.Function):
         G, N = B * H, _fft_size(L, S)
         pq, pk, vv = phi_q.reshape(1, G, L, m), phi_k.reshape(1, G, S, m), v.reshape(1, G, S, dv)
         c = rpe_coefficients(table, L, S, causal, phi_q.dtype)
-        spec = _kernel_spectrum(c, L, S, N, transpose=False).repeat(B, 1)[None, :, :, None]  # [1, G, N/2+1, 1]
+        spec = _kernel_spectrum(c, L, S, N, transpose=False).repeat(B, 1)[None, :, None]  # [1, G, 1, N/2+1]
         nd = phi_q.new_zeros(1, G, L, dv + 1)  # [numerator, denominator]
         for g, lo, hi in _chunks(G, m, dv + 1, N):
-            kv = torch.fft.rfft(ops.outer(pk[:, g], vv[:, g], lo, hi, True), n=N, dim=2)  # φk⊗[v, 1]
-            d = torch.fft.irfft(kv.mul_(spec[:, g]), n=N, dim=2)[:, :, :L]  # C(φk⊗[v, 1])
+            kv = torch.fft.rfft(ops.outer(pk[:, g], vv[:, g], lo, hi, True, N), dim=-1)  # φk⊗[v, 1]
+            d = torch.fft.irfft(kv.mul_(spec[:, g]), n=N, dim=-1)[..., :L]  # C(φk⊗[v, 1])
             nd[:, g] += ops.contract_f(pq[:, g], d, lo, hi)
         den = nd[..., dv] + eps
         z = (nd[..., :dv] / den[..., None]).view(B, H, L, dv)
@@ -161,8 +161,8 @@ class _ToeplitzKernelized(torch.autograd.Function):
             table_ = table.detach().requires_grad_(table.requires_grad)
             c = rpe_coefficients(table_, L, S, ctx.causal, phi_q.dtype)
         cd = c.detach()
-        spec = _kernel_spectrum(cd, L, S, N, transpose=False).repeat(B, 1)[None, :, :, None]
-        spec_t = _kernel_spectrum(cd, L, S, N, transpose=True).repeat(B, 1)[None, :, :, None]
+        spec = _kernel_spectrum(cd, L, S, N, transpose=False).repeat(B, 1)[None, :, None]
+        spec_t = _kernel_spectrum(cd, L, S, N, transpose=True).repeat(B, 1)[None, :, None]
         dnum = dz / den[..., None]  # [B, H, L, dv]
         dden = -(dz * z).sum(-1) / den  # [B, H, L]
         da = torch.cat((dnum, dden[..., None]), dim=-1).view(1, G, L, dv + 1)  # gradient pairs with [v, 1]
@@ -171,17 +171,17 @@ class _ToeplitzKernelized(torch.autograd.Function):
         d_v = torch.zeros_like(vv)
         corr = torch.zeros(G, N // 2 + 1, dtype=spec.dtype, device=spec.device)
         for g, lo, hi in _chunks(G, m, dv + 1, N):
-            kv = torch.fft.rfft(ops.outer(pk[:, g], vv[:, g], lo, hi, True), n=N, dim=2)  # φk⊗[v, 1]
-            qa = torch.fft.rfft(ops.outer(pq[:, g], da[:, g], lo, hi, False), n=N, dim=2)  # φq⊗[dnum, dden]
+            kv = torch.fft.rfft(ops.outer(pk[:, g], vv[:, g], lo, hi, True, N), dim=-1)  # φk⊗[v, 1]
+            qa = torch.fft.rfft(ops.outer(pq[:, g], da[:, g], lo, hi, False, N), dim=-1)  # φq⊗[dnum, dden]
             if table.requires_grad:
                 # ∂/∂c_r = Σ_{j−i=r} (φq⊗a)_i · (φk⊗[v,1])_j: a cross-correlation, summed over the
                 # features in frequency space, from the same spectra the products below use
-                corr[g] += torch.linalg.vecdot(qa, kv, dim=-1)[0]
+                corr[g] += torch.linalg.vecdot(qa, kv, dim=-2)[0]
             # dφq_i = Σ_e C(φk⊗[v,1])_i[l, e] · [dnum, dden]_ie
-            d1 = torch.fft.irfft(kv.mul_(spec[:, g]), n=N, dim=2)[:, :, :L]
+            d1 = torch.fft.irfft(kv.mul_(spec[:, g]), n=N, dim=-1)[..., :L]
             d_phi_q[:, g, :, lo:hi] = ops.contract_e(d1, da[:, g], hi - lo)
             # dφk_j = Σ_e Cᵀ(φq⊗[dnum, dden])_j[l, e] · [v, 1]_je ; dv_j = Σ_l φk_jl · Cᵀ(φq⊗dnum)_j[l]
-            t1 = torch.fft.irfft(qa.mul_(spec_t[:, g]), n=N, dim=2)[:, :, :S]
+            t1 = torch.fft.irfft(qa.mul_(spec_t[:, g]), n=N, dim=-1)[..., :S]
             d_phi_k[:, g, :, lo:hi] = ops.contract_e(t1, vv[:, g], hi - lo)  # v's implicit 1 takes t1[..., dv]
             d_v[:, g] += ops.contract_f(pk[:, g], t1, lo, hi)[..., :dv]
         d_table = None
@@ -271,26 +271,34 @@ def features(q, k, feature_map_kind, projection, num_features, normalize_qk, bac
 
 
 class KernelOps(NamedTuple):
-    """The fused pieces of one backend (signatures and semantics of csrc/kernelized.cpp)."""
-    outer: Callable  # (phi, w, lo, hi, append_phi) -> φ[.., lo:hi] ⊗ [w, (1)]  [B, H, N, F·E1]
-    contract_f: Callable  # (phi, x, lo, hi) -> Σ_f φ[.., lo+f] · x[.., f, :]  [B, H, N, E1]
-    contract_e: Callable  # (x, w, F) -> Σ_e x[.., f, e] · w[.., e] (+ x[.., f, E1−1])  [B, H, N, F]
+    """The fused pieces of one backend (signatures and semantics of csrc/kernelized.cpp). The
+    FFTs' operands hold one sequence per column c = f·E1 + e: [B, H, F·E1, n], so that every
+    FFT runs over contiguous memory."""
+    outer: Callable  # (phi, w, lo, hi, append_phi, n_pad) -> φ[.., lo:hi] ⊗ [w, (1)] zero-padded [B, H, F·E1, n_pad]
+    contract_f: Callable  # (phi, x, lo, hi) -> Σ_f φ[n, lo+f] · x[f·E1 + e, n]  [B, H, N, E1]
+    contract_e: Callable  # (x, w, F) -> Σ_e x[f·E1 + e, n] · w[n, e] (+ x[f·E1 + E1−1, n])  [B, H, N, F]
     prf: Callable = None  # (x, W, is_query) -> φ(x)  [B, H, N, m]
     prf_bwd: Callable = None  # (dφ, φ, x, W) -> dx  [B, H, N, D]
 
 
-def _outer(phi, w, lo, hi, append_phi):
+def _outer(phi, w, lo, hi, append_phi, n_pad):
     f = phi[..., lo:hi, None]
     out = f * w[..., None, :]
-    return (torch.cat((out, f), dim=-1) if append_phi else out).flatten(-2)
+    out = (torch.cat((out, f), dim=-1) if append_phi else out).flatten(-2).transpose(-1, -2)
+    return torch.nn.functional.pad(out, (0, n_pad - phi.shape[2]))
+
+
+def _rows_view(x, n):
+    """x [B, H, F·E1, ≥ n] as [B, H, n, F·E1]."""
+    return x[..., :n].transpose(-1, -2)
 
 
 def _contract_f(phi, x, lo, hi):
-    return (phi[..., lo:hi, None] * x.unflatten(-1, (hi - lo, -1))).sum(-2)
+    return (phi[..., lo:hi, None] * _rows_view(x, phi.shape[2]).unflatten(-1, (hi - lo, -1))).sum(-2)
 
 
 def _contract_e(x, w, F):
-    x = x.unflatten(-1, (F, -1))
+    x = _rows_view(x, w.shape[2]).unflatten(-1, (F, -1))
     E = w.shape[-1]
     out = (x[..., :E] * w[..., None, :]).sum(-1)
     return out + x[..., E] if x.shape[-1] == E + 1 else out

@@ -194,16 +194,16 @@ def _backward(bwd_op, ctx, dout, dlse):
 torch.library.register_autograd("posattn::triton_attention_fwd", _make_backward(triton_attention_bwd),
                                 setup_context=_setup_context)
 
-def _kz_outer_fake(phi, w, lo, hi, append_phi):
-    return phi.new_empty((*phi.shape[:3], (hi - lo) * (w.shape[3] + int(append_phi))))
+def _kz_outer_fake(phi, w, lo, hi, append_phi, n_pad):
+    return phi.new_empty((*phi.shape[:2], (hi - lo) * (w.shape[3] + int(append_phi)), n_pad))
 
 
 def _kz_contract_f_fake(phi, x, lo, hi):
-    return phi.new_empty((*phi.shape[:3], x.shape[3] // (hi - lo)))
+    return phi.new_empty((*phi.shape[:3], x.shape[2] // (hi - lo)))
 
 
 def _kz_contract_e_fake(x, w, F):
-    return x.new_empty((*x.shape[:3], F))
+    return x.new_empty((*w.shape[:3], F))
 
 
 def _kz_prf_fake(x, w, is_query):
@@ -221,8 +221,8 @@ _KZ_FAKES = {"kz_outer": _kz_outer_fake, "kz_contract_f": _kz_contract_f_fake, "
 
 
 @torch.library.custom_op("posattn::triton_kz_outer", mutates_args=())
-def triton_kz_outer(phi: Tensor, w: Tensor, lo: int, hi: int, append_phi: bool) -> Tensor:
-    return _triton().kz_outer(phi, w, lo, hi, append_phi)
+def triton_kz_outer(phi: Tensor, w: Tensor, lo: int, hi: int, append_phi: bool, n_pad: int) -> Tensor:
+    return _triton().kz_outer(phi, w, lo, hi, append_phi, n_pad)
 
 
 @torch.library.custom_op("posattn::triton_kz_contract_f", mutates_args=())

@@ -5,12 +5,15 @@ last dim. Query head h reads KV head h // (H / Hkv) (grouped-query attention by 
 Every mask is a function of absolute positions (q_pos, k_pos) and is applied by the shared
 ``score_tile``; whole key (or query) tiles that no position pair can see are skipped.
 """
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import triton
 import triton.language as tl
 
 from posattn import _config
-from posattn.positions import BIAS_ALIBI, BIAS_MANHATTAN, ROPE_ANGLES, ROPE_NONE, KernelPositions
+from posattn.positions import BIAS_ALIBI, BIAS_MANHATTAN, BIAS_NONE, ROPE_ANGLES, ROPE_NONE, KernelPositions
 
 from ._common import (MASK_BOOL, MASK_FLOAT, MASK_NONE, angle_grad, bias_operand, bias_tile, dropout_keep,
                       load_positions, load_rotated, position_range, score_tile, table_grad_add, tile_visible, unrotate,
@@ -468,7 +471,45 @@ def _dropout_mask_kernel(KEEP, H, L, S, dropout_p, seed, BLOCK_M: tl.constexpr, 
 # launchers: the only code that checks devices, allocates and builds grids
 # --------------------------------------------------------------------------------------------------
 
+# While set (by ``capture_launches``): the list that records launches instead of running them.
+_CAPTURE: ContextVar = ContextVar("posattn_capture", default=None)
+
+
+@contextmanager
+def capture_launches(capability):
+    """Record the kernel launches of ``attn_fwd`` / ``attn_bwd`` instead of running them.
+
+    Yields a list that fills with ``(kernel, grid, args, kwargs)``, one entry per launch, as
+    the launchers would make them on a GPU of ``capability`` (e.g. ``(9, 0)``): the tile
+    table for that capability, the launcher's own argument list. Inputs may live on any
+    device (the CPU will do): nothing is launched, the outputs stay uninitialised. This is
+    what the ahead-of-time report (``python -m bench.gpu_report``) compiles, so the report
+    and the launchers cannot disagree.
+    """
+    launches = []
+    token = _CAPTURE.set((tuple(capability), launches))
+    try:
+        yield launches
+    finally:
+        _CAPTURE.reset(token)
+
+
+def _launch(kernel, grid):
+    """``kernel[grid]``, or a recorder of the call while ``capture_launches`` is active."""
+    capture = _CAPTURE.get()
+    if capture is None:
+        return kernel[grid]
+    return lambda *args, **kwargs: capture[1].append((kernel, grid, args, kwargs))
+
+
+def _capability(device):
+    capture = _CAPTURE.get()
+    return capture[0] if capture is not None else _config.cuda_capability(device)
+
+
 def _check_device(*tensors):
+    if _CAPTURE.get() is not None:
+        return  # nothing runs: any device will do
     for t in tensors:
         if t is None:
             continue
@@ -595,8 +636,13 @@ def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, drop
     return (B, H, HKV, L, S, D, DV), shared, constexprs
 
 
-def _tile_args(kind, head_dim, kp):
-    cfg = _config.tile_config(kind, head_dim, _config.triton_interpret(), rotary=kp.rope_kind != ROPE_NONE)
+def _tile_args(kind, q, causal, kp, head_dim):
+    """The tile config of kernel ``kind`` ("fwd", "dkdv", "dq") and its launch keywords."""
+    interpret = _config.triton_interpret() and _CAPTURE.get() is None
+    capability = None if interpret else _capability(q.device)
+    flags = [name for name, on in (("rotary", kp.rope_kind != ROPE_NONE), ("bias", kp.bias_kind != BIAS_NONE),
+                                   ("urpe", kp.urpe_table is not None), ("causal", causal)) if on]
+    cfg = _config.tile_config(kind, head_dim, interpret, capability=capability, dtype=q.dtype, flags=flags)
     return cfg, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -611,8 +657,8 @@ def attn_fwd(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_
         q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp)
     out = _alloc((B, H, L, DV), q.dtype, q.device)
     lse = _alloc((B, H, L), torch.float32, q.device)
-    cfg, tiles = _tile_args("fwd", max(D, DV), kp)
-    _attn_fwd_kernel[(triton.cdiv(L, cfg.block_m), B * H)](out, lse, *out.stride()[:3], *shared, **tiles, **cx)
+    cfg, tiles = _tile_args("fwd", q, causal, kp, max(D, DV))
+    _launch(_attn_fwd_kernel, (triton.cdiv(L, cfg.block_m), B * H))(out, lse, *out.stride()[:3], *shared, **tiles, **cx)
     return out, lse
 
 
@@ -642,13 +688,14 @@ def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, windo
         do = do.contiguous()
     if dlse is not None:
         dlse = dlse.contiguous()  # autograd hands out expanded (stride-0) gradients, e.g. of lse.sum()
-    cfg, tiles = _tile_args("bwd", max(D, DV), kp)
-    n_m = triton.cdiv(L, cfg.block_m)
+    kv_cfg, kv_tiles = _tile_args("dkdv", q, causal, kp, max(D, DV))
+    q_cfg, q_tiles = _tile_args("dq", q, causal, kp, max(D, DV))
+    n_m = triton.cdiv(L, q_cfg.block_m)
     dev = q.device
 
     delta = _alloc((B, H, L), torch.float32, dev)
     pre_block = 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(L, pre_block), B * H)](
+    _launch(_attn_bwd_preprocess_kernel, (triton.cdiv(L, pre_block), B * H))(
         out, do, q if dlse is None else dlse, delta, H, L, DV, *out.stride()[:3], *do.stride()[:3],
         BLOCK_M=pre_block, BLOCK_DV=cx["BLOCK_DV"], HAS_DLSE=dlse is not None,
     )
@@ -657,9 +704,9 @@ def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, windo
     dq_ang = _alloc((B, H, L, r2), torch.float32, dev) if angle_grad else None
     dk_ang = _alloc((B, HKV, S, r2), torch.float32, dev) if angle_grad else None
     dq, dk, dv = _alloc_like(q), _alloc_like(k), _alloc_like(v)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(S, cfg.block_n), B * HKV)](
+    _launch(_attn_bwd_dkdv_kernel, (triton.cdiv(S, kv_cfg.block_n), B * HKV))(
         do, lse, delta, dk, dv, q if dk_ang is None else dk_ang, *do.stride()[:3], *dk.stride()[:3],
-        *dv.stride()[:3], *shared, ANGLE_GRAD=angle_grad, **tiles, **cx)
+        *dv.stride()[:3], *shared, ANGLE_GRAD=angle_grad, **kv_tiles, **cx)
 
     dmask = dmask_buf = None
     dmask_view = q  # a dummy pointer (and strides) when no mask gradient is taken: MASK_GRAD=False never reads it
@@ -680,11 +727,11 @@ def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, windo
     durpe_buf, durpe_strides = (_table_grad_buffer(kp.urpe_table, B, H, n_m, deterministic, dev) if urpe_grad
                                 else (q, (0, 0, 0)))
 
-    _attn_bwd_dq_kernel[(n_m, B * H)](
+    _launch(_attn_bwd_dq_kernel, (n_m, B * H))(
         do, lse, delta, dq, dmask_view, q if dq_ang is None else dq_ang, dbias_buf, durpe_buf,
         *do.stride()[:3], *dq.stride()[:3], *dmask_view.stride(), *dbias_strides, *durpe_strides,
         *shared, ANGLE_GRAD=angle_grad, MASK_GRAD=mask_grad, BIAS_GRAD=bias_grad, URPE_GRAD=urpe_grad,
-        **tiles, **cx)
+        **q_tiles, **cx)
 
     if mask_grad:
         dmask = _sum_to(dmask_buf, attn_mask.shape).to(attn_mask.dtype)

@@ -18,12 +18,17 @@ Environment knobs (read at call time, so tests can set them with ``monkeypatch``
 ``POSATTN_POISON_ALLOC``
     "1" fills every buffer the launchers allocate with NaN before the kernels write it,
     so a tile that is never written shows up as NaN (the tests set it).
+``POSATTN_AUTOTUNE``
+    "0" gives every Triton kernel one fixed tile config per head dim, whatever the GPU
+    (capability), dtype and flags: reproducible CI runs and benchmarks. Default: the tile
+    tables per capability (sm_80, sm_90), keyed by kernel, head dim, dtype and flags.
 ``TRITON_INTERPRET``
     "1" runs the Triton kernels on CPU tensors through Triton's interpreter (slow; for
     tests). Must be set before ``posattn.triton_kernels`` is first imported.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -84,31 +89,119 @@ def padded_head_dim(d: int) -> int:
     return max(16, _next_pow2(d))
 
 
-# Keyed by the padded head dim (max of D and Dv). GPU tiles follow the FlashAttention-2
-# Triton tutorial's choices for sm_80/sm_90: large head dims shrink the tiles to keep
-# the Q/K/V/acc tiles in registers. They are revisited with the AOT register/spill report
-# (issue #7).
-_FWD_GPU = {16: TileConfig(128, 64, 4, 3), 32: TileConfig(128, 64, 4, 3), 64: TileConfig(128, 64, 4, 3),
-            128: TileConfig(128, 64, 8, 2), 256: TileConfig(64, 32, 4, 2)}
-_BWD_GPU = {16: TileConfig(64, 64, 4, 2), 32: TileConfig(64, 64, 4, 2), 64: TileConfig(64, 64, 4, 2),
-            128: TileConfig(64, 64, 8, 2), 256: TileConfig(32, 32, 4, 1)}
+# GPU tile tables, one per capability class: sm_80 (A100; also used below sm_90) and sm_90
+# (H100; also used above). Keys: (kernel, padded head dim) -> TileConfig, and more specific
+# (kernel, padded head dim, variant) entries for variants that need other tiles. Variants
+# (first match wins): "rotary" (RoPE / xPos / angles: tiles rotated on load), "bias" (ALiBi,
+# relative, T5, Manhattan), "urpe", "causal", then the dtype name ("float16", "bfloat16").
+# Every entry was chosen with the AOT report (python -m bench.gpu_report; Triton 3.9,
+# ptxas from its wheel): no register spills, shared memory within the target, tensor-core
+# instructions; tests/test_gpu_report.py keeps the main configs that way. Spill counts in
+# the comments are STL/LDL instructions of the replaced config (bf16, causal). The base
+# entries follow the FlashAttention-2 Triton tutorial.
+_SM80 = {
+    ("fwd", 16): TileConfig(128, 64, 4, 3), ("fwd", 32): TileConfig(128, 64, 4, 3),
+    ("fwd", 64): TileConfig(128, 64, 4, 3), ("fwd", 128): TileConfig(128, 64, 8, 2),
+    ("fwd", 256): TileConfig(64, 32, 4, 2),
+    # dK/dV keep k, v, dk, dv of BLOCK_N keys in registers: 64 keys spilled at D=64 (58/58)
+    # and 8 warps did not help (38/37); 32 keys do not spill (168 registers).
+    ("dkdv", 16): TileConfig(64, 32, 4, 2), ("dkdv", 32): TileConfig(64, 32, 4, 2),
+    ("dkdv", 64): TileConfig(64, 32, 4, 2), ("dkdv", 128): TileConfig(64, 64, 8, 2),
+    ("dkdv", 256): TileConfig(32, 32, 4, 1),
+    ("dq", 16): TileConfig(64, 64, 4, 2), ("dq", 32): TileConfig(64, 64, 4, 2),
+    ("dq", 64): TileConfig(64, 64, 4, 2), ("dq", 128): TileConfig(64, 64, 8, 2),
+    ("dq", 256): TileConfig(32, 32, 4, 1),
+    # Rotating each tile on load needs the fp32 cos / sin tiles too. fwd D<=64: 4 warps
+    # spilled (sm_90 bf16: 259) and 8 do not; on an H100 (bf16, causal, B=4 H=16 N=2048
+    # D=64) 8 warps made the plain forward slower (0.87 vs 0.57 ms), so only rotary
+    # forwards use them.
+    ("fwd", 16, "rotary"): TileConfig(128, 64, 8, 3), ("fwd", 32, "rotary"): TileConfig(128, 64, 8, 3),
+    ("fwd", 64, "rotary"): TileConfig(128, 64, 8, 3),
+    ("dkdv", 64, "rotary"): TileConfig(32, 32, 4, 2),  # (64, 32, 4, 2): 18/33; (64, 64, 8, 2): 231/347
+    ("dkdv", 128, "rotary"): TileConfig(32, 32, 8, 2),  # (64, 64, 8, 2): 44/76; (64, 32, 8, 2): 16/23
+    ("dq", 64, "rotary"): TileConfig(64, 64, 8, 2),  # (64, 64, 4, 2): 7/13
+    ("dq", 128, "rotary"): TileConfig(32, 32, 8, 2),  # (64, 64, 8, 2): 20/29; (64, 32, 8, 2): 3/2
+    # Bias tiles (bucket / table gathers) and URPE gates are more live [BLOCK_M, BLOCK_N] tiles.
+    ("fwd", 64, "bias"): TileConfig(128, 64, 8, 3),  # (128, 64, 4, 3): T5 77/49, relative 71/45
+    ("fwd", 128, "bias"): TileConfig(128, 32, 8, 2),  # (128, 64, 8, 2): T5 210/137, relative 212/138
+    ("dkdv", 128, "urpe"): TileConfig(64, 32, 8, 2),  # (64, 64, 8, 2): 28/26
+    ("dq", 64, "urpe"): TileConfig(64, 32, 4, 2),  # (64, 64, 4, 2): 92/91
+}
+_SM90 = {
+    **{key: cfg for key, cfg in _SM80.items() if len(key) == 2 or key[2] == "rotary" and key[0] == "fwd"},
+    # wgmma keeps its accumulators in registers with fewer copies than sm_80's mma: 64 keys
+    # per dK/dV program do not spill at D=64 (192 registers).
+    ("dkdv", 16): TileConfig(64, 64, 4, 2), ("dkdv", 32): TileConfig(64, 64, 4, 2),
+    ("dkdv", 64): TileConfig(64, 64, 4, 2),
+    ("fwd", 128, "rotary"): TileConfig(64, 64, 8, 2),  # (128, 64, 8, 2): 2/2
+    ("dkdv", 64, "rotary"): TileConfig(64, 64, 8, 2),  # (64, 64, 4, 2): 14/28
+    ("dkdv", 128, "rotary"): TileConfig(32, 32, 8, 2),  # (64, 64, 8, 2): 54/70; (64, 32, 8, 2): 6/12
+    ("dq", 64, "rotary"): TileConfig(64, 64, 8, 2),  # (64, 64, 4, 2): 6/12
+    ("dq", 128, "rotary"): TileConfig(32, 32, 8, 2),  # (64, 64, 8, 2): 24/40; (32, 64, 8, 2): 5/6
+}
+
+# POSATTN_AUTOTUNE=0: one fixed config per kernel and head dim, whatever the GPU, dtype and
+# flags (reproducible CI runs and benchmarks): the smallest tiles of the tables above.
+_FIXED = {16: TileConfig(64, 32, 4, 1), 32: TileConfig(64, 32, 4, 1), 64: TileConfig(64, 32, 4, 1),
+          128: TileConfig(64, 32, 4, 1), 256: TileConfig(32, 32, 4, 1)}
+
 # The interpreter costs ~2.5 ms per tile iteration whatever the tile size, so it gets
 # large tiles; 64 still leaves partial tiles in the test shapes (L, S = 63, 130).
 _INTERPRET = TileConfig(64, 64, 4, 1)
 
-
-# Rotating each K tile on load needs more registers: at D <= 64 the 4-warp forward spilled
-# (sm_90 AOT, bf16: 259 LDL/STL) and 8 warps do not (0). Measured on an H100 (bf16, causal,
-# B=4 H=16 N=2048 D=64), 8 warps made the plain forward slower (0.87 vs 0.57 ms), so only
-# rotary forwards use them.
-_FWD_GPU_ROTARY = {16: TileConfig(128, 64, 8, 3), 32: TileConfig(128, 64, 8, 3), 64: TileConfig(128, 64, 8, 3)}
+KERNELS = ("fwd", "dkdv", "dq")
 
 
-def tile_config(kind: str, head_dim: int, interpret: bool, rotary: bool = False) -> TileConfig:
+def gpu_table(capability) -> dict:
+    """The tile table that a GPU of ``capability`` (major, minor) uses."""
+    return _SM90 if tuple(capability) >= (9, 0) else _SM80
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+VARIANTS = ("rotary", "bias", "urpe", "causal")
+
+
+def tile_config(kind: str, head_dim: int, interpret: bool, capability=(8, 0), dtype="float16",
+                flags=()) -> TileConfig:
+    """Tiles, warps and stages of kernel ``kind`` ("fwd", "dkdv", "dq").
+
+    ``capability``: the GPU's (major, minor) (see :func:`cuda_capability`); ``dtype``: the
+    inputs' dtype; ``flags``: the variants of the call, a subset of :data:`VARIANTS`. Under
+    the interpreter one config serves every kernel; ``POSATTN_AUTOTUNE=0`` gives one
+    fixed config per head dim.
+    """
+    if kind not in KERNELS:
+        raise ValueError(f"kind={kind!r} is not a Triton attention kernel; choose one of {KERNELS}")
+    unknown = set(flags) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"flags {sorted(unknown)} are not tile-table variants; choose from {VARIANTS}")
     if interpret:
         return _INTERPRET
     d = padded_head_dim(head_dim)
-    if kind == "fwd" and rotary and d in _FWD_GPU_ROTARY:
-        return _FWD_GPU_ROTARY[d]
-    table = _FWD_GPU if kind == "fwd" else _BWD_GPU
-    return table[d]
+    if not autotune():
+        return _FIXED[d]
+    table = gpu_table(capability)
+    for variant in (*(v for v in VARIANTS if v in flags), _dtype_name(dtype)):
+        if (kind, d, variant) in table:
+            return table[kind, d, variant]
+    return table[kind, d]
+
+
+def autotune() -> bool:
+    return os.environ.get("POSATTN_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(index: int) -> tuple[int, int]:
+    import torch
+    return torch.cuda.get_device_capability(index)
+
+
+def cuda_capability(device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device, probed on first use and cached (never at import)."""
+    import torch
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_capability(index)

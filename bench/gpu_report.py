@@ -1,0 +1,328 @@
+"""Ahead-of-time GPU code report of the Triton attention kernels: no GPU needed.
+
+    python -m bench.gpu_report [--arch 80 90] [--head-dim 64 128 256] [--dtype fp16 bf16]
+                               [--causal 0 1] [--spec none rope ...] [--kernel fwd pre dkdv dq]
+                               [--quick] [--jobs 2] [--out bench/results/gpu_report.csv]
+
+Every kernel launch that ``attn_fwd`` / ``attn_bwd`` would make on an sm_80 or sm_90 GPU is
+recorded (``capture_launches``: the launchers' own tile choice and argument list, CPU
+tensors standing in for CUDA ones), bound the way ``JITFunction.run`` binds it, and compiled
+with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)``. From the cubin, with the
+``cuobjdump`` shipped in the Triton wheel: registers per thread, local memory, the spill
+stores / loads (STL / LDL instructions in the SASS), shared memory and the tensor-core
+instructions (HMMA, and HGMMA = wgmma on sm_90). A table goes to stdout, CSV rows (with
+machine, versions and git sha) to ``--out``.
+
+Triton caches compiled kernels (~/.triton/cache), so a rerun reports cache-hit compile times.
+TRITON_INTERPRET=1 replaces the kernels by interpreted ones: it is removed from the
+environment of the compile workers.
+"""
+import argparse
+import csv
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+ARCHS = (80, 90)
+HEAD_DIMS = (64, 128, 256)
+DTYPES = ("fp16", "bf16")
+SPECS = ("none", "rope", "xpos", "angles", "alibi", "relative", "t5", "manhattan", "urpe")
+KERNELS = ("fwd", "pre", "dkdv", "dq")
+# Shared memory per block that each target allows (opt-in maximum): sm_80 163 KB, sm_90 227 KB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# The shapes the launches are recorded with: no size is 1 and every stride is a multiple of
+# 16, so Triton specialises the arguments as it does for real training shapes.
+B, H, N = 2, 4, 1024
+_REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Case:
+    arch: int
+    head_dim: int
+    dtype: str
+    causal: bool
+    spec: str
+    kernel: str
+
+    @property
+    def name(self):
+        flags = "causal" if self.causal else "-"
+        return f"{self.kernel} sm_{self.arch} D={self.head_dim} {self.dtype} {flags} {self.spec}"
+
+
+@dataclass
+class Row:
+    kernel: str
+    arch: int
+    head_dim: int
+    dtype: str
+    causal: bool
+    spec: str
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_bytes: int
+    shared_bytes: int
+    shared_limit: int
+    hmma: int
+    hgmma: int
+    compile_s: float
+
+    @property
+    def tensor_core(self):
+        return self.hmma + self.hgmma
+
+
+def tool(name):
+    """A binary shipped in the Triton wheel (ptxas, cuobjdump, nvdisasm)."""
+    import triton
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the Triton wheel ships {name}; reinstall triton "
+                                f"(make install pins triton==3.9.0)")
+    return str(path)
+
+
+def _position_specs(spec, head_dim, device):
+    """(rope, bias, urpe, grads) for a spec kind; grads = the parameter gradients a training
+    step takes (learnable tables and angles; ALiBi slopes and RMT's decay stay fixed)."""
+    import torch
+
+    import posattn
+    if spec == "none":
+        return None, None, None, (False, False, False)
+    if spec == "rope":
+        return posattn.RoPE(), None, None, (False, False, False)
+    if spec == "xpos":
+        return posattn.XPos(), None, None, (False, False, False)
+    if spec == "angles":
+        angles = torch.zeros(1, H, N, head_dim // 2, device=device)
+        return posattn.RotaryAngles(angles), None, None, (True, False, False)
+    if spec == "alibi":
+        return None, posattn.ALiBi(posattn.alibi_slopes(H, device=device)), None, (False, False, False)
+    if spec == "relative":
+        return None, posattn.RelativeBias(torch.zeros(H, 257, device=device)), None, (False, True, False)
+    if spec == "t5":
+        return None, posattn.T5Bias(torch.zeros(H, 32, device=device)), None, (False, True, False)
+    if spec == "manhattan":
+        return None, posattn.ManhattanDecay(torch.full((H,), -0.1, device=device), 32), None, (False, False, False)
+    if spec == "urpe":
+        return None, None, posattn.URPE(torch.ones(H, 257, device=device)), (False, False, True)
+    raise ValueError(f"spec={spec!r} is not a position-spec kind; choose one of {SPECS}")
+
+
+def record_launches(arch, head_dim, dtype, causal, spec):
+    """{kernel name: (JITFunction, args, kwargs)} that attn_fwd / attn_bwd launch on sm_<arch>."""
+    import torch
+
+    from posattn.positions import kernel_positions
+    from posattn.triton_kernels import attention
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    q, k, v, do = (torch.empty(B, H, N, head_dim, dtype=torch_dtype) for _ in range(4))
+    rope, bias, urpe, grads = _position_specs(spec, head_dim, q.device)
+    kp = kernel_positions(rope, bias, urpe, q, k, 0, 0)
+    scale = head_dim ** -0.5
+    common = dict(attn_mask=None, q_pos=0, k_pos=0, causal=causal, window=None, softcap=None, dropout_p=0.0,
+                  seed=0, scale=scale, kp=kp)
+    with attention.capture_launches((arch // 10, arch % 10)) as launches:
+        out, lse = attention.attn_fwd(q, k, v, **common)
+        attention.attn_bwd(do, q, k, v, out, lse, None, mask_grad=False, grads=grads, **common)
+    names = {attention._attn_fwd_kernel: "fwd", attention._attn_bwd_preprocess_kernel: "pre",
+             attention._attn_bwd_dkdv_kernel: "dkdv", attention._attn_bwd_dq_kernel: "dq"}
+    return {names[kernel]: (kernel, args, kwargs) for kernel, _grid, args, kwargs in launches}
+
+
+def compile_launch(kernel, args, kwargs, arch):
+    """triton.compile of one recorded launch for sm_<arch>, bound as JITFunction.run binds it
+    (same signature, constexprs, specialisation attributes and options)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    if not isinstance(kernel, triton.runtime.jit.JITFunction):
+        raise RuntimeError(f"{kernel!r} is not a JITFunction (TRITON_INTERPRET=1 is set?): the report needs the "
+                           f"compiled kernels; run it without TRITON_INTERPRET")
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def sass_stats(cubin):
+    """Registers, stack bytes, STL / LDL / HMMA / HGMMA counts of a cubin (via cuobjdump)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    fields_ = {key: re.search(rf"\b{key}:(\d+)", usage) for key in ("REG", "STACK", "LOCAL")}
+    if not all(fields_.values()):
+        raise RuntimeError(f"cuobjdump --dump-resource-usage printed no REG / STACK / LOCAL fields:\n{usage}")
+    value = {key: int(m.group(1)) for key, m in fields_.items()}
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    count = {op: 0 for op in ("STL", "LDL", "HMMA", "HGMMA")}
+    for op in opcodes:
+        if op in count:
+            count[op] += 1
+    # Spilled registers live in the per-thread stack frame (local memory).
+    return dict(registers=value["REG"], stack_bytes=value["STACK"] + value["LOCAL"], spill_stores=count["STL"],
+                spill_loads=count["LDL"], hmma=count["HMMA"], hgmma=count["HGMMA"])
+
+
+def run_case(case: Case) -> Row:
+    """Record, compile and measure one kernel of one configuration (runs in a worker)."""
+    kernel, args, kwargs = record_launches(case.arch, case.head_dim, case.dtype, case.causal, case.spec)[case.kernel]
+    start = time.perf_counter()
+    compiled = compile_launch(kernel, args, kwargs, case.arch)
+    seconds = time.perf_counter() - start
+    stats = sass_stats(compiled.asm["cubin"])
+    tiles = dict(block_m=kwargs["BLOCK_M"], block_n=kwargs.get("BLOCK_N", 0), num_warps=kwargs.get("num_warps", 4),
+                 num_stages=kwargs.get("num_stages", 3))
+    return Row(**asdict(case), **tiles, **stats, shared_bytes=compiled.metadata.shared,
+               shared_limit=SHARED_LIMIT[case.arch], compile_s=round(seconds, 1))
+
+
+def cases(archs, head_dims, dtypes, causals, specs, kernels):
+    """Every requested case; the preprocess kernel (no positions, no mask) once per arch, D and dtype."""
+    out = []
+    for arch in archs:
+        for d in head_dims:
+            for dtype in dtypes:
+                if "pre" in kernels:
+                    out.append(Case(arch, d, dtype, False, "none", "pre"))
+                for causal in causals:
+                    for spec in specs:
+                        out.extend(Case(arch, d, dtype, causal, spec, kernel) for kernel in kernels if kernel != "pre")
+    return out
+
+
+def _worker_init(cache_dir, env):
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = cache_dir  # a fresh cache: compile seconds are real compiles
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+    os.environ.update(env)
+
+
+def measure(todo, jobs=2, progress=print, env=None):
+    """Rows for the cases, in the order of ``todo``, compiled in ``jobs`` fresh worker
+    processes whose environment lacks TRITON_INTERPRET (Triton reads it at import) and has
+    ``env`` added (e.g. POSATTN_AUTOTUNE="0"). Callable from a process that runs the
+    interpreter, such as the test suite on a machine without a GPU."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="posattn-aot-") as cache_dir, \
+            ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                                initargs=(cache_dir, env or {})) as pool:
+        futures = {pool.submit(run_case, case): case for case in todo}
+        for i, future in enumerate(as_completed(futures), 1):
+            case = futures[future]
+            row = rows[case] = future.result()
+            progress(f"[{i}/{len(todo)}] {case.name}: {row.registers} regs, {row.spill_stores}/{row.spill_loads} "
+                     f"STL/LDL, {row.shared_bytes} B shared, {row.tensor_core} MMA, {row.compile_s} s")
+    return [rows[case] for case in todo]
+
+
+_COLUMNS = (("kernel", "kernel", "{}"), ("arch", "arch", "sm_{}"), ("head_dim", "D", "{}"), ("dtype", "dtype", "{}"),
+            ("causal", "causal", "{:d}"), ("spec", "spec", "{}"), ("block_m", "BM", "{}"), ("block_n", "BN", "{}"),
+            ("num_warps", "warps", "{}"), ("num_stages", "stages", "{}"), ("registers", "regs", "{}"),
+            ("spill_stores", "STL", "{}"), ("spill_loads", "LDL", "{}"), ("stack_bytes", "stack", "{}"),
+            ("shared_bytes", "smem", "{}"), ("hmma", "HMMA", "{}"), ("hgmma", "HGMMA", "{}"), ("compile_s", "s", "{}"))
+
+
+def table(rows):
+    """A fixed-width text table (also the README's)."""
+    cells = [[head for _, head, _ in _COLUMNS]]
+    cells += [[fmt.format(getattr(row, key)) for key, _, fmt in _COLUMNS] for row in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(_COLUMNS))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+
+
+def _git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_csv(rows, path):
+    import torch
+    import triton
+
+    import posattn
+    context = dict(machine=f"{platform.node()} {platform.machine()} (AOT, no GPU)", git_sha=_git_sha(),
+                   posattn=posattn.__version__, triton=triton.__version__, torch=torch.__version__)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [f.name for f in fields(Row)] + list(context)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=names)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**asdict(row), **context})
+
+
+def problems(row):
+    """What the acceptance rule says about one row: no spills, shared memory within the
+    target, tensor cores in every kernel that multiplies tiles (all but the preprocess)."""
+    out = []
+    if row.spill_stores or row.spill_loads or row.stack_bytes:
+        out.append(f"spills ({row.spill_stores} STL, {row.spill_loads} LDL, {row.stack_bytes} B stack)")
+    if row.shared_bytes > row.shared_limit:
+        out.append(f"{row.shared_bytes} B shared > {row.shared_limit}")
+    if row.kernel != "pre" and row.tensor_core == 0:
+        out.append("no tensor-core instructions")
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--head-dim", type=int, nargs="+", default=list(HEAD_DIMS))
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--causal", type=int, nargs="+", default=[0, 1], choices=(0, 1))
+    parser.add_argument("--spec", nargs="+", default=list(SPECS), choices=SPECS)
+    parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=KERNELS)
+    parser.add_argument("--quick", action="store_true",
+                        help="the main configs only: D 64 and 128, no position spec (overrides --head-dim, --spec)")
+    parser.add_argument("--jobs", type=int, default=2, help="compile worker processes (default 2)")
+    parser.add_argument("--out", default=str(_REPO / "bench" / "results" / "gpu_report.csv"))
+    parser.add_argument("--check", action="store_true",
+                        help="exit with status 1 if a kernel spills, overflows shared memory or lacks tensor cores")
+    args = parser.parse_args(argv)
+    head_dims, specs = ((64, 128), ("none",)) if args.quick else (args.head_dim, args.spec)
+    todo = cases(args.arch, head_dims, args.dtype, [bool(c) for c in args.causal], specs, args.kernel)
+    print(f"compiling {len(todo)} kernels for {', '.join(f'sm_{a}' for a in args.arch)} "
+          f"with {args.jobs} worker(s)", flush=True)
+    rows = measure(todo, args.jobs, progress=lambda line: print(line, flush=True))
+    print(table(rows))
+    write_csv(rows, args.out)
+    print(f"wrote {args.out}")
+    bad = [(row, p) for row in rows if (p := problems(row))]
+    for row, p in bad:
+        print(f"{row.kernel} sm_{row.arch} D={row.head_dim} {row.dtype} causal={row.causal:d} {row.spec}: "
+              f"{'; '.join(p)}")
+    if args.check and bad:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""GPU code quality without a GPU (issue #7): the Triton kernels compiled ahead of time for
+sm_80 and sm_90, as the launchers configure them, must use tensor cores, fit the target's
+shared memory and not spill registers.
+
+The compiles run in worker processes of ``bench.gpu_report.measure`` whose environment
+lacks TRITON_INTERPRET (which this process sets when there is no GPU, and which replaces
+the kernels by interpreted ones). Missing ``cuobjdump`` / ``ptxas`` (shipped in the Triton
+wheel) fail the test, they do not skip it.
+"""
+import pytest
+
+from bench import gpu_report
+from bench.gpu_report import Case
+from posattn import _config
+
+# The main configs: forward and both backward kernels, D 64 and 128, fp16 and bf16 on both
+# targets. Causal and RoPE in one dtype per target (fp16 on sm_80, bf16 on sm_90; the two
+# dtypes give the same registers and spills in the full report), to keep the test near a
+# minute on two cores.
+KERNELS, HEAD_DIMS = ("fwd", "dkdv", "dq"), (64, 128)
+MAIN = [Case(arch, d, dtype, causal, spec, kernel)
+        for arch, dtype in ((80, "fp16"), (90, "bf16")) for d in HEAD_DIMS for causal in (False, True)
+        for spec in ("none", "rope") for kernel in KERNELS]
+MAIN += [Case(arch, d, dtype, False, "none", kernel)
+         for arch, dtype in ((80, "bf16"), (90, "fp16")) for d in HEAD_DIMS for kernel in KERNELS]
+# POSATTN_AUTOTUNE=0's fixed config must hold up too (it ignores dtype and flags).
+FIXED = [Case(arch, d, "fp16", False, "none", kernel) for arch in (80, 90) for d in HEAD_DIMS for kernel in KERNELS]
+
+
+def _rows(cases, env=None):
+    return dict(zip(cases, gpu_report.measure(cases, jobs=2, progress=lambda line: None, env=env)))
+
+
+@pytest.fixture(scope="module")
+def report():
+    return _rows(MAIN)
+
+
+@pytest.fixture(scope="module")
+def fixed_report():
+    return _rows(FIXED, env={"POSATTN_AUTOTUNE": "0"})
+
+
+def _params(cases):
+    return [pytest.param(c, id=f"{c.kernel}-sm{c.arch}-D{c.head_dim}-{c.dtype}{'-causal' if c.causal else ''}-{c.spec}")
+            for c in cases]
+
+
+def _check(row):
+    label = (f"{row.kernel} sm_{row.arch} D={row.head_dim} {row.dtype} causal={row.causal} {row.spec} "
+             f"(BLOCK_M={row.block_m} BLOCK_N={row.block_n} warps={row.num_warps} stages={row.num_stages})")
+    spills = (row.spill_stores, row.spill_loads, row.stack_bytes)
+    assert spills == (0, 0, 0), (f"{label} spills: {spills[0]} STL, {spills[1]} LDL, {spills[2]} B stack at "
+                                 f"{row.registers} registers; shrink its tiles in posattn/_config.py")
+    assert row.shared_bytes <= row.shared_limit, (
+        f"{label} needs {row.shared_bytes} B of shared memory, sm_{row.arch} has {row.shared_limit}; use fewer "
+        f"stages or smaller tiles in posattn/_config.py")
+    assert row.tensor_core > 0, f"{label} has no HMMA / HGMMA instruction: its dots do not use tensor cores"
+    assert 0 < row.registers <= 255, f"{label}: {row.registers} registers"
+
+
+@pytest.mark.parametrize("case", _params(MAIN))
+def test_tables(report, case):
+    _check(report[case])
+
+
+@pytest.mark.parametrize("case", _params(FIXED))
+def test_fixed_config(fixed_report, case):
+    _check(fixed_report[case])
+
+
+def test_shared_limits():
+    assert gpu_report.SHARED_LIMIT == {80: 163 * 1024, 90: 227 * 1024}
+
+
+def test_capability_tables(monkeypatch):
+    """Each capability class gets its own table, variants their own entries, the
+    interpreter its one config; POSATTN_AUTOTUNE=0 one config whatever the GPU and flags."""
+    monkeypatch.setenv("POSATTN_AUTOTUNE", "1")
+    assert _config.gpu_table((8, 0)) is _config._SM80
+    assert _config.gpu_table((8, 6)) is _config._SM80
+    assert _config.gpu_table((9, 0)) is _config._SM90
+    assert _config.tile_config("dkdv", 100, False, capability=(8, 0)) == _config._SM80["dkdv", 128]
+    assert _config.tile_config("dkdv", 64, False, capability=(9, 0)) == _config._SM90["dkdv", 64]
+    assert (_config.tile_config("dq", 128, False, capability=(9, 0), flags=("causal", "rotary"))
+            == _config._SM90["dq", 128, "rotary"])
+    assert _config.tile_config("fwd", 64, True, capability=(9, 0), flags=("rotary",)) == _config._INTERPRET
+    monkeypatch.setenv("POSATTN_AUTOTUNE", "0")
+    for kind in _config.KERNELS:
+        configs = {_config.tile_config(kind, 128, False, capability=cap, dtype=dtype, flags=flags)
+                   for cap in ((8, 0), (9, 0)) for dtype in ("float16", "bfloat16")
+                   for flags in ((), ("rotary",), ("bias", "causal"), ("urpe",))}
+        assert configs == {_config._FIXED[128]}
+    with pytest.raises(ValueError, match="kind='bwd'"):
+        _config.tile_config("bwd", 64, False)
+    with pytest.raises(ValueError, match="alibi"):
+        _config.tile_config("fwd", 64, False, flags=("alibi",))

@@ -72,12 +72,14 @@ def run(configs, reps, mem=True, plot=True, csv_path=CSV_PATH, out_dir=H.RESULTS
     if verbose:
         print(f"CSV: {path} (run_id {info['run_id']})")
     if plot:
+        others = max((r.cores[1] for r in results if r.times and r.cfg.device == "cpu"), default=0.0)
+        busy = f"; other processes used up to {others:.1f} cores while timing" if others > 0.25 else ""
         for case in dict.fromkeys(r.cfg.case for r in results):
             mine = [row for row in rows if row["case"] == case]
             c = configs[0]
             title = (f"{case}: {H.CASES[case].label}; {c.device} {c.dtype}, B={c.b} H={c.h} D={c.d}\n"
                      f"{info['gpu'] or info['machine']}, {info['threads']} threads, torch {info['torch']}, "
-                     f"posattn @ {info['git_sha']}, {info['run_id']}")
+                     f"posattn @ {info['git_sha']}, {info['run_id']}{busy}")
             out = H.plot_case(mine, title, os.path.join(out_dir, f"{case}.png"))
             if verbose:
                 print(f"plot: {out}")

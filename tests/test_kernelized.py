@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import posattn
-from conftest import requires_ext
+from conftest import dtype_name, requires_ext
 from posattn.kernelized import TORCH_OPS, _ToeplitzKernelized, features, kernel_ops, kernelized, orthogonal_projection
 from tolerance import assert_close
 
@@ -214,16 +214,20 @@ HALF = {"cpu": [torch.float32, torch.bfloat16, torch.float16],
         "triton": [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+PRF_CASES = [(torch.float32, 40), (torch.bfloat16, 40), (torch.float16, 40), (torch.float32, 100),
+             (torch.float32, 200)]
+
+
+@pytest.mark.parametrize("dtype, D", PRF_CASES, ids=[f"{dtype_name(dt)}-D{d}" for dt, d in PRF_CASES])
 @pytest.mark.parametrize("is_query", [True, False], ids=["query", "key"])
-def test_fused_prf_feature_map(backend, kdevice, dtype, is_query):
-    # φ and dx of the fused map against feature_map's PyTorch ops in float64; D = 40 and m = 70
-    # leave partial blocks, the input is a transposed (non-contiguous) view
+def test_fused_prf_feature_map(backend, kdevice, dtype, D, is_query):
+    # φ and dx of the fused map against feature_map's PyTorch ops in float64; m = 70 and D leave
+    # partial blocks (D = 40, 100, 200: each head-dim tile class), x is a transposed view
     if dtype not in HALF[backend]:
         pytest.skip(f"tl.dot on {dtype} is broken in Triton's interpreter (triton #11584)")
     from posattn.kernelized import _FusedPRF, feature_map
-    x = torch.randn(2, 37, 3, 40, device=kdevice).to(dtype).transpose(1, 2).requires_grad_()
-    w = orthogonal_projection(70, 40, device=kdevice)
+    x = torch.randn(2, 37, 3, D, device=kdevice).to(dtype).transpose(1, 2).requires_grad_()
+    w = orthogonal_projection(70, D, device=kdevice)
     phi = _FusedPRF.apply(x, w, is_query, kernel_ops(backend))
     assert phi.dtype == torch.float32 and phi.shape == (2, 3, 37, 70)
     dphi = torch.randn_like(phi)

@@ -227,9 +227,9 @@ def _block(n):
     return max(16, triton.next_power_of_2(n))
 
 
-def _grid_rows(phi, *more):
-    B, H, N = phi.shape[:3]
-    return (B * H, triton.cdiv(N, _BLOCK_R), *more)
+def _grid_rows(rows, block_r=_BLOCK_R):
+    B, H, N = rows.shape[:3]
+    return (B * H, triton.cdiv(N, block_r))
 
 
 def _check(op, rows, *others):
@@ -312,7 +312,11 @@ def _check_prf(op, x, w):
 
 
 def _prf_blocks(x, w):
-    return dict(BLOCK_R=_BLOCK_R, BLOCK_F=min(64, _block(w.shape[0])), BLOCK_D=_block(x.shape[3]))
+    # AOT-compiled for sm_80 and sm_90 (bf16 x, m = 266, 4 warps): BLOCK_F = 64 spilled at D = 64
+    # (query map 19 / 57 LDL+STL, backward 1101 on sm_80); 32 does not there, but does at D = 128
+    # (sm_90 query map 80), where 16 does not; D = 256 also needs 16 rows (backward spilled 5)
+    d = _block(x.shape[3])
+    return dict(BLOCK_R=16 if d > 128 else _BLOCK_R, BLOCK_F=min(32 if d <= 64 else 16, _block(w.shape[0])), BLOCK_D=d)
 
 
 def kz_prf(x, w, is_query):
@@ -327,15 +331,17 @@ def kz_prf(x, w, is_query):
     args = (H, N, D, m)
     phi_strides, x_strides = _row_strides(phi), _row_strides(x)
     scalars = (D ** -0.25, m ** -0.5)
+    blocks = _prf_blocks(x, w)
+    grid = _grid_rows(x, blocks["BLOCK_R"])
     if is_query:
         stab = phi  # not read: each row stabilises itself
     else:
         row_max = _alloc((B * H, N), torch.float32, x.device)
-        _prf_kernel[_grid_rows(x)](phi, row_max, x, w, *args, *phi_strides, *x_strides, w.stride(0), *scalars,
-                                   WRITE_PHI=False, ROW_STAB=False, **_prf_blocks(x, w))
+        _prf_kernel[grid](phi, row_max, x, w, *args, *phi_strides, *x_strides, w.stride(0), *scalars,
+                          WRITE_PHI=False, ROW_STAB=False, **blocks)
         stab = row_max.amax(dim=1)  # [B·H]: keys share one stabiliser per (batch, head)
-    _prf_kernel[_grid_rows(x)](phi, stab, x, w, *args, *phi_strides, *x_strides, w.stride(0), *scalars,
-                               WRITE_PHI=True, ROW_STAB=is_query, **_prf_blocks(x, w))
+    _prf_kernel[grid](phi, stab, x, w, *args, *phi_strides, *x_strides, w.stride(0), *scalars,
+                      WRITE_PHI=True, ROW_STAB=is_query, **blocks)
     return phi
 
 
@@ -351,6 +357,8 @@ def kz_prf_bwd(dphi, phi, x, w):
     phi, dphi = phi.contiguous(), dphi.contiguous()  # one layout for both (the kernel takes one set of strides)
     dx = _alloc(x.shape, x.dtype, x.device)
     if dx.numel():
-        _prf_bwd_kernel[_grid_rows(x)](dx, dphi, phi, x, w, H, N, D, w.shape[0], *_row_strides(dx), *_row_strides(phi),
-                                       *_row_strides(x), w.stride(0), D ** -0.25, **_prf_blocks(x, w))
+        blocks = _prf_blocks(x, w)
+        _prf_bwd_kernel[_grid_rows(x, blocks["BLOCK_R"])](
+            dx, dphi, phi, x, w, H, N, D, w.shape[0], *_row_strides(dx), *_row_strides(phi), *_row_strides(x),
+            w.stride(0), D ** -0.25, **blocks)
     return dx

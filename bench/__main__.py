@@ -48,7 +48,7 @@ def plan(cases, providers, sizes, modes, device, dtype, warmup, b=1, h=8, d=64, 
     return out
 
 
-def run(configs, reps, mem=True, plot=True, csv_path=CSV_PATH, out_dir=H.RESULTS, verbose=True):
+def run(configs, reps, mem=True, plot=True, csv_path=CSV_PATH, out_dir=H.RESULTS, verbose=True, mem_jobs=1):
     """Measure, print the tables, write the CSV (and the plots); returns the CSV rows."""
     t0 = time.perf_counter()
     info = H.meta()
@@ -61,7 +61,7 @@ def run(configs, reps, mem=True, plot=True, csv_path=CSV_PATH, out_dir=H.RESULTS
               f"of one (case, mode, N) round-robin", flush=True)
     results = H.measure(configs, reps, t0, verbose)
     if mem:
-        H.measure_memory(results, t0, verbose=verbose)
+        H.measure_memory(results, t0, verbose=verbose, jobs=mem_jobs)
     else:
         for r in results:
             r.mem_note = r.mem_note or "memory skipped (--no-mem)"
@@ -200,7 +200,8 @@ def main(argv=None):
         print("QUICK: N 512 and 1024, 3 timed runs, the reference at the smallest N; python -m bench runs the full sweep")
     dense_max_n = QUICK_DENSE_MAX_N[args.device] if args.quick else H.REFERENCE_MAX_N
     configs = plan(cases, providers, sizes, modes, args.device, args.dtype, warmup, dense_max_n=dense_max_n)
-    run(configs, reps, mem=not args.no_mem, plot=not args.no_plot, csv_path=args.csv)
+    # --quick's configurations are small: two memory children at once
+    run(configs, reps, mem=not args.no_mem, plot=not args.no_plot, csv_path=args.csv, mem_jobs=2 if args.quick else 1)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ The dense reference is ``posattn.reference`` itself, and the dense biases and ro
 SDPA / Flex peers use come from the position specs' own ``reference_bias`` / ``reference_rotate``
 / ``index``: bench copies no formula.
 """
+import concurrent.futures
 import csv
 import datetime
 import gc
@@ -460,42 +461,43 @@ def ratios(results):
 # ---------------------------------------------------------------------------------------------
 # peak memory
 
-def measure_memory(results, t0=None, timeout=600, verbose=True, sizes=None):
-    """Fill peak_mib / setup_mib of every result that ran (see the module doc); ``sizes``: only
-    these N (the others are noted as skipped). ``timeout``: per configuration."""
+def measure_memory(results, t0=None, timeout=600, verbose=True, jobs=1):
+    """Fill peak_mib / setup_mib of every result that ran (see the module doc). ``timeout``: per
+    configuration; ``jobs``: CPU children at once (each its own RSS, so they do not disturb each
+    other's peaks; more than one only where the largest configurations fit in memory together)."""
     t0 = time.perf_counter() if t0 is None else t0
     todo = [r for r in results if r.na is None]
-    if sizes is not None:
-        for r in todo:
-            if r.cfg.n not in sizes:
-                r.mem_note = f"memory measured only at N in {sorted(sizes)}"
-        todo = [r for r in todo if r.cfg.n in sizes]
     for r in [r for r in todo if r.cfg.device == "cuda"]:
         r.peak_mib, r.setup_mib, r.mem_note = _cuda_peak(r.cfg)
     pending = [r for r in todo if r.cfg.device != "cuda"]
-    done = 0
+    count, lock = [0], threading.Lock()
 
     def seen(r, res):
-        nonlocal done
-        done += 1
-        if verbose:
-            c = r.cfg
-            what = f"{res['peak_mib']:.0f} MiB" if "peak_mib" in res else res.get("error", "?")
-            progress(f"memory {done}/{len(pending)}: {c.case} {c.mode} N={c.n} {c.provider}: {what}", t0)
+        with lock:
+            count[0] += 1
+            if verbose:
+                c = r.cfg
+                what = f"{res['peak_mib']:.0f} MiB" if "peak_mib" in res else res.get("error", "?")
+                progress(f"memory {count[0]}/{len(pending)}: {c.case} {c.mode} N={c.n} {c.provider}: {what}", t0)
 
-    while pending:
-        out, err = run_mem_child([r.cfg for r in pending], timeout, on_result=lambda i, res: seen(pending[i], res))
-        for r, res in zip(pending, out):
-            if "error" in res:
-                r.mem_note = "memory: " + res["error"]
-                continue
-            r.peak_mib, r.setup_mib, r.child_times = res["peak_mib"], res["setup_mib"], res["times"]
-            if not res["hwm_reset"]:
-                r.mem_note = "peak includes the warm-up"
-        if err is not None and len(out) < len(pending):   # the child died on pending[len(out)]: skip that one
-            pending[len(out)].mem_note = "memory: " + err
-            out.append(None)
-        pending = pending[len(out):]
+    def chunk(rs):
+        while rs:
+            out, err = run_mem_child([r.cfg for r in rs], timeout, on_result=lambda i, res, rs=rs: seen(rs[i], res))
+            for r, res in zip(rs, out):
+                if "error" in res:
+                    r.mem_note = "memory: " + res["error"]
+                    continue
+                r.peak_mib, r.setup_mib, r.child_times = res["peak_mib"], res["setup_mib"], res["times"]
+                if not res["hwm_reset"]:
+                    r.mem_note = "peak includes the warm-up"
+            if err is not None and len(out) < len(rs):   # the child died on rs[len(out)]: skip that one
+                rs[len(out)].mem_note = "memory: " + err
+                out.append(None)
+            rs = rs[len(out):]
+
+    jobs = max(1, min(jobs, len(pending)))
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(chunk, [pending[i::jobs] for i in range(jobs)]))
 
 
 def _cuda_peak(cfg):

@@ -163,7 +163,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
                                      epilog="--targets: issue #5's CPU target table; --only kernelized: issue #6's "
                                             "kernelized N sweep (each takes its own options after it)")
-    parser.add_argument("--quick", action="store_true", help="N 512 and 1024, 3 timed runs, the reference at 512 only: < 2 minutes")
+    parser.add_argument("--quick", action="store_true",
+                        help="N 512 and 1024, 3 timed runs, the reference at 512 only: < 2 minutes")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--only", default=",".join(DEFAULT_CASES), help=f"cases from {list(H.CASES)}")
@@ -197,7 +198,8 @@ def main(argv=None):
     reps = args.reps or (3 if args.quick else 10)
     warmup = args.warmup or (1 if args.quick else 2)
     if args.quick:
-        print("QUICK: N 512 and 1024, 3 timed runs, the reference at the smallest N; python -m bench runs the full sweep")
+        print("QUICK: N 512 and 1024, 3 timed runs, the reference at the smallest N; python -m bench runs the "
+              "full sweep")
     dense_max_n = QUICK_DENSE_MAX_N[args.device] if args.quick else H.REFERENCE_MAX_N
     configs = plan(cases, providers, sizes, modes, args.device, args.dtype, warmup, dense_max_n=dense_max_n)
     # --quick's configurations are small: two memory children at once

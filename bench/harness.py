@@ -108,13 +108,6 @@ class Config:
         """Configurations timed round-robin against each other."""
         return (self.case, self.mode, self.n, self.dtype)
 
-    def to_json(self):
-        return json.dumps(asdict(self))
-
-    @staticmethod
-    def from_json(text):
-        return Config(**json.loads(text))
-
 
 def flops(cfg):
     """One formula: forward 4·B·H·L·S·D, halved when causal (window: as causal); backward 2.5x forward."""
@@ -173,8 +166,8 @@ def _reference(cfg, case, x):
                                        rope=x.rope)
 
 
-def _positions(cfg):
-    pos = torch.arange(cfg.n, device=cfg.device)[None]      # [1, N], as posattn's default positions
+def _positions(n, device):
+    pos = torch.arange(n, device=device)[None]              # [1, N], as posattn's default positions
     return pos, pos
 
 
@@ -182,8 +175,7 @@ def _rotated(x):
     """q, k rotated by the case's RoPE spec (its own reference rotation), under autograd."""
     if x.rope is None:
         return x.q, x.k
-    qp, kp = _positions(SimpleNamespace(n=x.q.shape[2], device=x.q.device))
-    return x.rope.reference_rotate(x.q, x.k, qp, kp)
+    return x.rope.reference_rotate(x.q, x.k, *_positions(x.q.shape[2], x.q.device))
 
 
 def _sdpa(cfg, case, x):
@@ -199,7 +191,7 @@ def _sdpa(cfg, case, x):
 def _sdpa_bias(cfg, case, x):
     if case.bias is None and case.window is None:
         raise NotApplicable("nothing to materialise: see sdpa")
-    qp, kp = _positions(cfg)
+    qp, kp = _positions(cfg.n, cfg.device)
     keep = reference.visibility(qp, kp, case.causal, case.window)          # [1, 1, L, S] bool or None
     if x.bias is None:                                                     # window only: a bool mask
         return lambda: F.scaled_dot_product_attention(x.q, x.k, x.v, attn_mask=keep)
@@ -397,7 +389,8 @@ def measure(configs, reps, t0=None, verbose=True):
             ran = [r for r in rs if r.na is None]
             slow = max(ran, key=lambda r: r.first_call_s, default=None)
             progress(f"warm {i + 1}/{len(groups)}: {key[0]} {key[1]} N={key[2]} ({len(ran)} of {len(rs)} providers"
-                     + (f"; slowest first call {slow.cfg.provider} {slow.first_call_s:.1f} s" if slow else "") + ")", t0)
+                     + (f"; slowest first call {slow.cfg.provider} {slow.first_call_s:.1f} s" if slow else "")
+                     + ")", t0)
     for i, (key, rs) in enumerate(groups.items()):
         steps = [(r, held.pop(id(r))) for r in rs if id(r) in held]
         if not _hold(rs[0].cfg):

@@ -203,7 +203,8 @@ def sweep(args, meta):
             if cheap:
                 known = [pred for _, pred in cheap if pred is not None]
                 slowest = max(known) if len(known) == len(cheap) else None
-                reps = 3 if slowest is None else max(3, min(args.max_reps, int(args.inproc_target_s / max(slowest, 1e-6))))
+                reps = 3 if slowest is None else \
+                    max(3, min(args.max_reps, int(args.inproc_target_s / max(slowest, 1e-6))))
                 res = H.measure([config(p, mode, n) for p, _ in cheap], reps, verbose=False)
                 load = os.getloadavg()[0]
                 ran = [r for r in res if r.na is None]
@@ -214,7 +215,7 @@ def sweep(args, meta):
                     for r in ran:
                         r.mem_note = "memory skipped (--no-mem)"
                 else:
-                    H.measure_memory(ran, verbose=False, timeout=60 + 10 * max(max(r.times) for r in ran) if ran else 60)
+                    H.measure_memory(ran, verbose=False, timeout=60 + 10 * max((max(r.times) for r in ran), default=1))
                 for r in ran:
                     emit(NAME[r.cfg.provider], mode, n, "ok", times=r.times, peak=r.peak_mib, where="in-proc",
                          hwm_reset="" if r.peak_mib is None else int("warm-up" not in r.mem_note), cores=r.cores,
@@ -319,7 +320,8 @@ def report(rows, elapsed=None):
         if r["status"] == "ok":
             q = f"{H.num(r['q20_ms']) / 1e3:.3f}-{H.num(r['q80_ms']) / 1e3:.3f} s"
             print(f"  {r['mode']:7s} {int(r['L']):6d} {r['provider']:16s} {q:>19s} {r['where']:7s} cores "
-                  f"{H.num(r['cores_own']) or 0:.2f}/{H.num(r['cores_others']) or 0:.2f} load {H.num(r['loadavg1']) or 0:.1f}"
+                  f"{H.num(r['cores_own']) or 0:.2f}/{H.num(r['cores_others']) or 0:.2f} "
+                  f"load {H.num(r['loadavg1']) or 0:.1f}"
                   + (f"  {r['note']}" if r["note"] else ""))
         else:
             print(f"  {r['mode']:7s} {int(r['L']):6d} {r['provider']:16s} {r['status']}: {r['note']}")
@@ -350,7 +352,8 @@ def report(rows, elapsed=None):
             kf, sf = fits.get((KERNELIZED, mode), (None, None)), fits.get((p, mode), (None, None))
             if kf[1] is None or sf[1] is None:    # too few tail sizes (--quick): the fits over every size
                 kf, sf = (kf[0], kf[0]), (sf[0], sf[0])
-            text, nx, measured = crossover([(n, v / 1e3) for n, v in kern], [(n, v / 1e3) for n, v in H.series(rows, p, mode)],
+            soft = H.series(rows, p, mode)
+            text, nx, measured = crossover([(n, v / 1e3) for n, v in kern], [(n, v / 1e3) for n, v in soft],
                                  kf[1], sf[1])
             crosses[(p, mode)] = (nx, measured)
             print(f"  {mode:7s} {p:16s} {text}")
@@ -373,7 +376,8 @@ def plot(rows, fits, crosses, path):
             single = [(int(r["L"]), H.num(r["median_ms"])) for r in rows
                       if r["provider"] == p and r["status"] == "ok" and r["reps"] == "1"]
             if single:
-                ax_t.scatter(*zip(*single), s=120, facecolors="none", edgecolors=H.COLORS[PROVIDERS[p][1]], linewidths=1.0)
+                ax_t.scatter(*zip(*single), s=120, facecolors="none", edgecolors=H.COLORS[PROVIDERS[p][1]],
+                             linewidths=1.0)
         lines = []
         for (p, mode), (nx, measured) in crosses.items():
             if nx is None:

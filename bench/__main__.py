@@ -116,7 +116,7 @@ def print_tables(results, info):
     for case, mode, n in keys:
         print(f"| {case} | {mode} | {n} | " + " | ".join(cell(by.get((case, mode, n, p)), "time") for p in providers)
               + " |")
-    print("\npeak memory, MiB (CPU: RSS high-water mark of a fresh process above its baseline after imports and "
+    print("\npeak memory, MiB (CPU: RSS high-water mark in a memory subprocess above its baseline after imports and "
           "inputs)\n")
     print(head + "\n" + rule)
     for case, mode, n in keys:

@@ -714,7 +714,7 @@ def plot_case(rows, title, path, decorate=None, colors=None):
     ax_t.set_ylabel("median time per call (ms)")
     ax_t.set_title("time", fontsize=9)
     ax_m.set_ylabel("peak memory (MiB)")
-    ax_m.set_title("peak memory (CPU: RSS high-water mark above baseline, fresh process)", fontsize=9)
+    ax_m.set_title("peak memory (CPU: RSS high-water mark above baseline, memory subprocess)", fontsize=9)
     if decorate is not None:
         decorate(ax_t, ax_m)
     fig.suptitle(title, fontsize=10)

@@ -110,12 +110,17 @@ def print_tables(results, info):
             return f"{r.median * 1e3:.3g}{extra}"
         return f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-"
 
+    def busy(case, mode, n):
+        """Cores other processes used while this row was timed (a shared machine slows every provider)."""
+        timed = [r for r in results if (r.cfg.case, r.cfg.mode, r.cfg.n) == (case, mode, n) and r.times]
+        return f"{timed[0].cores[1]:.1f}" if timed else "-"
+
     print(f"\ntime: median ms; {anchor} with its GFLOP/s, every other provider with posattn's speed-up over it "
-          f"(its time / posattn's; > 1: posattn faster)\n")
-    print(head + "\n" + rule)
+          f"(its time / posattn's; > 1: posattn faster); others: CPU cores other processes used meanwhile\n")
+    print(head + " others |\n" + rule + "---:|")
     for case, mode, n in keys:
         print(f"| {case} | {mode} | {n} | " + " | ".join(cell(by.get((case, mode, n, p)), "time") for p in providers)
-              + " |")
+              + f" | {busy(case, mode, n)} |")
     print("\npeak memory, MiB (CPU: RSS high-water mark in a memory subprocess above its baseline after imports and "
           "inputs)\n")
     print(head + "\n" + rule)

@@ -139,12 +139,13 @@ def print_tables(results, info):
     if compiles:
         print("\nflex compile (first call, not timed): " + ", ".join(
             f"{r.cfg.case}/{r.cfg.n} {r.first_call_s:.1f} s" for r in compiles))
-    worst = [r for r in results if r.times and r.cfg.device == "cpu"]
-    if worst:
-        others = max(r.cores[1] for r in worst)
-        own = min(r.cores[0] for r in worst)
-        print(f"\nwhile timing: this process used at least {own:.2f} cores, other processes at most {others:.2f}"
-              + ("  !! contended: absolute times are inflated; rerun on an idle machine" if others > 0.25 else ""))
+    timed = {key: r.cores for r in results if r.times and r.cfg.device == "cpu" for key in [r.cfg.group]}
+    if timed:
+        busy = [key for key, cores in timed.items() if cores[1] > 0.25]
+        print(f"\nwhile timing: this process used at least {min(c[0] for c in timed.values()):.2f} cores, other "
+              f"processes at most {max(c[1] for c in timed.values()):.2f}"
+              + (f"  !! {len(busy)} of {len(timed)} rows timed while other processes used > 0.25 cores: their "
+                 f"absolute times are inflated; rerun on an idle machine" if busy else ""))
     bad = [r for r in results if r.rel_diff is not None and r.rel_diff > (1e-3 if r.cfg.dtype == "float32" else 3e-2)]
     for r in bad:
         print(f"!! {r.cfg.provider} {r.cfg.case}/{r.cfg.mode}/{r.cfg.n}: result differs from the group's first peer by "

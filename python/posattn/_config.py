@@ -96,48 +96,53 @@ def padded_head_dim(d: int) -> int:
 # relative, T5, Manhattan), "urpe", "causal", then the dtype name ("float16", "bfloat16").
 # Every entry was chosen with the AOT report (python -m bench.gpu_report; Triton 3.9,
 # ptxas from its wheel): no register spills, shared memory within the target, tensor-core
-# instructions; tests/test_gpu_report.py keeps the main configs that way. Spill counts in
-# the comments are STL/LDL instructions of the replaced config (bf16, causal). The base
-# entries follow the FlashAttention-2 Triton tutorial.
-_SM80 = {
+# instructions; tests/test_gpu_report.py keeps the main configs that way. "Was a/b": the
+# STL/LDL spill instructions of the replaced config (bf16, causal).
+# Base entries: the FlashAttention-2 Triton tutorial's tiles, shared by both targets.
+_BASE = {
     ("fwd", 16): TileConfig(128, 64, 4, 3), ("fwd", 32): TileConfig(128, 64, 4, 3),
     ("fwd", 64): TileConfig(128, 64, 4, 3), ("fwd", 128): TileConfig(128, 64, 8, 2),
     ("fwd", 256): TileConfig(64, 32, 4, 2),
-    # dK/dV keep k, v, dk, dv of BLOCK_N keys in registers: 64 keys spilled at D=64 (58/58)
-    # and 8 warps did not help (38/37); 32 keys do not spill (168 registers).
-    ("dkdv", 16): TileConfig(64, 32, 4, 2), ("dkdv", 32): TileConfig(64, 32, 4, 2),
-    ("dkdv", 64): TileConfig(64, 32, 4, 2), ("dkdv", 128): TileConfig(64, 64, 8, 2),
-    ("dkdv", 256): TileConfig(32, 32, 4, 1),
+    ("dkdv", 16): TileConfig(64, 64, 4, 2), ("dkdv", 32): TileConfig(64, 64, 4, 2),
+    ("dkdv", 64): TileConfig(64, 64, 4, 2), ("dkdv", 128): TileConfig(64, 64, 8, 2),
+    ("dkdv", 256): TileConfig(32, 32, 8, 1),  # 4 warps spilled 6/5 (sm_80), 39/41 (sm_90)
     ("dq", 16): TileConfig(64, 64, 4, 2), ("dq", 32): TileConfig(64, 64, 4, 2),
     ("dq", 64): TileConfig(64, 64, 4, 2), ("dq", 128): TileConfig(64, 64, 8, 2),
     ("dq", 256): TileConfig(32, 32, 4, 1),
-    # Rotating each tile on load needs the fp32 cos / sin tiles too. fwd D<=64: 4 warps
-    # spilled (sm_90 bf16: 259) and 8 do not; on an H100 (bf16, causal, B=4 H=16 N=2048
-    # D=64) 8 warps made the plain forward slower (0.87 vs 0.57 ms), so only rotary
-    # forwards use them.
+    # Rotating each tile on load needs the fp32 cos / sin tiles too: at D <= 64 the 4-warp
+    # forward spilled (sm_90 bf16: 259) and 8 warps do not. On an H100 (bf16, causal, B=4
+    # H=16 N=2048 D=64) 8 warps made the plain forward slower (0.87 vs 0.57 ms), so only
+    # rotary forwards use them.
     ("fwd", 16, "rotary"): TileConfig(128, 64, 8, 3), ("fwd", 32, "rotary"): TileConfig(128, 64, 8, 3),
     ("fwd", 64, "rotary"): TileConfig(128, 64, 8, 3),
-    ("dkdv", 64, "rotary"): TileConfig(32, 32, 4, 2),  # (64, 32, 4, 2): 18/33; (64, 64, 8, 2): 231/347
-    ("dkdv", 128, "rotary"): TileConfig(32, 32, 8, 2),  # (64, 64, 8, 2): 44/76; (64, 32, 8, 2): 16/23
-    ("dq", 64, "rotary"): TileConfig(64, 64, 8, 2),  # (64, 64, 4, 2): 7/13
-    ("dq", 128, "rotary"): TileConfig(32, 32, 8, 2),  # (64, 64, 8, 2): 20/29; (64, 32, 8, 2): 3/2
-    # Bias tiles (bucket / table gathers) and URPE gates are more live [BLOCK_M, BLOCK_N] tiles.
-    ("fwd", 64, "bias"): TileConfig(128, 64, 8, 3),  # (128, 64, 4, 3): T5 77/49, relative 71/45
-    ("fwd", 128, "bias"): TileConfig(128, 32, 8, 2),  # (128, 64, 8, 2): T5 210/137, relative 212/138
-    ("dkdv", 128, "urpe"): TileConfig(64, 32, 8, 2),  # (64, 64, 8, 2): 28/26
-    ("dq", 64, "urpe"): TileConfig(64, 32, 4, 2),  # (64, 64, 4, 2): 92/91
+    # Bias tiles (bucket and table gathers) and URPE gates are more live [BLOCK_M, BLOCK_N] tiles.
+    ("fwd", 64, "bias"): TileConfig(128, 64, 8, 3),  # was T5 77/49 on sm_80, 84/67 on sm_90
+    ("fwd", 128, "bias"): TileConfig(128, 32, 8, 2),  # was T5 210/137 on sm_80, 152/111 on sm_90
+    ("dkdv", 128, "rotary"): TileConfig(32, 32, 8, 2),  # was 44/76 (sm_80), 54/70; (64, 32, 8, 2): 16/23, 6/12
+    ("dq", 64, "rotary"): TileConfig(64, 64, 8, 2),  # was 7/13 (sm_80), 6/12 (sm_90)
+    ("dq", 128, "rotary"): TileConfig(32, 32, 8, 2),  # was 20/29 (sm_80), 24/40; (32, 64, 8, 2): 2/1, 5/6
+}
+_SM80 = {
+    **_BASE,
+    # dK/dV keep k, v, dk, dv of BLOCK_N keys in registers: 64 keys spilled at D=64 (58/58)
+    # and 8 warps did not help (38/37); 32 keys do not (168 registers).
+    ("dkdv", 16): TileConfig(64, 32, 4, 2), ("dkdv", 32): TileConfig(64, 32, 4, 2),
+    ("dkdv", 64): TileConfig(64, 32, 4, 2),
+    ("dkdv", 64, "rotary"): TileConfig(32, 32, 4, 2),  # was 266/368; (64, 32, 4, 2): 18/33
+    ("dkdv", 64, "bias"): TileConfig(64, 32, 8, 2),  # (64, 32, 4, 2): relative 8/6, Manhattan 8/6
+    ("dkdv", 128, "urpe"): TileConfig(64, 32, 8, 2),  # was 28/26
+    ("dq", 64, "bias"): TileConfig(64, 32, 4, 2),  # was relative 93/92, T5 45/44
+    ("dq", 64, "urpe"): TileConfig(64, 32, 4, 2),  # was 92/91
 }
 _SM90 = {
-    **{key: cfg for key, cfg in _SM80.items() if len(key) == 2 or key[2] == "rotary" and key[0] == "fwd"},
-    # wgmma keeps its accumulators in registers with fewer copies than sm_80's mma: 64 keys
-    # per dK/dV program do not spill at D=64 (192 registers).
-    ("dkdv", 16): TileConfig(64, 64, 4, 2), ("dkdv", 32): TileConfig(64, 64, 4, 2),
-    ("dkdv", 64): TileConfig(64, 64, 4, 2),
-    ("fwd", 128, "rotary"): TileConfig(64, 64, 8, 2),  # (128, 64, 8, 2): 2/2
-    ("dkdv", 64, "rotary"): TileConfig(64, 64, 8, 2),  # (64, 64, 4, 2): 14/28
-    ("dkdv", 128, "rotary"): TileConfig(32, 32, 8, 2),  # (64, 64, 8, 2): 54/70; (64, 32, 8, 2): 6/12
-    ("dq", 64, "rotary"): TileConfig(64, 64, 8, 2),  # (64, 64, 4, 2): 6/12
-    ("dq", 128, "rotary"): TileConfig(32, 32, 8, 2),  # (64, 64, 8, 2): 24/40; (32, 64, 8, 2): 5/6
+    **_BASE,
+    ("fwd", 64, "urpe"): TileConfig(128, 64, 8, 3),  # was 26/21
+    ("fwd", 128, "rotary"): TileConfig(64, 64, 8, 2),  # was 2/2
+    ("dkdv", 64, "rotary"): TileConfig(64, 64, 8, 2),  # was 14/28
+    ("dkdv", 128, "bias"): TileConfig(64, 32, 8, 2),  # was Manhattan 23/26, relative 2/1
+    ("dkdv", 128, "urpe"): TileConfig(64, 32, 8, 2),  # was 15/14
+    ("dq", 128, "bias"): TileConfig(64, 32, 8, 2),  # was T5 4/3, relative 2/1
+    ("dq", 128, "urpe"): TileConfig(64, 32, 8, 2),  # was 15/15
 }
 
 # POSATTN_AUTOTUNE=0: one fixed config per kernel and head dim, whatever the GPU, dtype and

@@ -311,11 +311,15 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="the main configs only: D 64 and 128, no position spec and RoPE (overrides --head-dim, "
                              "--spec)")
-    parser.add_argument("--jobs", type=int, default=2, help="compile worker processes (default 2)")
+    parser.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="compile worker processes (default 2)")
     parser.add_argument("--out", default=str(_REPO / "bench" / "results" / "gpu_report.csv"))
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 if a kernel spills, overflows shared memory or lacks tensor cores")
     args = parser.parse_args(argv)
+    for d in args.head_dim:
+        if not 1 <= d <= 256:
+            parser.error(f"--head-dim {d}: the Triton kernels take head dims 1 to 256 (larger ones run on "
+                         f"backend='reference')")
     head_dims, specs = ((64, 128), ("none", "rope")) if args.quick else (args.head_dim, args.spec)
     todo = cases(args.arch, head_dims, args.dtype, [bool(c) for c in args.causal], specs, args.kernel)
     print(f"compiling {len(todo)} kernels for {', '.join(f'sm_{a}' for a in args.arch)} "

@@ -73,15 +73,20 @@ def feature_map(x, kind, projection, is_query):
     return torch.exp(logits - stab.detach()) / math.sqrt(projection.shape[0])
 
 
+def _rpe_index(M, L, S, device):
+    """The table column of each r = −(L−1) … S−1."""
+    return torch.arange(-(L - 1), S, device=device).clamp(-M, M) + M
+
+
 def rpe_coefficients(table, L, S, causal, dtype):
     """c_r for r = −(L−1) … S−1 as [H, L+S−1] (index r + L − 1), scaled by exp(−max table)
-    per head (a constant factor per head cancels in the ratio)."""
+    per head. That factor cancels in the ratio, so it is a constant to autograd, like the
+    feature maps' stabilisers (∂c_r/∂table[h, j] = c_r·[index(r) = j])."""
     M = (table.shape[1] - 1) // 2
-    r = torch.arange(-(L - 1), S, device=table.device)
     t = table.to(dtype)
-    c = torch.exp(t[:, r.clamp(-M, M) + M] - t.amax(dim=1, keepdim=True))
+    c = torch.exp(t[:, _rpe_index(M, L, S, table.device)] - t.amax(dim=1, keepdim=True).detach())
     if causal:
-        c = c * (r <= 0).to(dtype)
+        c = c * (torch.arange(-(L - 1), S, device=table.device) <= 0).to(dtype)
     return c
 
 
@@ -157,10 +162,7 @@ class _ToeplitzKernelized(torch.autograd.Function):
         S, dv = phi_k.shape[2], v.shape[-1]
         G, N = B * H, _fft_size(L, S)
         pq, pk, vv = phi_q.reshape(1, G, L, m), phi_k.reshape(1, G, S, m), v.reshape(1, G, S, dv)
-        with torch.enable_grad():
-            table_ = table.detach().requires_grad_(table.requires_grad)
-            c = rpe_coefficients(table_, L, S, ctx.causal, phi_q.dtype)
-        cd = c.detach()
+        cd = rpe_coefficients(table.detach(), L, S, ctx.causal, phi_q.dtype)
         spec = _kernel_spectrum(cd, L, S, N, transpose=False).repeat(B, 1)[None, :, None]
         spec_t = _kernel_spectrum(cd, L, S, N, transpose=True).repeat(B, 1)[None, :, None]
         dnum = dz / den[..., None]  # [B, H, L, dv]
@@ -189,7 +191,9 @@ class _ToeplitzKernelized(torch.autograd.Function):
             xcorr = torch.fft.irfft(corr, n=N, dim=-1).view(B, H, N)  # index r ≥ 0 at r, r < 0 at N + r
             r = torch.arange(-(L - 1), S, device=phi_q.device)
             dc = xcorr[:, :, r % N].sum(0)  # [H, L+S−1]: ∂/∂c_r
-            d_table, = torch.autograd.grad(c, table_, dc)
+            M = (table.shape[1] - 1) // 2
+            d_table = torch.zeros(table.shape, dtype=dc.dtype, device=dc.device).index_add_(
+                1, _rpe_index(M, L, S, dc.device), dc * cd).to(table.dtype)
         return (d_phi_q.view_as(phi_q), d_phi_k.view_as(phi_k), d_v.view_as(v), d_table, None, None, None)
 
 

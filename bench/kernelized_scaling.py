@@ -392,7 +392,7 @@ def plot(rows, fits, crosses, path):
         for (p, mode), (full, _) in fits.items():
             if full is not None:
                 ax_t.plot([], [], " ", label=f"{p} {mode}: N^{full['slope']:.2f}")
-        ax_t.legend(fontsize=7)
+        ax_t.legend(fontsize=6, loc="upper left")  # the lower right holds the crossover box
 
     title = (f"kernelized attention + RelativeBias (FFT, PRF m={H.KERNELIZED_FEATURES}) vs softmax + RelativeBias vs "
              f"SDPA: CPU fp32, B={B} H={H_} D={D}, {THREADS} threads\n{meta['machine']}, torch {meta['torch']}, "

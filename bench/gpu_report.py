@@ -18,6 +18,13 @@ Specs: none, rope (RoPE), xpos, angles (RotaryAngles, with their gradient), alib
 relative (RelativeBias), t5, manhattan (ManhattanDecay), urpe; the backward takes the
 gradients of the learnable tables (relative, t5, urpe, angles). The preprocess kernel
 ("pre", delta = rowsum(dO * O)) has no dot and is reported once per arch, D and dtype.
+"kernelized" stands for kernelized attention's kernels (triton_kernels/kernelized.py,
+launched by their own launchers): the PRF feature map of queries (prf_q), of keys (its
+max pass prf_kmax, then prf_k) and its backward (prf_bwd) on x in the dtype, and the
+float64 outer product and contractions around the FFTs (outer, contract_f, contract_e)
+with Dv = D; none has tensor-core work (float64, and fp32 dots at ieee precision, since an
+error in w·x̃ is an error in an exponent). Its BLOCK_M / BLOCK_N columns are the rows and
+feature tiles.
 The full sweep (660 kernels) takes about 20 minutes on two cores, ``--quick`` 2 to 3.
 
 Compiles go to a fresh Triton cache, so compile seconds are real compiles.
@@ -40,8 +47,11 @@ from pathlib import Path
 ARCHS = (80, 90)
 HEAD_DIMS = (64, 128, 256)
 DTYPES = ("fp16", "bf16")
-SPECS = ("none", "rope", "xpos", "angles", "alibi", "relative", "t5", "manhattan", "urpe")
+SPECS = ("none", "rope", "xpos", "angles", "alibi", "relative", "t5", "manhattan", "urpe", "kernelized")
 KERNELS = ("fwd", "pre", "dkdv", "dq")
+# kernelized attention's kernels, in launch order (spec "kernelized"); none uses tensor cores
+KZ_KERNELS = ("prf_q", "prf_kmax", "prf_k", "prf_bwd", "outer", "contract_f", "contract_e")
+NO_MMA = ("pre", *KZ_KERNELS)
 # Shared memory per block that each target allows (opt-in maximum): sm_80 163 KB, sm_90 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # The shapes the launches are recorded with: no size is 1 and every stride is a multiple of
@@ -130,12 +140,37 @@ def _position_specs(spec, head_dim, device):
     raise ValueError(f"spec={spec!r} is not a position-spec kind; choose one of {SPECS}")
 
 
+def record_kernelized_launches(arch, head_dim, dtype):
+    """{kernel name: (JITFunction, args, kwargs)} of kernelized attention's launchers on sm_<arch>."""
+    import torch
+
+    from posattn.kernelized import default_num_features
+    from posattn.triton_kernels import attention, kernelized
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    m = default_num_features(head_dim)
+    x = torch.empty(B, H, N, head_dim, dtype=torch_dtype)
+    w = torch.empty(m, head_dim)
+    phi = torch.empty(B, H, N, m)
+    phi64, v64 = torch.empty(B, H, N, m, dtype=torch.float64), torch.empty(B, H, N, head_dim, dtype=torch.float64)
+    with attention.capture_launches((arch // 10, arch % 10)) as launches:
+        kernelized.kz_prf(x, w, True)
+        kernelized.kz_prf(x, w, False)
+        kernelized.kz_prf_bwd(phi, phi, x, w)
+        cols = kernelized.kz_outer(phi64, v64, 0, 1, True, 2 * N)  # one feature, as the FFT pieces take them
+        kernelized.kz_contract_f(phi64, cols, 0, 1)
+        kernelized.kz_contract_e(cols, v64, 1)
+    return {name: (kernel, args, kwargs) for name, (kernel, _grid, args, kwargs) in zip(KZ_KERNELS, launches)}
+
+
 def record_launches(arch, head_dim, dtype, causal, spec):
-    """{kernel name: (JITFunction, args, kwargs)} that attn_fwd / attn_bwd launch on sm_<arch>."""
+    """{kernel name: (JITFunction, args, kwargs)} that attn_fwd / attn_bwd launch on sm_<arch>
+    (for spec "kernelized": kernelized attention's launchers)."""
     import torch
 
     from posattn.positions import kernel_positions
     from posattn.triton_kernels import attention
+    if spec == "kernelized":
+        return record_kernelized_launches(arch, head_dim, dtype)
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     q, k, v, do = (torch.empty(B, H, N, head_dim, dtype=torch_dtype) for _ in range(4))
     rope, bias, urpe, grads = _position_specs(spec, head_dim, q.device)
@@ -199,23 +234,30 @@ def run_case(case: Case) -> Row:
     compiled = compile_launch(kernel, args, kwargs, case.arch)
     seconds = time.perf_counter() - start
     stats = sass_stats(compiled.asm["cubin"])
-    tiles = dict(block_m=kwargs["BLOCK_M"], block_n=kwargs.get("BLOCK_N", 0), num_warps=kwargs.get("num_warps", 4),
-                 num_stages=kwargs.get("num_stages", 3))
+    # kernelized attention's kernels tile rows and features (BLOCK_R, BLOCK_F) where attention tiles M and N
+    tiles = dict(block_m=kwargs.get("BLOCK_M", kwargs.get("BLOCK_R")),
+                 block_n=kwargs.get("BLOCK_N", kwargs.get("BLOCK_F", 0)),
+                 num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3))
     return Row(**asdict(case), **tiles, **stats, shared_bytes=compiled.metadata.shared,
                shared_limit=SHARED_LIMIT[case.arch], compile_s=round(seconds, 1))
 
 
 def cases(archs, head_dims, dtypes, causals, specs, kernels):
-    """Every requested case; the preprocess kernel (no positions, no mask) once per arch, D and dtype."""
+    """Every requested case; the preprocess kernel (no positions, no mask) once per arch, D and dtype,
+    and kernelized attention's kernels (no causal flag) once as well."""
     out = []
     for arch in archs:
         for d in head_dims:
             for dtype in dtypes:
                 if "pre" in kernels:
                     out.append(Case(arch, d, dtype, False, "none", "pre"))
+                if "kernelized" in specs:
+                    out.extend(Case(arch, d, dtype, False, "kernelized", kernel) for kernel in KZ_KERNELS)
                 for causal in causals:
                     for spec in specs:
-                        out.extend(Case(arch, d, dtype, causal, spec, kernel) for kernel in kernels if kernel != "pre")
+                        if spec != "kernelized":
+                            out.extend(Case(arch, d, dtype, causal, spec, kernel) for kernel in kernels
+                                       if kernel != "pre")
     return out
 
 
@@ -288,13 +330,13 @@ def write_csv(rows, path):
 
 def problems(row):
     """What the acceptance rule says about one row: no spills, shared memory within the
-    target, tensor cores in every kernel that multiplies tiles (all but the preprocess)."""
+    target, tensor cores in every kernel that multiplies tiles (all but NO_MMA's)."""
     out = []
     if row.spill_stores or row.spill_loads or row.stack_bytes:
         out.append(f"spills ({row.spill_stores} STL, {row.spill_loads} LDL, {row.stack_bytes} B stack)")
     if row.shared_bytes > row.shared_limit:
         out.append(f"{row.shared_bytes} B shared > {row.shared_limit}")
-    if row.kernel != "pre" and row.tensor_core == 0:
+    if row.kernel not in NO_MMA and row.tensor_core == 0:
         out.append("no tensor-core instructions")
     return out
 
@@ -309,8 +351,8 @@ def main(argv=None):
     parser.add_argument("--spec", nargs="+", default=list(SPECS), choices=SPECS)
     parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=KERNELS)
     parser.add_argument("--quick", action="store_true",
-                        help="the main configs only: D 64 and 128, no position spec and RoPE (overrides --head-dim, "
-                             "--spec)")
+                        help="the main configs only: D 64 and 128, no position spec, RoPE and kernelized attention "
+                             "(overrides --head-dim, --spec)")
     parser.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="compile worker processes (default 2)")
     parser.add_argument("--out", default=str(_REPO / "bench" / "results" / "gpu_report.csv"))
     parser.add_argument("--check", action="store_true",
@@ -320,7 +362,7 @@ def main(argv=None):
         if not 1 <= d <= 256:
             parser.error(f"--head-dim {d}: the Triton kernels take head dims 1 to 256 (larger ones run on "
                          f"backend='reference')")
-    head_dims, specs = ((64, 128), ("none", "rope")) if args.quick else (args.head_dim, args.spec)
+    head_dims, specs = ((64, 128), ("none", "rope", "kernelized")) if args.quick else (args.head_dim, args.spec)
     todo = cases(args.arch, head_dims, args.dtype, [bool(c) for c in args.causal], specs, args.kernel)
     print(f"compiling {len(todo)} kernels for {', '.join(f'sm_{a}' for a in args.arch)} "
           f"with {args.jobs} worker(s)", flush=True)

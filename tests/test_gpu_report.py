@@ -33,6 +33,10 @@ MAIN += [Case(arch, d, dtype, False, "none", kernel)
          for arch, dtype in ((80, "bf16"), (90, "fp16")) for d in HEAD_DIMS for kernel in KERNELS]
 # POSATTN_AUTOTUNE=0's fixed config must hold up too (it ignores dtype and flags).
 FIXED = [Case(arch, d, "fp16", False, "none", kernel) for arch in (80, 90) for d in HEAD_DIMS for kernel in KERNELS]
+# Kernelized attention's kernels (feature map, outer product, contractions): no tensor-core
+# work by design (float64, and fp32 dots at ieee precision), so only spills and shared memory.
+KERNELIZED = [Case(arch, d, "bf16", False, "kernelized", kernel)
+              for arch in (80, 90) for d in HEAD_DIMS for kernel in gpu_report.KZ_KERNELS]
 # Shared memory per block, opt-in maximum: A100 163 KB, H100 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -65,7 +69,8 @@ def _check(row):
     assert row.shared_bytes <= SHARED_LIMIT[row.arch], (
         f"{label} needs {row.shared_bytes} B of shared memory, sm_{row.arch} has {SHARED_LIMIT[row.arch]}; use fewer "
         f"stages or smaller tiles in posattn/_config.py")
-    assert row.tensor_core > 0, f"{label} has no HMMA / HGMMA instruction: its dots do not use tensor cores"
+    if row.kernel not in gpu_report.NO_MMA:
+        assert row.tensor_core > 0, f"{label} has no HMMA / HGMMA instruction: its dots do not use tensor cores"
     assert 0 < row.registers <= 255, f"{label}: {row.registers} registers"
 
 
@@ -77,6 +82,16 @@ def test_tables(report, case):
 @pytest.mark.parametrize("case", _params(FIXED))
 def test_fixed_config(fixed_report, case):
     _check(fixed_report[case])
+
+
+@pytest.fixture(scope="module")
+def kernelized_report():
+    return _rows(KERNELIZED)
+
+
+@pytest.mark.parametrize("case", _params(KERNELIZED))
+def test_kernelized_kernels(kernelized_report, case):
+    _check(kernelized_report[case])
 
 
 def test_capability_tables(monkeypatch):

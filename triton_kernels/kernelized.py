@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import _alloc, _check_device
+from .attention import _alloc, _check_device, _launch
 
 _BLOCK_R = 32
 
@@ -56,8 +56,8 @@ def _kz_outer_kernel(
     out = phi[:, None] * w
     if APPEND_PHI:
         out = tl.where(cols[None, :] == E, phi[:, None], out)
-    tl.store(_rows(OUT, g, H, stride_o_b, stride_o_h) + rows[:, None] * stride_o_n + (f * E1 + cols[None, :]) * stride_o_e,
-             out, mask=(rows[:, None] < n_pad) & (cols[None, :] < E1))
+    out_cols = _rows(OUT, g, H, stride_o_b, stride_o_h) + (f * E1 + cols[None, :]) * stride_o_e
+    tl.store(out_cols + rows[:, None] * stride_o_n, out, mask=(rows[:, None] < n_pad) & (cols[None, :] < E1))
 
 
 @triton.jit(do_not_specialize=["N", "lo", "F"])
@@ -227,6 +227,15 @@ def _block(n):
     return max(16, triton.next_power_of_2(n))
 
 
+def _column_blocks(E1):
+    """Tiles of the outer product and contractions: [BLOCK_R, BLOCK_E] float64 values with
+    BLOCK_R·BLOCK_E ≤ 4096. AOT for sm_80 / sm_90 (python -m bench.gpu_report --spec
+    kernelized): 32 rows at BLOCK_E = 256 spilled (contract_e 19-20 LDL/STL), at 512 up to
+    1140; 4096 values do not."""
+    block_e = _block(E1)
+    return dict(BLOCK_R=max(1, 4096 // block_e), BLOCK_E=block_e)
+
+
 def _grid_rows(rows, block_r=_BLOCK_R):
     B, H, N = rows.shape[:3]
     return (B * H, triton.cdiv(N, block_r))
@@ -266,9 +275,10 @@ def kz_outer(phi, w, lo, hi, append_phi, n_pad):
     E1 = E + int(append_phi)
     out = _alloc((B, H, (hi - lo) * E1, n_pad), phi.dtype, phi.device)
     if out.numel():
-        _kz_outer_kernel[(B * H, triton.cdiv(n_pad, _BLOCK_R), hi - lo)](
+        blocks = _column_blocks(E1)
+        _launch(_kz_outer_kernel, (B * H, triton.cdiv(n_pad, blocks["BLOCK_R"]), hi - lo))(
             out, phi, w, H, N, n_pad, E, E1, lo, *_col_strides(out), *_strides(phi), *_strides(w),
-            APPEND_PHI=append_phi, BLOCK_R=_BLOCK_R, BLOCK_E=_block(E1))
+            APPEND_PHI=append_phi, **blocks)
     return out
 
 
@@ -280,9 +290,10 @@ def kz_contract_f(phi, x, lo, hi):
     E1 = x.shape[2] // F
     out = _alloc((*phi.shape[:3], E1), phi.dtype, phi.device)
     if out.numel():
-        _kz_contract_f_kernel[_grid_rows(phi)](
+        blocks = _column_blocks(E1)
+        _launch(_kz_contract_f_kernel, _grid_rows(phi, blocks["BLOCK_R"]))(
             out, phi, x, phi.shape[1], phi.shape[2], E1, lo, F, *_strides(out), *_strides(phi), *_col_strides(x),
-            BLOCK_R=_BLOCK_R, BLOCK_E=_block(E1))
+            **blocks)
     return out
 
 
@@ -294,9 +305,10 @@ def kz_contract_e(x, w, F):
                          f"{tuple(x.shape)}")
     out = _alloc((*w.shape[:3], F), x.dtype, x.device)
     if out.numel():
-        _kz_contract_e_kernel[_grid_rows(w)](
+        blocks = _column_blocks(E1)
+        _launch(_kz_contract_e_kernel, _grid_rows(w, blocks["BLOCK_R"]))(
             out, x, w, w.shape[1], w.shape[2], E1, Ew, F, *_strides(out), *_col_strides(x), *_strides(w),
-            IMPLICIT_ONE=Ew == E1 - 1, BLOCK_R=_BLOCK_R, BLOCK_E=_block(E1))
+            IMPLICIT_ONE=Ew == E1 - 1, **blocks)
     return out
 
 
@@ -337,11 +349,11 @@ def kz_prf(x, w, is_query):
         stab = phi  # not read: each row stabilises itself
     else:
         row_max = _alloc((B * H, N), torch.float32, x.device)
-        _prf_kernel[grid](phi, row_max, x, w, *args, *phi_strides, *x_strides, w.stride(0), *scalars,
-                          WRITE_PHI=False, ROW_STAB=False, **blocks)
+        _launch(_prf_kernel, grid)(phi, row_max, x, w, *args, *phi_strides, *x_strides, w.stride(0), *scalars,
+                                   WRITE_PHI=False, ROW_STAB=False, **blocks)
         stab = row_max.amax(dim=1)  # [B·H]: keys share one stabiliser per (batch, head)
-    _prf_kernel[grid](phi, stab, x, w, *args, *phi_strides, *x_strides, w.stride(0), *scalars,
-                      WRITE_PHI=True, ROW_STAB=is_query, **blocks)
+    _launch(_prf_kernel, grid)(phi, stab, x, w, *args, *phi_strides, *x_strides, w.stride(0), *scalars,
+                               WRITE_PHI=True, ROW_STAB=is_query, **blocks)
     return phi
 
 
@@ -358,7 +370,7 @@ def kz_prf_bwd(dphi, phi, x, w):
     dx = _alloc(x.shape, x.dtype, x.device)
     if dx.numel():
         blocks = _prf_blocks(x, w)
-        _prf_bwd_kernel[_grid_rows(x, blocks["BLOCK_R"])](
+        _launch(_prf_bwd_kernel, _grid_rows(x, blocks["BLOCK_R"]))(
             dx, dphi, phi, x, w, H, N, D, w.shape[0], *_row_strides(dx), *_row_strides(phi), *_row_strides(x),
             w.stride(0), D ** -0.25, **blocks)
     return dx

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import posattn
-from conftest import dtype_name, requires_ext
+from conftest import HAS_CUDA, HALF_DTYPES, KERNEL_BACKENDS, backend_device, dtype_name, requires_ext
 from posattn.kernelized import TORCH_OPS, _ToeplitzKernelized, features, kernel_ops, kernelized, orthogonal_projection
 from tolerance import assert_close
 
@@ -107,7 +107,7 @@ def test_many_prf_features_approach_softmax_with_relative_bias(device):
 @pytest.mark.parametrize("backend", [None, pytest.param("cpu", marks=requires_ext), "triton"],
                          ids=["pytorch-ops", "fused-cpu", "fused-triton"])
 def test_custom_backward_gradcheck(backend, device):
-    device = "cpu" if backend == "cpu" else device
+    device = backend_device(backend) if backend else device
     torch.manual_seed(1)
     phi_q = torch.rand(1, 2, 4, 2, dtype=F64, device=device, requires_grad=True)
     phi_k = torch.rand(1, 2, 3, 2, dtype=F64, device=device, requires_grad=True)
@@ -158,25 +158,28 @@ def test_errors(kwargs, error, match):
 
 # ---- the fused kernels of the CPU backend (posattn._C) and of Triton ------------------------------------
 
-KZ_BACKENDS = [pytest.param("cpu", id="cpu", marks=requires_ext), pytest.param("triton", id="triton")]
-
-
-@pytest.fixture(params=KZ_BACKENDS)
+# conftest's backend_fixtures() would parametrize every test of this module by backend
+# (its ``device`` depends on ``backend``): the fused-kernel tests bind their own pair
+@pytest.fixture(params=KERNEL_BACKENDS)
 def backend(request):
     return request.param
 
 
 @pytest.fixture
-def kdevice(backend, device):
-    return "cpu" if backend == "cpu" else device
+def kdevice(backend):
+    return backend_device(backend)
+
+
+def interpreted(backend):
+    """Triton's interpreter runs every program of a grid in turn: tests take smaller shapes there."""
+    return backend == "triton" and not HAS_CUDA
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_fused_kernels_match_pytorch_ops(backend, kdevice, causal, dtype):
     # the same FFT path with the outer products and contractions in PyTorch ops vs fused
-    # Triton's interpreter runs every program of a grid in turn: smaller there
-    B, H, L, S, m = (2, 4, 70, 90, 40) if kdevice != "cpu" or backend == "cpu" else (1, 2, 37, 45, 12)
+    B, H, L, S, m = (1, 2, 37, 45, 12) if interpreted(backend) else (2, 4, 70, 90, 40)
     q, k, v, table = inputs(B, H, H // 2, L, S, 16, 8, 25, kdevice, dtype)
     proj = orthogonal_projection(m, 16, device=kdevice, dtype=dtype)
     results = []
@@ -212,8 +215,7 @@ def test_fused_kernels_chunked(backend, kdevice, monkeypatch, chunk_bytes, piece
 
 
 # tl.dot on bf16 is broken in Triton's interpreter (triton #11584): Triton runs fp32 and fp16 here
-HALF = {"cpu": [torch.float32, torch.bfloat16, torch.float16],
-        "triton": [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])}
+HALF = {b: [torch.float32, *dtypes] for b, dtypes in HALF_DTYPES.items()}
 
 
 PRF_CASES = [(torch.float32, 40), (torch.bfloat16, 40), (torch.float16, 40), (torch.float32, 100),
@@ -249,8 +251,8 @@ def test_fused_prf_feature_map(backend, kdevice, dtype, D, is_query):
 def test_fused_backends_against_dense_oracle(backend, kdevice, causal):
     # the whole op, fused feature map included: GQA, L ≠ S, odd sizes, a transposed q, fp32
     # and a half dtype, against the float64 oracle with the shared tolerance rule
-    q, k, v, table = inputs(2, 4, 2, 63, 50, 40, 24, 20, kdevice) if backend == "cpu" or kdevice != "cpu" else \
-        inputs(1, 2, 1, 63, 50, 40, 24, 20, kdevice)
+    B, H = (1, 2) if interpreted(backend) else (2, 4)
+    q, k, v, table = inputs(B, H, H // 2, 63, 50, 40, 24, 20, kdevice)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, L, H, D] memory
     proj = orthogonal_projection(48, 40, device=kdevice, dtype=F64)
     kw = dict(causal=causal, feature_map="prf", projection=proj)

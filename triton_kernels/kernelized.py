@@ -236,7 +236,7 @@ def _column_blocks(E1):
     return dict(BLOCK_R=max(1, 4096 // block_e), BLOCK_E=block_e)
 
 
-def _grid_rows(rows, block_r=_BLOCK_R):
+def _grid_rows(rows, block_r):
     B, H, N = rows.shape[:3]
     return (B * H, triton.cdiv(N, block_r))
 

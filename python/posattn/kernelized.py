@@ -73,9 +73,9 @@ def feature_map(x, kind, projection, is_query):
     return torch.exp(logits - stab.detach()) / math.sqrt(projection.shape[0])
 
 
-def _rpe_index(M, L, S, device):
-    """The table column of each r = −(L−1) … S−1."""
-    return torch.arange(-(L - 1), S, device=device).clamp(-M, M) + M
+def _rpe_index(r, M):
+    """The table column of each relative offset r (clamped to the table's ±M)."""
+    return r.clamp(-M, M) + M
 
 
 def rpe_coefficients(table, L, S, causal, dtype):
@@ -83,10 +83,11 @@ def rpe_coefficients(table, L, S, causal, dtype):
     per head. That factor cancels in the ratio, so it is a constant to autograd, like the
     feature maps' stabilisers (∂c_r/∂table[h, j] = c_r·[index(r) = j])."""
     M = (table.shape[1] - 1) // 2
+    r = torch.arange(-(L - 1), S, device=table.device)
     t = table.to(dtype)
-    c = torch.exp(t[:, _rpe_index(M, L, S, table.device)] - t.amax(dim=1, keepdim=True).detach())
+    c = torch.exp(t[:, _rpe_index(r, M)] - t.amax(dim=1, keepdim=True).detach())
     if causal:
-        c = c * (torch.arange(-(L - 1), S, device=table.device) <= 0).to(dtype)
+        c = c * (r <= 0).to(dtype)
     return c
 
 
@@ -150,21 +151,20 @@ class _ToeplitzKernelized(torch.autograd.Function):
             nd[:, g] += ops.contract_f(pq[:, g], d, lo, hi)
         den = nd[..., dv] + eps
         z = (nd[..., :dv] / den[..., None]).view(B, H, L, dv)
-        ctx.save_for_backward(phi_q, phi_k, v, table, z, den.view(B, H, L))
+        ctx.save_for_backward(phi_q, phi_k, v, table, c, z, den.view(B, H, L))
         ctx.causal, ctx.ops = causal, ops
         return z
 
     @staticmethod
     def backward(ctx, dz):
-        phi_q, phi_k, v, table, z, den = ctx.saved_tensors
+        phi_q, phi_k, v, table, c, z, den = ctx.saved_tensors
         ops = ctx.ops
         B, H, L, m = phi_q.shape
         S, dv = phi_k.shape[2], v.shape[-1]
         G, N = B * H, _fft_size(L, S)
         pq, pk, vv = phi_q.reshape(1, G, L, m), phi_k.reshape(1, G, S, m), v.reshape(1, G, S, dv)
-        cd = rpe_coefficients(table.detach(), L, S, ctx.causal, phi_q.dtype)
-        spec = _kernel_spectrum(cd, L, S, N, transpose=False).repeat(B, 1)[None, :, None]
-        spec_t = _kernel_spectrum(cd, L, S, N, transpose=True).repeat(B, 1)[None, :, None]
+        spec = _kernel_spectrum(c, L, S, N, transpose=False).repeat(B, 1)[None, :, None]
+        spec_t = _kernel_spectrum(c, L, S, N, transpose=True).repeat(B, 1)[None, :, None]
         dnum = dz / den[..., None]  # [B, H, L, dv]
         dden = -(dz * z).sum(-1) / den  # [B, H, L]
         da = torch.cat((dnum, dden[..., None]), dim=-1).view(1, G, L, dv + 1)  # gradient pairs with [v, 1]
@@ -191,9 +191,8 @@ class _ToeplitzKernelized(torch.autograd.Function):
             xcorr = torch.fft.irfft(corr, n=N, dim=-1).view(B, H, N)  # index r ≥ 0 at r, r < 0 at N + r
             r = torch.arange(-(L - 1), S, device=phi_q.device)
             dc = xcorr[:, :, r % N].sum(0)  # [H, L+S−1]: ∂/∂c_r
-            M = (table.shape[1] - 1) // 2
             d_table = torch.zeros(table.shape, dtype=dc.dtype, device=dc.device).index_add_(
-                1, _rpe_index(M, L, S, dc.device), dc * cd).to(table.dtype)
+                1, _rpe_index(r, (table.shape[1] - 1) // 2), dc * c).to(table.dtype)
         return (d_phi_q.view_as(phi_q), d_phi_k.view_as(phi_k), d_v.view_as(v), d_table, None, None, None)
 
 

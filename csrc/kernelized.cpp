@@ -58,6 +58,14 @@ struct Strided {
 
 Strided strided(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.size(1)}; }
 
+// Rows [0, nb) of a block with row stride sr and E columns into dst[e·kRows + n]: the block's
+// columns become contiguous, so the loops over rows vectorise.
+template <typename T>
+void transpose_rows(const T* src, int64_t sr, int64_t nb, int64_t E, T* dst) {
+  for (int64_t n = 0; n < nb; ++n)
+    for (int64_t e = 0; e < E; ++e) dst[e * kRows + n] = src[n * sr + e];
+}
+
 Tensor unit_last(const Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
 
 Tensor kz_outer(const Tensor& phi_in, const Tensor& w_in, int64_t lo, int64_t hi, bool append_phi, int64_t n_pad) {
@@ -88,8 +96,7 @@ Tensor kz_outer(const Tensor& phi_in, const Tensor& w_in, int64_t lo, int64_t hi
         scalar_t* og = o + g * C * n_pad + n0;
         if (nb < nend)
           for (int64_t c = 0; c < C; ++c) std::fill(og + c * n_pad + nb, og + c * n_pad + nend, scalar_t(0));
-        for (int64_t n = 0; n < nb; ++n)
-          for (int64_t e = 0; e < E; ++e) wt[e * kRows + n] = wg[n * ws.sr + e];
+        transpose_rows(wg, ws.sr, nb, E, wt.data());
         for (int64_t f = 0; f < F && nb > 0; ++f) {
           for (int64_t n = 0; n < nb; ++n) pf[n] = pg[n * ps.sr + f];
           for (int64_t e = 0; e < E; ++e) {
@@ -170,8 +177,7 @@ Tensor kz_contract_e(const Tensor& x_in, const Tensor& w_in, int64_t F) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t g = t / blocks, n0 = (t % blocks) * kRows, nb = std::min(kRows, N - n0);
         const scalar_t* wg = wp + ws.at(g) + n0 * ws.sr;
-        for (int64_t n = 0; n < nb; ++n)
-          for (int64_t e = 0; e < Ew; ++e) wt[e * kRows + n] = wg[n * ws.sr + e];
+        transpose_rows(wg, ws.sr, nb, Ew, wt.data());
         const scalar_t* xg = xp + xs.at(g) + n0;
         scalar_t* og = o + (g * N + n0) * F;
         for (int64_t f = 0; f < F; ++f) {

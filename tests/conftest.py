@@ -45,16 +45,18 @@ def backend_device(backend):
     return "cpu" if backend == "cpu" else DEVICE
 
 
-def backend_fixtures():
+def backend_fixtures(device_name="device"):
     """The fixtures of a module whose tests run once per kernel backend: ``backend``
     (ids ``triton`` / ``cpu``) and ``device``, the device that backend's tensors live on.
-    A module binds both with ``backend, device = backend_fixtures()``."""
+    A module binds both with ``backend, device = backend_fixtures()``; one whose other tests
+    keep the plain ``device`` fixture names the backend's device otherwise
+    (``backend, kdevice = backend_fixtures("kdevice")``)."""
 
     @pytest.fixture(params=KERNEL_BACKENDS)
     def backend(request):
         return request.param
 
-    @pytest.fixture
+    @pytest.fixture(name=device_name)
     def device(backend):
         return backend_device(backend)
 

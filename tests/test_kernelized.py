@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import posattn
-from conftest import HAS_CUDA, HALF_DTYPES, KERNEL_BACKENDS, backend_device, dtype_name, requires_ext
+from conftest import HAS_CUDA, HALF_DTYPES, backend_device, backend_fixtures, dtype_name, requires_ext
 from posattn.kernelized import TORCH_OPS, _ToeplitzKernelized, features, kernel_ops, kernelized, orthogonal_projection
 from tolerance import assert_close
 
@@ -158,16 +158,8 @@ def test_errors(kwargs, error, match):
 
 # ---- the fused kernels of the CPU backend (posattn._C) and of Triton ------------------------------------
 
-# conftest's backend_fixtures() would parametrize every test of this module by backend
-# (its ``device`` depends on ``backend``): the fused-kernel tests bind their own pair
-@pytest.fixture(params=KERNEL_BACKENDS)
-def backend(request):
-    return request.param
-
-
-@pytest.fixture
-def kdevice(backend):
-    return backend_device(backend)
+# the fused-kernel tests run once per backend on ``kdevice``; the others keep ``device``
+backend, kdevice = backend_fixtures("kdevice")
 
 
 def interpreted(backend):

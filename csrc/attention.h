@@ -48,8 +48,9 @@ struct AttnArgs {
   // URPE gate table [H, 2M+1] fp32
   const float* urpe; int64_t surpe_h; int64_t urpe_m;
   ParallelFor parallel;
-  // bf16 forward on the AVX-512-BF16 dot instructions (q·kᵀ and p·v with bf16 operands and
-  // fp32 accumulation); set by the op layer when the CPU has them
+  // bf16 inputs multiplied as bf16 with fp32 sums, forward and backward (AMX tiles in the
+  // amx build, AVX-512-BF16 dot instructions in the avx512 build); set by the op layer when
+  // the chosen path has them
   bool bf16_dot;
 };
 
@@ -67,16 +68,23 @@ struct BwdArgs {
   float* durpe;       // per task [B, H, C, 2M+1], zeroed, or null
   int64_t chunks;     // C: query chunks per (batch, head)
   int64_t bias_T;     // entries of the bias table (tables) or 1
-  float* dk_part;     // [B, H, C, S, Dp] zeroed scratch: each task's key gradient
-  float* dv_part;     // [B, H, C, S, Dvp] zeroed scratch
+  float* dk_part;     // [B, H, C, pad_keys(S), pad_head(D)] zeroed scratch: each task's key gradient
+  float* dv_part;     // [B, H, C, pad_keys(S), pad16(Dv)] zeroed scratch
 };
 
 // Row padding of the packed fp32 operands (the micro-kernel works on whole vectors).
 inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
+// The head dims as the kernels store them: whole vectors, and for bf16 dots whole 32-element
+// tile rows (an AMX tile row holds 32 bf16; the zero padding adds nothing to a dot).
+inline int64_t pad_head(int64_t n, bool bf16_dot) { return bf16_dot ? (n + 31) / 32 * 32 : pad16(n); }
 
-// Query rows per tile of the kernels (BM in attention_kernel.h); the op layer sizes the
-// backward's chunks of query tiles with it.
+// Query rows and keys per tile of the kernels (BM, BN in attention_kernel.h); the op layer
+// sizes the backward's chunks and scratch with them.
 constexpr int64_t QUERY_TILE = 64;
+constexpr int64_t KEY_TILE = 128;
+// Rows of the backward's per-task dK / dV scratch: whole key tiles (a tile's product is
+// stored whole; the rows past S are never read).
+inline int64_t pad_keys(int64_t S) { return (S + KEY_TILE - 1) / KEY_TILE * KEY_TILE; }
 
 namespace generic {
 void attention_forward(const AttnArgs& a, void* out, float* lse);
@@ -93,5 +101,12 @@ void attention_forward(const AttnArgs& a, void* out, float* lse);
 void attention_backward(const AttnArgs& a, const BwdArgs& g);
 void dropout_mask(uint64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, float p, bool* keep, ParallelFor par);
 }  // namespace avx512
+namespace amx {
+void attention_forward(const AttnArgs& a, void* out, float* lse);
+void attention_backward(const AttnArgs& a, const BwdArgs& g);
+void dropout_mask(uint64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, float p, bool* keep, ParallelFor par);
+// Asks Linux for the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM); false where refused.
+bool request_tiles();
+}  // namespace amx
 
 }  // namespace posattn

@@ -25,18 +25,21 @@ constexpr float NEG_INF = -__builtin_inff();
 // memory
 // ---------------------------------------------------------------------------------------
 
-struct Buffer {
-  float* p = nullptr;
-  explicit Buffer(int64_t n, bool zero = false) {
-    size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * sizeof(float) + 63) / 64 * 64;
-    p = static_cast<float*>(aligned_alloc(64, bytes));
+template <typename T>
+struct Array {
+  T* p = nullptr;
+  explicit Array(int64_t n, bool zero = false) {
+    size_t bytes = (static_cast<size_t>(n > 0 ? n : 1) * sizeof(T) + 63) / 64 * 64;
+    p = static_cast<T*>(aligned_alloc(64, bytes));
     if (p == nullptr) throw std::bad_alloc();
     if (zero) memset(p, 0, bytes);
   }
-  ~Buffer() { free(p); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
+  ~Array() { free(p); }
+  Array(const Array&) = delete;
+  Array& operator=(const Array&) = delete;
 };
+using Buffer = Array<float>;
+using Bf16Buffer = Array<uint16_t>;  // bf16 bits
 
 // ---------------------------------------------------------------------------------------
 // dtype conversion (bit-exact round-to-nearest-even, no library calls)
@@ -227,9 +230,113 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, i
 }
 
 #if defined(__AVX512BF16__)
-// The bf16 micro-kernel: C[M, N] (+)= A[M, K] · B[K, N] with bf16 operands, fp32 sums.
-// A row-major (K contiguous, K even); B in pairs [K/2][N][2] ("VNNI"), so one 32-bit
-// broadcast of A's pair and one load of B feed a vdpbf16ps (2 products per lane).
+// ---------------------------------------------------------------------------------------
+// bf16 products: C[M, N] (+)= A[M, K] · B[K, N], bf16 operands, fp32 sums. A row-major
+// (K contiguous), B in pairs [K/2][N][2] ("VNNI": the two bf16 of consecutive k for one
+// column are adjacent), N a multiple of 16. Two implementations of one contract:
+//   amx build     AMX tiles; K a multiple of 32 and M rounded up to 16 (A and C must have
+//                 the rows: the product of the padding rows is stored and never read)
+//   avx512 build  vdpbf16ps, 2 products per lane; K even, any M
+// ---------------------------------------------------------------------------------------
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+constexpr bool kAmx = true;
+
+// Palette 1 with all 8 tiles at 16 rows × 64 bytes: tiles 0–3 hold a 32×32 block of C
+// (16×16 fp32 each), 4–5 A's two 16-row slabs of 32 bf16, 6–7 B's two 16-column slabs.
+struct alignas(64) TileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Our tile configuration for one task, and whatever was there before restored afterwards:
+// oneDNN (torch's CPU SDPA) caches its own configuration per thread and would otherwise run
+// its tiles under ours.
+class TileScope {
+ public:
+  explicit TileScope(bool on) : on_(on) {
+    if (!on_) return;
+    // a constant in read-only data: GCC 12 does not see ldtilecfg read its operand and drops
+    // the stores that would build it on the stack
+    static const TileConfig ours = {1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+    _tile_storeconfig(&saved_);
+    __asm__ volatile("" : : "r"(&saved_) : "memory");  // nor that sttilecfg writes saved_
+    _tile_loadconfig(&ours);
+  }
+  ~TileScope() {
+    if (!on_) return;
+    if (saved_.palette == 0) _tile_release();
+    else _tile_loadconfig(&saved_);
+  }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+
+ private:
+  bool on_;
+  TileConfig saved_;
+};
+
+// One (16·MT) × (16·NT) block of C over the whole K.
+template <int MT, int NT>
+inline void amx_block(int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
+                      int64_t ldc, bool accumulate) {
+  const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;  // strides in bytes
+  if (accumulate) {
+    _tile_loadd(0, C, sc);
+    if (NT == 2) _tile_loadd(1, C + 16, sc);
+    if (MT == 2) _tile_loadd(2, C + 16 * ldc, sc);
+    if (MT == 2 && NT == 2) _tile_loadd(3, C + 16 * ldc + 16, sc);
+  } else {
+    _tile_zero(0);
+    if (NT == 2) _tile_zero(1);
+    if (MT == 2) _tile_zero(2);
+    if (MT == 2 && NT == 2) _tile_zero(3);
+  }
+  for (int64_t k = 0; k < K; k += 32) {
+    _tile_loadd(4, A + k, sa);
+    if (MT == 2) _tile_loadd(5, A + 16 * lda + k, sa);
+    _tile_loadd(6, B + (k / 2) * ldb, sb);
+    if (NT == 2) _tile_loadd(7, B + (k / 2) * ldb + 32, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    if (NT == 2) _tile_dpbf16ps(1, 4, 7);
+    if (MT == 2) _tile_dpbf16ps(2, 5, 6);
+    if (MT == 2 && NT == 2) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, C, sc);
+  if (NT == 2) _tile_stored(1, C + 16, sc);
+  if (MT == 2) _tile_stored(2, C + 16 * ldc, sc);
+  if (MT == 2 && NT == 2) _tile_stored(3, C + 16 * ldc + 16, sc);
+}
+
+inline void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, float* C,
+                      int64_t ldc, bool accumulate) {
+  const int64_t ldb = 2 * N;
+  const int64_t Mr = (M + 15) / 16 * 16;
+  for (int64_t n0 = 0; n0 < N; n0 += 32) {
+    const bool two_n = N - n0 >= 32;
+    for (int64_t m0 = 0; m0 < Mr; m0 += 32) {
+      const uint16_t* a = A + m0 * lda;
+      const uint16_t* b = B + 2 * n0;
+      float* c = C + m0 * ldc + n0;
+      if (Mr - m0 >= 32) {
+        if (two_n) amx_block<2, 2>(K, a, lda, b, ldb, c, ldc, accumulate);
+        else amx_block<2, 1>(K, a, lda, b, ldb, c, ldc, accumulate);
+      } else {
+        if (two_n) amx_block<1, 2>(K, a, lda, b, ldb, c, ldc, accumulate);
+        else amx_block<1, 1>(K, a, lda, b, ldb, c, ldc, accumulate);
+      }
+    }
+  }
+}
+#else
+constexpr bool kAmx = false;
+
+struct TileScope {
+  explicit TileScope(bool) {}
+};
+
 template <int R, int NV>
 inline void micro_bf16(int64_t Kp, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
                        int64_t ldc, bool accumulate) {
@@ -262,7 +369,6 @@ struct MicroBf16 {
   static constexpr auto fn = &micro_bf16<R, NV>;
 };
 
-// K even; B pairs [K/2][N][2] with N a multiple of 16.
 inline void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, float* C,
                       int64_t ldc, bool accumulate) {
   const int64_t ldb = 2 * N;
@@ -274,6 +380,33 @@ inline void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_
     if (m0 < M)
       micro_fn<MicroBf16>(static_cast<int>(M - m0), nv)(K / 2, A + m0 * lda, lda, B + 2 * n0, ldb, C + m0 * ldc + n0,
                                                          ldc, accumulate);
+  }
+}
+#endif
+
+// fp32 → bf16 (round to nearest even, NaN stays NaN) of n entries, n a multiple of 16.
+inline void to_bf16(const float* x, int64_t n, uint16_t* y) {
+  for (int64_t j = 0; j < n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + j)));
+}
+
+// Rows i < m of an fp32 [rows][n] block (row stride ld) as bf16 pairs [rows/2][n][2] (the B
+// operand of a product over the rows); rows m .. rows are zero. rows even, n a multiple of 16.
+inline void to_bf16_pairs(const float* x, int64_t ld, int64_t m, int64_t rows, int64_t n, float mul, uint16_t* y) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512 vm = _mm512_set1_ps(mul), zero = _mm512_setzero_ps();
+  for (int64_t i = 0; i < rows; i += 2) {
+    const float* r0 = x + i * ld;
+    const float* r1 = r0 + ld;
+    uint16_t* out = y + i * n;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __m512 a = i < m ? _mm512_mul_ps(_mm512_loadu_ps(r0 + j), vm) : zero;
+      const __m512 b = i + 1 < m ? _mm512_mul_ps(_mm512_loadu_ps(r1 + j), vm) : zero;
+      const __m512i ab = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(a)),
+                                            (__m256i)_mm512_cvtneps_pbh(b), 1);
+      _mm512_storeu_si512(out + 2 * j, _mm512_permutexvar_epi16(interleave, ab));
+    }
   }
 }
 #define POSATTN_BF16_DOT 1
@@ -325,22 +458,56 @@ inline float row_max(const float* s) {
 #endif
 }
 
-// s = exp(s − sub) in place; returns Σ s.
-inline float row_exp_sum(float* s, float sub) {
+#if defined(__AVX512F__)
+// exp_approx on 16 lanes (the same reduction and polynomial); NaN stays NaN.
+inline __m512 exp512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3f);
+  // max / min return their second operand when either is NaN: x goes second
+  const __m512 xc = _mm512_max_ps(lo, _mm512_min_ps(_mm512_set1_ps(88.3f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), p, n);  // 0 below −87.3
+}
+#endif
+
+// s = exp(mul·s − sub) in place; returns Σ s.
+inline float row_exp_sum(float* s, float mul, float sub) {
+#if defined(__AVX512F__)
+  const __m512 vm = _mm512_set1_ps(mul), vs = _mm512_set1_ps(sub);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < BN; j += 16) {
+    const __m512 e = exp512(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vm, vs));
+    _mm512_storeu_ps(s + j, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
   float acc[16] = {};
   for (int64_t j = 0; j < BN; j += 16)
     for (int l = 0; l < 16; ++l) {
-      const float e = exp_approx(s[j + l] - sub);
+      const float e = exp_approx(s[j + l] * mul - sub);
       s[j + l] = e;
       acc[l] += e;
     }
-#if defined(__AVX512F__)
-  return _mm512_reduce_add_ps(_mm512_loadu_ps(acc));
-#else
   float r = 0.0f;
   for (int l = 0; l < 16; ++l) r += acc[l];
   return r;
 #endif
+}
+
+// x *= f over n entries (n a multiple of 16)
+inline void scale_row(float* x, int64_t n, float f) {
+  for (int64_t j = 0; j < n; ++j) x[j] *= f;
 }
 
 inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
@@ -650,28 +817,29 @@ inline void score_row(const AttnArgs& a, int64_t b, int64_t h, int64_t i, int32_
 // ---------------------------------------------------------------------------------------
 
 struct Packed {
-  int64_t nkt, Dp, Dvp;
+  int64_t nkt, Dp, Dvp, Dvk;
+  bool dot16;
+  // fp32 operands
   Buffer kt;   // [B·Hkv][nkt][Dp][BN]  transposed key tiles (q·kᵀ)
-  Buffer kr;   // [B·Hkv][S][Dp]        key rows (dS·K), backward only
+  Buffer kr;   // [B·Hkv][S][Dp]        key rows (dS·K; with bf16 dots only for RotaryAngles' gradient)
   Buffer vr;   // [B·Hkv][S][Dvp]       value rows (p·v), forward only
   Buffer vt;   // [B·Hkv][nkt][Dvp][BN] transposed value tiles (dO·vᵀ), backward only
-  // bf16 forward (a.bf16_dot): keys [B·Hkv][nkt][Dp/2][BN][2] and values
-  // [B·Hkv][nkt][BN/2][Dvp][2] as bf16 pairs along the product's inner dim
-  uint16_t* k16 = nullptr;
-  uint16_t* v16 = nullptr;
+  // bf16 operands (a.bf16_dot), per key tile in pairs along the product's inner dim
+  Bf16Buffer k16;   // [B·Hkv][nkt][Dp/2][BN][2]   q·kᵀ
+  Bf16Buffer v16;   // [B·Hkv][nkt][BN/2][Dvp][2]  p·v, forward only
+  Bf16Buffer kr16;  // [B·Hkv][nkt][BN/2][Dp][2]   dS·K, backward only
+  Bf16Buffer vt16;  // [B·Hkv][nkt][Dvk/2][BN][2]  dO·vᵀ, backward only
   Packed(const AttnArgs& a, bool backward)
-      : nkt((a.S + BN - 1) / BN), Dp(pad16(a.D)), Dvp(pad16(a.Dv)),
-        kt(a.B * a.Hkv * nkt * Dp * BN, true),
-        kr(backward ? a.B * a.Hkv * a.S * Dp : 1, true),
-        vr(backward ? 1 : a.B * a.Hkv * a.S * Dvp, true),
-        vt(backward ? a.B * a.Hkv * nkt * Dvp * BN : 1, true) {
-    if (a.bf16_dot && !backward) {
-      k16 = static_cast<uint16_t*>(calloc(a.B * a.Hkv * nkt * Dp * BN, sizeof(uint16_t)));
-      v16 = static_cast<uint16_t*>(calloc(a.B * a.Hkv * nkt * Dvp * BN, sizeof(uint16_t)));
-      if (!k16 || !v16) { free(k16); free(v16); throw std::bad_alloc(); }
-    }
-  }
-  ~Packed() { free(k16); free(v16); }
+      : nkt((a.S + BN - 1) / BN), Dp(pad_head(a.D, a.bf16_dot)), Dvp(pad16(a.Dv)),
+        Dvk(pad_head(a.Dv, a.bf16_dot)), dot16(a.bf16_dot),
+        kt(dot16 ? 1 : a.B * a.Hkv * nkt * Dp * BN, true),
+        kr(backward && (!dot16 || a.rope_kind == ROPE_ANGLES) ? a.B * a.Hkv * a.S * Dp : 1, true),
+        vr(backward || dot16 ? 1 : a.B * a.Hkv * a.S * Dvp, true),
+        vt(!backward || dot16 ? 1 : a.B * a.Hkv * nkt * Dvp * BN, true),
+        k16(dot16 ? a.B * a.Hkv * nkt * Dp * BN : 1, true),
+        v16(dot16 && !backward ? a.B * a.Hkv * nkt * Dvp * BN : 1, true),
+        kr16(dot16 && backward ? a.B * a.Hkv * nkt * Dp * BN : 1, true),
+        vt16(dot16 && backward ? a.B * a.Hkv * nkt * Dvk * BN : 1, true) {}
   Packed(const Packed&) = delete;
   Packed& operator=(const Packed&) = delete;
 };
@@ -689,38 +857,48 @@ void pack_body(void* vctx, int64_t begin, int64_t end) {
   auto& c = *static_cast<PackCtx<DT>*>(vctx);
   const AttnArgs& a = *c.a;
   Packed& pk = *c.pk;
-  Buffer row(pk.Dp > pk.Dvp ? pk.Dp : pk.Dvp);
+  const int64_t Dp = pk.Dp, Dvp = pk.Dvp, Dvk = pk.Dvk;
+  Buffer row(Dp > Dvk ? Dp : Dvk);
   for (int64_t task = begin; task < end; ++task) {
     // one task per (batch, KV head, key tile)
     const int64_t bh = task / pk.nkt, t = task % pk.nkt;
     const int64_t b = bh / a.Hkv, hk = bh % a.Hkv;
     const int64_t j0 = t * BN, n = a.S - j0 < BN ? a.S - j0 : BN;
-    float* kt = pk.kt.p + (bh * pk.nkt + t) * pk.Dp * BN;
+    const int64_t tile = bh * pk.nkt + t;
     for (int64_t j = 0; j < n; ++j) {
       const int64_t s = j0 + j;
-      memset(row.p, 0, pk.Dp * sizeof(float));
+      memset(row.p, 0, Dp * sizeof(float));
       load_row<DT>(elem<DT>(a.k, b * a.sk_b + hk * a.sk_h + s * a.sk_l), a.D, row.p);
       if (a.rope_kind != ROPE_NONE) {
         RowRotation rr(a, *c.ktab, b, hk, s, true);
         rotate(row.p, rr.cs, rr.sn, a.rotary_dim, a.interleaved);
       }
-      for (int64_t d = 0; d < a.D; ++d) kt[d * BN + j] = row.p[d];
-      if (pk.k16) {
-        uint16_t* k16 = pk.k16 + (bh * pk.nkt + t) * pk.Dp * BN;
+      if (c.backward && (!pk.dot16 || a.rope_kind == ROPE_ANGLES))
+        memcpy(pk.kr.p + (bh * a.S + s) * Dp, row.p, Dp * sizeof(float));
+      if (pk.dot16) {
+        uint16_t* k16 = pk.k16.p + tile * Dp * BN;
         for (int64_t d = 0; d < a.D; ++d) k16[((d / 2) * BN + j) * 2 + (d % 2)] = f32_to_bf16(row.p[d]);
+        if (c.backward) {
+          uint16_t* kr16 = pk.kr16.p + tile * Dp * BN;
+          for (int64_t d = 0; d < a.D; ++d) kr16[((j / 2) * Dp + d) * 2 + (j % 2)] = f32_to_bf16(row.p[d]);
+        }
+      } else {
+        float* kt = pk.kt.p + tile * Dp * BN;
+        for (int64_t d = 0; d < a.D; ++d) kt[d * BN + j] = row.p[d];
       }
-      if (c.backward) memcpy(pk.kr.p + (bh * a.S + s) * pk.Dp, row.p, pk.Dp * sizeof(float));
-      memset(row.p, 0, pk.Dvp * sizeof(float));
+      memset(row.p, 0, Dvk * sizeof(float));
       load_row<DT>(elem<DT>(a.v, b * a.sv_b + hk * a.sv_h + s * a.sv_l), a.Dv, row.p);
-      if (c.backward) {
-        float* vt = pk.vt.p + (bh * pk.nkt + t) * pk.Dvp * BN;
+      if (pk.dot16 && c.backward) {
+        uint16_t* vt16 = pk.vt16.p + tile * Dvk * BN;
+        for (int64_t e = 0; e < a.Dv; ++e) vt16[((e / 2) * BN + j) * 2 + (e % 2)] = f32_to_bf16(row.p[e]);
+      } else if (pk.dot16) {
+        uint16_t* v16 = pk.v16.p + tile * Dvp * BN;
+        for (int64_t e = 0; e < a.Dv; ++e) v16[((j / 2) * Dvp + e) * 2 + (j % 2)] = f32_to_bf16(row.p[e]);
+      } else if (c.backward) {
+        float* vt = pk.vt.p + tile * Dvp * BN;
         for (int64_t d = 0; d < a.Dv; ++d) vt[d * BN + j] = row.p[d];
       } else {
-        memcpy(pk.vr.p + (bh * a.S + s) * pk.Dvp, row.p, pk.Dvp * sizeof(float));
-      }
-      if (pk.v16) {
-        uint16_t* v16 = pk.v16 + (bh * pk.nkt + t) * pk.Dvp * BN;
-        for (int64_t e = 0; e < a.Dv; ++e) v16[((j / 2) * pk.Dvp + e) * 2 + (j % 2)] = f32_to_bf16(row.p[e]);
+        memcpy(pk.vr.p + (bh * a.S + s) * Dvp, row.p, Dvp * sizeof(float));
       }
     }
   }
@@ -810,6 +988,37 @@ int32_t load_query_tile(const AttnArgs& a, const SinCosTable& qtab, int64_t b, i
 // forward
 // ---------------------------------------------------------------------------------------
 
+// What both passes do differently per call.
+struct PassKind {
+  bool xpos;
+  // no bias, float / bool mask or softcap: interior full tiles need no elementwise pass
+  bool plain;
+  // bf16 inputs multiplied as bf16 (a.bf16_dot): q rotated in fp32 and rounded to bf16 (as
+  // the GPU kernels do), the scale applied to the fp32 scores (on plain interior tiles it
+  // folds into the exponent: fold_scale). The backward rounds dS·scale to bf16 for dQ and
+  // dK, and accumulates dK, dV transposed ([Dp][Sp], [Dvp][Sp]) so that every product's
+  // left operand is a row-major tile and its right one a pair-interleaved tile.
+  bool dot16;
+  bool fold_scale;
+  explicit PassKind(const AttnArgs& a)
+      : xpos(a.rope_kind == ROPE_XPOS),
+        plain(a.bias_kind == BIAS_NONE && a.mask_kind == MASK_NONE && a.softcap == 0.0f),
+#if defined(POSATTN_BF16_DOT)
+        dot16(a.dtype == DType::BF16 && a.bf16_dot),
+#else
+        dot16(false),
+#endif
+        fold_scale(dot16 && a.scale > 0.0f) {
+  }
+};
+
+#if !defined(POSATTN_BF16_DOT)
+constexpr bool kAmx = false;
+struct TileScope {
+  explicit TileScope(bool) {}
+};
+#endif
+
 template <DType DT>
 struct FwdCtx {
   const AttnArgs* a;
@@ -826,18 +1035,11 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
   const AttnArgs& a = *c.a;
   const Packed& pk = *c.pk;
   const int64_t Dp = pk.Dp, Dvp = pk.Dvp, G = a.H / a.Hkv;
-  const bool xpos = a.rope_kind == ROPE_XPOS;
-  // no bias, float / bool mask or softcap: interior full tiles need no elementwise pass
-  const bool plain = a.bias_kind == BIAS_NONE && a.mask_kind == MASK_NONE && a.softcap == 0.0f;
-#if defined(POSATTN_BF16_DOT)
-  const bool dot16 = DT == DType::BF16 && a.bf16_dot;
-#else
-  const bool dot16 = false;
-#endif
+  const PassKind kind(a);
+  const bool xpos = kind.xpos, plain = kind.plain, dot16 = kind.dot16, fold_scale = kind.fold_scale;
+  TileScope tiles(dot16 && kAmx);
   Buffer Qs(BM * Dp), S(BM * BN), acc(BM * Dvp), keep(BN), orow(Dvp);
-  Buffer q16_buf(dot16 ? BM * Dp / 2 : 1), p16_buf(dot16 ? BM * BN / 2 : 1);  // bf16 tiles in float storage
-  uint16_t* Q16 = reinterpret_cast<uint16_t*>(q16_buf.p);
-  [[maybe_unused]] uint16_t* P16 = reinterpret_cast<uint16_t*>(p16_buf.p);  // read by the bf16 build only
+  Bf16Buffer Q16(dot16 ? BM * Dp : 1, true), P16(dot16 ? BM * BN : 1, true);
   Buffer kx(xpos ? Dp * BN : 1), factor(xpos ? BN * Dp : 1);
   int32_t qp[BM];
   float m_i[BM], l_i[BM];
@@ -848,11 +1050,16 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
     const int64_t b = bh / a.H, h = bh % a.H, hk = h / G, bhk = b * a.Hkv + hk;
     const int64_t i0 = qt * BM, m = a.L - i0 < BM ? a.L - i0 : BM;
     int32_t q_lo, q_hi;
-    // bf16 dots: q rotated in fp32 and rounded to bf16 (as the GPU kernels do), scaled after the dot
     const int32_t centre =
         load_query_tile<DT>(a, *c.qtab, b, h, i0, m, Dp, Qs.p, qp, q_lo, q_hi, dot16 ? 1.0f : a.scale);
-    if (dot16)
-      for (int64_t i = 0; i < m * Dp; ++i) Q16[i] = f32_to_bf16(Qs.p[i]);
+#if defined(POSATTN_BF16_DOT)
+    if (dot16) {
+      to_bf16(Qs.p, m * Dp, Q16.p);
+      // the rows past m of a partial tile are multiplied too (whole AMX tiles): keep them zero
+      memset(Q16.p + m * Dp, 0, (BM - m) * Dp * sizeof(uint16_t));
+      memset(P16.p + m * BN, 0, (BM - m) * BN * sizeof(uint16_t));
+    }
+#endif
     for (int64_t i = 0; i < m; ++i) { m_i[i] = NEG_INF; l_i[i] = 0.0f; }
     memset(acc.p, 0, BM * Dvp * sizeof(float));
     int64_t t0, t1;
@@ -861,25 +1068,32 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
       key_tile(a, b, t, kt);
       if (!tile_visible(a, q_lo, q_hi, kt)) continue;
       const bool interior = tile_interior(a, q_lo, q_hi, kt);
-      const float* kblock = pk.kt.p + (bhk * pk.nkt + t) * Dp * BN;
-      if (xpos) {
-        xpos_key_tile(a, kblock, nullptr, kt, centre, Dp, kx.p, nullptr, factor.p);
-        kblock = kx.p;
-      }
+      const bool elementwise = !plain || !interior || kt.n < BN;
 #if defined(POSATTN_BF16_DOT)
       if (dot16) {
-        gemm_bf16(m, BN, Dp, Q16, Dp, pk.k16 + (bhk * pk.nkt + t) * Dp * BN, S.p, BN, false);
+        gemm_bf16(m, BN, Dp, Q16.p, Dp, pk.k16.p + (bhk * pk.nkt + t) * Dp * BN, S.p, BN, false);
       } else
 #endif
       {
+        const float* kblock = pk.kt.p + (bhk * pk.nkt + t) * Dp * BN;
+        if (xpos) {
+          xpos_key_tile(a, kblock, nullptr, kt, centre, Dp, kx.p, nullptr, factor.p);
+          kblock = kx.p;
+        }
         gemm(m, BN, a.D, Qs.p, Dp, 1, kblock, BN, S.p, BN, false);
       }
       for (int64_t i = 0; i < m; ++i) {
         float* s = S.p + i * BN;
-        if (dot16)
-          for (int64_t j = 0; j < BN; ++j) s[j] *= a.scale;
-        if (!plain || !interior || kt.n < BN) score_row(a, b, h, i0 + i, qp[i], kt, interior, s, nullptr);
-        const float mx = row_max(s);
+        // mul: the factor still to apply to s inside the exponent
+        float mul = 1.0f, mx;
+        if (fold_scale && !elementwise) {
+          mul = a.scale;
+          mx = row_max(s) * a.scale;
+        } else {
+          if (dot16) scale_row(s, BN, a.scale);
+          if (elementwise) score_row(a, b, h, i0 + i, qp[i], kt, interior, s, nullptr);
+          mx = row_max(s);
+        }
         const float m_new = mx > m_i[i] ? mx : m_i[i];
         if (m_new == NEG_INF) {  // nothing visible in this row yet
           for (int64_t j = 0; j < BN; ++j) s[j] = 0.0f;
@@ -887,13 +1101,10 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
         }
         // the running max rarely moves after the first tiles: skip the rescale then
         const float alpha = m_new == m_i[i] ? 1.0f : exp_approx(m_i[i] - m_new);
-        const float sum = row_exp_sum(s, m_new);
+        const float sum = row_exp_sum(s, mul, m_new);
         l_i[i] = l_i[i] * alpha + sum;
         m_i[i] = m_new;
-        if (alpha != 1.0f) {
-          float* o = acc.p + i * Dvp;
-          for (int64_t d = 0; d < Dvp; ++d) o[d] *= alpha;
-        }
+        if (alpha != 1.0f) scale_row(acc.p + i * Dvp, Dvp, alpha);
         if (a.urpe) {  // step 8: the gate multiplies p after the normaliser took it
           const float* u = a.urpe + h * a.surpe_h;
           for (int64_t j = 0; j < kt.n; ++j) s[j] *= u[urpe_index(a, qp[i], kt.pos[j])];
@@ -905,8 +1116,8 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
       }
 #if defined(POSATTN_BF16_DOT)
       if (dot16) {
-        for (int64_t i = 0; i < m * BN; ++i) P16[i] = f32_to_bf16(S.p[i]);
-        gemm_bf16(m, Dvp, BN, P16, BN, pk.v16 + (bhk * pk.nkt + t) * Dvp * BN, acc.p, Dvp, true);
+        to_bf16(S.p, m * BN, P16.p);
+        gemm_bf16(m, Dvp, BN, P16.p, BN, pk.v16.p + (bhk * pk.nkt + t) * Dvp * BN, acc.p, Dvp, true);
         continue;
       }
 #endif
@@ -944,18 +1155,30 @@ struct BwdCtx {
   int64_t nqt;
 };
 
+// Rows i < m of an fp32 block [m][n] (row stride ld) transposed into bf16 [cols][BM]; the
+// columns m .. BM and the rows n .. cols are zero.
+inline void transpose_bf16(const float* x, int64_t ld, int64_t m, int64_t n, int64_t cols, uint16_t* y) {
+  memset(y, 0, cols * BM * sizeof(uint16_t));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t d = 0; d < n; ++d) y[d * BM + i] = f32_to_bf16(x[i * ld + d]);
+}
+
 template <DType DT>
 void backward_body(void* vctx, int64_t begin, int64_t end) {
   auto& c = *static_cast<BwdCtx<DT>*>(vctx);
   const AttnArgs& a = *c.a;
   const BwdArgs& g = *c.g;
   const Packed& pk = *c.pk;
-  const int64_t Dp = pk.Dp, Dvp = pk.Dvp, G = a.H / a.Hkv, C = g.chunks;
-  const bool xpos = a.rope_kind == ROPE_XPOS;
-  const bool plain = a.bias_kind == BIAS_NONE && a.mask_kind == MASK_NONE && a.softcap == 0.0f;
+  const int64_t Dp = pk.Dp, Dvp = pk.Dvp, Dvk = pk.Dvk, G = a.H / a.Hkv, C = g.chunks, Sp = pad_keys(a.S);
+  const PassKind kind(a);
+  const bool xpos = kind.xpos, plain = kind.plain, dot16 = kind.dot16, fold_scale = kind.fold_scale;
+  TileScope tiles(dot16 && kAmx);
   Buffer Qs(BM * Dp), dO(BM * Dvp), P(BM * BN), dP(BM * BN), A(BM * BN), dQ(BM * Dp), row(Dp > Dvp ? Dp : Dvp);
   Buffer TH(a.softcap != 0.0f ? BM * BN : 1), keep(BN), tmp(BN * Dp);
   Buffer kx(xpos ? Dp * BN : 1), krx(xpos ? BN * Dp : 1), factor(xpos ? BN * Dp : 1);
+  Bf16Buffer Q16(dot16 ? BM * Dp : 1), QT16(dot16 ? Dp * BM : 1), dO16(dot16 ? BM * Dvk : 1),
+      dOT16(dot16 ? Dvp * BM : 1), dS16(dot16 ? BM * BN : 1, true), Av16(dot16 ? BM * BN : 1),
+      dSv16(dot16 ? BM * BN : 1);
   int32_t qp[BM];
   float lse[BM], delta[BM];
   KeyTile kt;
@@ -963,8 +1186,8 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
     const int64_t bh = task / C, chunk = task % C;
     const int64_t b = bh / a.H, h = bh % a.H, hk = h / G, bhk = b * a.Hkv + hk;
     const int64_t part = bh * C + chunk;
-    float* dk_part = g.dk_part + part * a.S * Dp;
-    float* dv_part = g.dv_part + part * a.S * Dvp;
+    float* dk_part = g.dk_part + part * Sp * Dp;
+    float* dv_part = g.dv_part + part * Sp * Dvp;
     float* dbias = g.dbias ? g.dbias + part * g.bias_T : nullptr;
     float* durpe = g.durpe ? g.durpe + part * (2 * a.urpe_m + 1) : nullptr;
     const float* utab = a.urpe ? a.urpe + h * a.surpe_h : nullptr;
@@ -972,7 +1195,8 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
     for (int64_t qt = qt_begin; qt < qt_end; ++qt) {
       const int64_t i0 = qt * BM, m = a.L - i0 < BM ? a.L - i0 : BM;
       int32_t q_lo, q_hi;
-      const int32_t centre = load_query_tile<DT>(a, *c.qtab, b, h, i0, m, Dp, Qs.p, qp, q_lo, q_hi, a.scale);
+      const int32_t centre =
+          load_query_tile<DT>(a, *c.qtab, b, h, i0, m, Dp, Qs.p, qp, q_lo, q_hi, dot16 ? 1.0f : a.scale);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t r = (b * a.H + h) * a.L + i0 + i;
         float* d = dO.p + i * Dvp;
@@ -984,6 +1208,16 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
         delta[i] = dot - (g.dlse ? g.dlse[r] : 0.0f);
         lse[i] = g.lse[r];
       }
+#if defined(POSATTN_BF16_DOT)
+      if (dot16) {
+        memset(Q16.p, 0, BM * Dp * sizeof(uint16_t));
+        to_bf16(Qs.p, m * Dp, Q16.p);
+        transpose_bf16(Qs.p, Dp, m, Dp, Dp, QT16.p);
+        memset(dO16.p, 0, BM * Dvk * sizeof(uint16_t));
+        for (int64_t i = 0; i < m; ++i) to_bf16(dO.p + i * Dvp, Dvp, dO16.p + i * Dvk);
+        transpose_bf16(dO.p, Dvp, m, Dvp, Dvp, dOT16.p);
+      }
+#endif
       memset(dQ.p, 0, BM * Dp * sizeof(float));
       int64_t t0, t1;
       key_tile_range(a, q_lo, q_hi, pk.nkt, t0, t1);
@@ -991,27 +1225,43 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
         key_tile(a, b, t, kt);
         if (!tile_visible(a, q_lo, q_hi, kt)) continue;
         const bool interior = tile_interior(a, q_lo, q_hi, kt);
-        const float* kblock = pk.kt.p + (bhk * pk.nkt + t) * Dp * BN;
+        const bool elementwise = !plain || !interior || kt.n < BN;
+        const int64_t tile = bhk * pk.nkt + t;
+        const float* kblock = pk.kt.p + tile * Dp * BN;
         const float* krows = pk.kr.p + (bhk * a.S + kt.j0) * Dp;
-        if (xpos) {
-          xpos_key_tile(a, kblock, krows, kt, centre, Dp, kx.p, krx.p, factor.p);
-          kblock = kx.p;
-          krows = krx.p;
+#if defined(POSATTN_BF16_DOT)
+        if (dot16) {
+          gemm_bf16(m, BN, Dp, Q16.p, Dp, pk.k16.p + tile * Dp * BN, P.p, BN, false);
+          gemm_bf16(m, BN, Dvk, dO16.p, Dvk, pk.vt16.p + tile * Dvk * BN, dP.p, BN, false);
+        } else
+#endif
+        {
+          if (xpos) {
+            xpos_key_tile(a, kblock, krows, kt, centre, Dp, kx.p, krx.p, factor.p);
+            kblock = kx.p;
+            krows = krx.p;
+          }
+          gemm(m, BN, a.D, Qs.p, Dp, 1, kblock, BN, P.p, BN, false);
+          gemm(m, BN, a.Dv, dO.p, Dvp, 1, pk.vt.p + tile * Dvp * BN, BN, dP.p, BN, false);
         }
-        gemm(m, BN, a.D, Qs.p, Dp, 1, kblock, BN, P.p, BN, false);
-        gemm(m, BN, a.Dv, dO.p, Dvp, 1, pk.vt.p + (bhk * pk.nkt + t) * Dvp * BN, BN, dP.p, BN, false);
         for (int64_t i = 0; i < m; ++i) {
           float* p = P.p + i * BN;
           float* dp = dP.p + i * BN;
           float* ap = A.p + i * BN;
           float* th = a.softcap != 0.0f ? TH.p + i * BN : nullptr;
-          if (!plain || !interior || kt.n < BN) score_row(a, b, h, i0 + i, qp[i], kt, interior, p, th);
           const float l = lse[i];
           if (l == NEG_INF) {  // a row that sees no key: no gradient
             for (int64_t j = 0; j < BN; ++j) { p[j] = 0.0f; ap[j] = 0.0f; dp[j] = 0.0f; }
             continue;
           }
-          for (int64_t j = 0; j < BN; ++j) p[j] = exp_approx(p[j] - l);  // lse: no max or sum needed
+          float mul = 1.0f;
+          if (fold_scale && !elementwise) {
+            mul = a.scale;
+          } else {
+            if (dot16) scale_row(p, BN, a.scale);
+            if (elementwise) score_row(a, b, h, i0 + i, qp[i], kt, interior, p, th);
+          }
+          row_exp_sum(p, mul, l);  // lse: no max or sum needed
           // ap: the probabilities that multiply V (gate, dropout); dp: ∂L/∂p
           for (int64_t j = 0; j < BN; ++j) ap[j] = p[j];
           if (a.dropout_p > 0.0f) {
@@ -1058,6 +1308,21 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
             memcpy(dm, dp, kt.n * sizeof(float));
           }
         }
+#if defined(POSATTN_BF16_DOT)
+        if (dot16) {
+          // dVᵀ += dOᵀ·A, dQ += (scale·dS)·K, dKᵀ += Qᵀ·(scale·dS)
+          for (int64_t i = 0; i < m; ++i) {
+            scale_row(dP.p + i * BN, BN, a.scale);
+            to_bf16(dP.p + i * BN, BN, dS16.p + i * BN);
+          }
+          to_bf16_pairs(A.p, BN, m, BM, BN, 1.0f, Av16.p);
+          to_bf16_pairs(dP.p, BN, m, BM, BN, 1.0f, dSv16.p);
+          gemm_bf16(Dvp, BN, BM, dOT16.p, BM, Av16.p, dv_part + kt.j0, Sp, true);
+          gemm_bf16(m, Dp, BN, dS16.p, BN, pk.kr16.p + tile * Dp * BN, dQ.p, Dp, true);
+          gemm_bf16(Dp, BN, BM, QT16.p, BM, dSv16.p, dk_part + kt.j0, Sp, true);
+          continue;
+        }
+#endif
         // dV += Aᵀ·dO, dQ += dS·K, dK += dSᵀ·Qs
         gemm(kt.n, Dvp, m, A.p, 1, BN, dO.p, Dvp, dv_part + kt.j0 * Dvp, Dvp, true);
         gemm(m, Dp, kt.n, dP.p, BN, 1, krows, Dp, dQ.p, Dp, true);
@@ -1075,11 +1340,11 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
       for (int64_t i = 0; i < m; ++i) {
         float* dy = dQ.p + i * Dp;
         if (g.dq_ang) {
-          // y = Qs / scale and dy = scale · dQ: the product needs no scale
+          // y, the rotated row, and dy, its gradient: one of Qs and dQ carries the scale
           angle_grad(dy, 1.0f, Qs.p + i * Dp, a.rotary_dim, a.interleaved,
                      g.dq_ang + ((b * a.H + h) * a.L + i0 + i) * (a.rotary_dim / 2));
         }
-        for (int64_t d = 0; d < a.D; ++d) dy[d] *= a.scale;
+        if (!dot16) scale_row(dy, Dp, a.scale);  // bf16 dots: dS carried the scale
         if (a.rope_kind != ROPE_NONE) {
           if (xpos)
             xpos_scale(dy, static_cast<float>(qp[i] - centre), a.rope_table + a.rotary_dim / 2, a.rotary_dim,
@@ -1101,34 +1366,43 @@ void reduce_keys_body(void* vctx, int64_t begin, int64_t end) {
   const AttnArgs& a = *c.a;
   const BwdArgs& g = *c.g;
   const Packed& pk = *c.pk;
-  const int64_t Dp = pk.Dp, Dvp = pk.Dvp, G = a.H / a.Hkv, C = g.chunks;
-  Buffer dk(Dp), dv(Dvp);
+  const int64_t Dp = pk.Dp, Dvp = pk.Dvp, G = a.H / a.Hkv, C = g.chunks, Sp = pad_keys(a.S);
+  Buffer dk(BN * Dp), dv(BN * Dvp);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t bhk = task / pk.nkt, t = task % pk.nkt;
     const int64_t b = bhk / a.Hkv, hk = bhk % a.Hkv;
     const int64_t j0 = t * BN, n = a.S - j0 < BN ? a.S - j0 : BN;
-    for (int64_t s = j0; s < j0 + n; ++s) {
-      memset(dk.p, 0, Dp * sizeof(float));
-      memset(dv.p, 0, Dvp * sizeof(float));
-      for (int64_t gi = 0; gi < G; ++gi) {
-        const int64_t h = hk * G + gi;
-        for (int64_t ch = 0; ch < C; ++ch) {
-          const int64_t part = (b * a.H + h) * C + ch;
-          const float* pk_row = g.dk_part + (part * a.S + s) * Dp;
-          const float* pv_row = g.dv_part + (part * a.S + s) * Dvp;
-          for (int64_t d = 0; d < Dp; ++d) dk.p[d] += pk_row[d];
-          for (int64_t d = 0; d < Dvp; ++d) dv.p[d] += pv_row[d];
+    memset(dk.p, 0, BN * Dp * sizeof(float));
+    memset(dv.p, 0, BN * Dvp * sizeof(float));
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const int64_t h = hk * G + gi;
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const int64_t part = (b * a.H + h) * C + ch;
+        const float* pk_part = g.dk_part + part * Sp * Dp;
+        const float* pv_part = g.dv_part + part * Sp * Dvp;
+        if (pk.dot16) {  // transposed: [Dp][Sp], [Dvp][Sp]
+          for (int64_t d = 0; d < Dp; ++d)
+            for (int64_t j = 0; j < n; ++j) dk.p[j * Dp + d] += pk_part[d * Sp + j0 + j];
+          for (int64_t d = 0; d < Dvp; ++d)
+            for (int64_t j = 0; j < n; ++j) dv.p[j * Dvp + d] += pv_part[d * Sp + j0 + j];
+        } else {
+          for (int64_t x = 0; x < n * Dp; ++x) dk.p[x] += pk_part[j0 * Dp + x];
+          for (int64_t x = 0; x < n * Dvp; ++x) dv.p[x] += pv_part[j0 * Dvp + x];
         }
       }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t s = j0 + j;
+      float* dkr = dk.p + j * Dp;
       if (a.rope_kind != ROPE_NONE) {
         if (g.dk_ang)
-          angle_grad(dk.p, 1.0f, pk.kr.p + (bhk * a.S + s) * Dp, a.rotary_dim, a.interleaved,
+          angle_grad(dkr, 1.0f, pk.kr.p + (bhk * a.S + s) * Dp, a.rotary_dim, a.interleaved,
                      g.dk_ang + (bhk * a.S + s) * (a.rotary_dim / 2));
         RowRotation rr(a, *c.ktab, b, hk, s, true);
-        unrotate(dk.p, rr.cs, rr.sn, a.rotary_dim, a.interleaved);
+        unrotate(dkr, rr.cs, rr.sn, a.rotary_dim, a.interleaved);
       }
-      store_row<DT>(dk.p, a.D, elem<DT>(g.dk, (bhk * a.S + s) * a.D));
-      store_row<DT>(dv.p, a.Dv, elem<DT>(g.dv, (bhk * a.S + s) * a.Dv));
+      store_row<DT>(dkr, a.D, elem<DT>(g.dk, (bhk * a.S + s) * a.D));
+      store_row<DT>(dv.p + j * Dvp, a.Dv, elem<DT>(g.dv, (bhk * a.S + s) * a.Dv));
     }
   }
 }

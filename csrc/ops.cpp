@@ -9,6 +9,9 @@
 #include <torch/library.h>
 
 #include <atomic>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -32,39 +35,77 @@ int64_t backward_chunks(int64_t B, int64_t H, int64_t L) {
   return std::max<int64_t>(1, std::min(want, tiles));
 }
 
+#if defined(POSATTN_HAVE_AMX)
+// AMX-TILE and AMX-BF16 (CPUID.(7,0):EDX bits 24, 22), the tile state enabled by the OS in
+// XCR0 (bits 17, 18), and Linux's per-process permission for it (asked once).
+bool amx_usable() {
+  static const bool usable = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1) || !((d >> 22) & 1)) return false;
+    if (!__get_cpuid_count(1, 0, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if (((lo >> 17) & 3) != 3) return false;
+    return amx::request_tiles();
+  }();
+  return usable;
+}
+#endif
+
 bool cpu_supports(const char* feature) {
 #if defined(POSATTN_HAVE_AVX512) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
   const std::string f(feature);
-  if (f == "avx512")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("fma");
+  if (f == "avx512") return avx512;
+  if (f == "avx512bf16") return avx512 && __builtin_cpu_supports("avx512bf16");
+#if defined(POSATTN_HAVE_AMX)
+  if (f == "amx") return avx512 && __builtin_cpu_supports("avx512bf16") && amx_usable();
+#endif
   if (f == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (f == "avx512bf16") return __builtin_cpu_supports("avx512bf16");
 #endif
   (void)feature;
   return false;
 }
 
-// The kernel builds, best first; the portable one runs anywhere.
+// The kernel paths, best first; the portable one runs anywhere. A path is a build of
+// attention_kernel.h and whether bf16 inputs are multiplied as bf16 (fp32 sums) or in fp32.
 struct Kernels {
   const char* name;
   void (*forward)(const AttnArgs&, void*, float*);
   void (*backward)(const AttnArgs&, const BwdArgs&);
   void (*dropout_mask)(uint64_t, int64_t, int64_t, int64_t, int64_t, float, bool*, ParallelFor);
+  bool bf16_dot;
 };
 
-const Kernels GENERIC{"generic", &generic::attention_forward, &generic::attention_backward, &generic::dropout_mask};
+const Kernels GENERIC{"generic", &generic::attention_forward, &generic::attention_backward, &generic::dropout_mask,
+                      false};
 #if defined(POSATTN_HAVE_AVX512)
-const Kernels AVX2{"avx2", &avx2::attention_forward, &avx2::attention_backward, &avx2::dropout_mask};
-const Kernels AVX512{"avx512", &avx512::attention_forward, &avx512::attention_backward, &avx512::dropout_mask};
-const Kernels* const BUILDS[] = {&AVX512, &AVX2, &GENERIC};
+const Kernels AVX2{"avx2", &avx2::attention_forward, &avx2::attention_backward, &avx2::dropout_mask, false};
+const Kernels AVX512{"avx512", &avx512::attention_forward, &avx512::attention_backward, &avx512::dropout_mask,
+                     false};
+const Kernels AVX512BF16{"avx512bf16", &avx512::attention_forward, &avx512::attention_backward,
+                         &avx512::dropout_mask, true};
+#if defined(POSATTN_HAVE_AMX)
+const Kernels AMX{"amx", &amx::attention_forward, &amx::attention_backward, &amx::dropout_mask, true};
+const Kernels* const BUILDS[] = {&AMX, &AVX512BF16, &AVX512, &AVX2, &GENERIC};
+#else
+const Kernels* const BUILDS[] = {&AVX512BF16, &AVX512, &AVX2, &GENERIC};
+#endif
 #else
 const Kernels* const BUILDS[] = {&GENERIC};
 #endif
 
-// The best build this CPU runs, or the one POSATTN_CPU_ISA names (read at each call, so
-// tests can force the portable path).
+std::string build_names() {
+  std::string names;
+  for (const Kernels* k : BUILDS) names += (names.empty() ? "'" : ", '") + std::string(k->name) + "'";
+  return names;
+}
+
+// The best path this CPU runs, or the one POSATTN_CPU_ISA names (read at each call, so
+// tests can force any of them).
 const Kernels& kernels() {
   const char* env = std::getenv("POSATTN_CPU_ISA");
   const std::string want = env != nullptr ? env : "";
@@ -72,12 +113,13 @@ const Kernels& kernels() {
     const bool runs = k == &GENERIC || cpu_supports(k->name);
     if (want.empty() && runs) return *k;
     if (want == k->name) {
-      TORCH_CHECK(runs, "POSATTN_CPU_ISA=", want, " but this CPU has no ", want, "; unset it");
+      TORCH_CHECK(runs, "POSATTN_CPU_ISA=", want, " but this CPU (or its operating system) does not provide ", want,
+                  "; unset it or pick one of ", build_names());
       return *k;
     }
   }
-  TORCH_CHECK(false, "POSATTN_CPU_ISA=", want,
-              " is not an instruction set of the CPU backend; use 'generic', 'avx2' or 'avx512' (or unset it)");
+  TORCH_CHECK(false, "POSATTN_CPU_ISA=", want, " is not an instruction set of the CPU backend; use one of ",
+              build_names(), " (or unset it)");
 }
 
 // Dynamic scheduling over the op layer's threads: tasks are pulled one at a time from a
@@ -270,10 +312,8 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const option
     a.surpe_h = p.urpe.stride(0);
   }
   a.parallel = &parallel;
-  static const bool has_bf16 = cpu_supports("avx512bf16");
   // xPos keeps fp32 operands (its decays exceed bf16's precision budget), as on the GPU.
-  a.bf16_dot = a.dtype == DType::BF16 && has_bf16 && a.rope_kind != ROPE_XPOS &&
-               std::string(kernels().name) == "avx512";
+  a.bf16_dot = a.dtype == DType::BF16 && a.rope_kind != ROPE_XPOS && kernels().bf16_dot;
   return p;
 }
 
@@ -376,13 +416,13 @@ std::vector<Tensor> cpu_attention_bwd(
   if (dlse.has_value()) dl = dlse->to(at::kFloat).contiguous();
 
   const int64_t C = backward_chunks(a.B, a.H, a.L);
-  const int64_t Dp = pad16(a.D), Dvp = pad16(a.Dv), half = a.rotary_dim / 2;
+  const int64_t Dp = pad_head(a.D, a.bf16_dot), Dvp = pad16(a.Dv), Sp = pad_keys(a.S), half = a.rotary_dim / 2;
   auto f32 = q.options().dtype(at::kFloat);
   Tensor dq = at::empty({a.B, a.H, a.L, a.D}, q.options());
   Tensor dk = at::empty({a.B, a.Hkv, a.S, a.D}, q.options());
   Tensor dv = at::empty({a.B, a.Hkv, a.S, a.Dv}, q.options());
-  Tensor dk_part = at::zeros({a.B, a.H, C, a.S, Dp}, f32);
-  Tensor dv_part = at::zeros({a.B, a.H, C, a.S, Dvp}, f32);
+  Tensor dk_part = at::zeros({a.B, a.H, C, Sp, Dp}, f32);
+  Tensor dv_part = at::zeros({a.B, a.H, C, Sp, Dvp}, f32);
   mask_grad = mask_grad && a.mask_kind == MASK_FLOAT;
   angle_grad = angle_grad && a.rope_kind == ROPE_ANGLES;
   bias_grad = bias_grad && a.bias_kind != BIAS_NONE;
@@ -448,6 +488,14 @@ Tensor cpu_dropout_mask(int64_t seed, int64_t B, int64_t H, int64_t L, int64_t S
 
 std::string cpu_isa() { return kernels().name; }
 
+// Every path this CPU runs, best first (what POSATTN_CPU_ISA may name here).
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (const Kernels* k : BUILDS)
+    if (k == &GENERIC || cpu_supports(k->name)) names.emplace_back(k->name);
+  return names;
+}
+
 }  // namespace
 }  // namespace posattn
 
@@ -467,6 +515,7 @@ TORCH_LIBRARY(posattn, m) {
       "bool urpe_grad) -> Tensor[]");
   m.def("cpu_dropout_mask(int seed, int B, int H, int L, int S, float dropout_p) -> Tensor");
   m.def("cpu_isa() -> str");
+  m.def("cpu_isas() -> str[]");
 }
 
 TORCH_LIBRARY_IMPL(posattn, CPU, m) {
@@ -477,4 +526,5 @@ TORCH_LIBRARY_IMPL(posattn, CPU, m) {
 TORCH_LIBRARY_IMPL(posattn, CompositeExplicitAutograd, m) {
   m.impl("cpu_dropout_mask", &posattn::cpu_dropout_mask);
   m.impl("cpu_isa", &posattn::cpu_isa);
+  m.impl("cpu_isas", &posattn::cpu_isas);
 }

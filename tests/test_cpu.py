@@ -262,7 +262,7 @@ def test_omp_num_threads_one_in_a_fresh_process(tmp_path):
             f"{name}: OMP_NUM_THREADS=1 differs by {(single[name].double() - here[name].double()).abs().max():.3e}"
 
 
-# ---- the other builds (POSATTN_CPU_ISA=generic | avx2) ----------------------------------------------------
+# ---- every kernel path (POSATTN_CPU_ISA=amx | avx512bf16 | avx512 | avx2 | generic) ------------------------
 
 def _cpu_flags():
     try:
@@ -271,9 +271,22 @@ def _cpu_flags():
         return set()
 
 
-# the AVX2 build runs where the CPU has AVX2 + FMA (every AVX-512 machine has them)
-ISAS = ["generic", pytest.param("avx2", marks=pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(),
-                                                                   reason="no avx2 / fma in /proc/cpuinfo"))]
+ALL_ISAS = ("amx", "avx512bf16", "avx512", "avx2", "generic")
+# what each path needs in /proc/cpuinfo (amx also needs the kernel's permission for the tile state)
+ISA_FLAGS = {"amx": {"amx_tile", "amx_bf16", "avx512_bf16", "avx512f"}, "avx512bf16": {"avx512_bf16", "avx512f"},
+             "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}, "avx2": {"avx2", "fma"}, "generic": set()}
+
+
+def _runnable_isas():
+    return ops.cpu_isas() if ops.cpu_available() else []
+
+
+def _isa_param(isa):
+    return pytest.param(isa, marks=pytest.mark.skipif(isa not in _runnable_isas(),
+                                                      reason=f"this CPU (or its OS) does not run the {isa} path"))
+
+
+ISAS = [_isa_param(isa) for isa in ALL_ISAS]
 
 
 @requires_ext
@@ -281,14 +294,24 @@ def test_cpu_isa(monkeypatch):
     monkeypatch.setenv("POSATTN_CPU_ISA", "generic")
     assert ops.cpu_isa() == "generic"
     monkeypatch.setenv("POSATTN_CPU_ISA", "sse9")
-    with pytest.raises(RuntimeError, match="sse9 is not an instruction set"):
+    with pytest.raises(RuntimeError, match="sse9 is not an instruction set") as info:
         ops.cpu_isa()
+    assert "'amx', 'avx512bf16', 'avx512', 'avx2', 'generic'" in str(info.value)
     monkeypatch.delenv("POSATTN_CPU_ISA")
-    isa = ops.cpu_isa()
-    assert isa in ("avx512", "avx2", "generic")
-    if "avx512f" not in _cpu_flags():
-        pytest.skip(f"no avx512f in /proc/cpuinfo: the default ISA is {isa!r}, nothing more to check")
-    assert isa == "avx512"
+    runnable = ops.cpu_isas()
+    assert runnable[-1] == "generic" and set(runnable) <= set(ALL_ISAS)
+    assert ops.cpu_isa() == runnable[0], "the default path is the best one the CPU runs"
+    flags = _cpu_flags()
+    for isa in ALL_ISAS:
+        if isa != "amx":  # the OS may refuse AMX's tile state even where the CPU has it
+            assert (isa in runnable) == (ISA_FLAGS[isa] <= flags), f"{isa}: runnable {runnable}, cpu flags say otherwise"
+        if isa not in runnable:  # forcing a path the CPU lacks is an error that names the choices
+            monkeypatch.setenv("POSATTN_CPU_ISA", isa)
+            with pytest.raises(RuntimeError, match=f"does not provide {isa}"):
+                ops.cpu_isa()
+            monkeypatch.delenv("POSATTN_CPU_ISA")
+    if "amx" not in runnable and ISA_FLAGS["amx"] <= flags:
+        pytest.skip("the CPU has AMX but the OS did not grant the tile state: amx unchecked")
 
 
 GENERIC_CASES = [
@@ -303,6 +326,13 @@ GENERIC_CASES = [
     (Case(H=4, Hkv=2, L=63, S=130, D=40, spec=table_spec("t5", posattn.T5Bias, 32, heads=4),
           kw={"causal": True, "q_pos": 67}), torch.float16),
     (Case(L=63, S=63, D=16, spec=fixed("xpos", rope=posattn.XPos()), kw={"causal": True}), torch.bfloat16),
+    # bf16 products (amx, avx512bf16): head dims that are not whole 32-element tile rows, ragged
+    # tiles, GQA, strided (B, L, H, D) views, position tensors, and every gradient of the backward
+    (Case(B=2, H=4, Hkv=2, L=130, S=257, D=72, Dv=40, blhd=True, kw={"causal": True, "q_pos": 127}), torch.bfloat16),
+    (Case(B=1, H=4, Hkv=2, L=63, S=100, D=200, Dv=24, spec=angles("angles-bf16", 4, 2, 63, 100, 64),
+          kw={"causal": True, "q_pos": 37}), torch.bfloat16),
+    (Case(B=2, H=4, Hkv=4, L=100, S=130, D=64, mask=((2, 1, 100, 130), "float-grad"), spec=urpe(21, heads=4, bias=41),
+          kw={"softcap": 5.0, "window": (40, 10)}), torch.bfloat16),
 ]
 
 
@@ -447,3 +477,4 @@ def test_import_works_without_the_extension():
     assert "reference torch.Size([1, 1, 4, 16])" in res.stdout, res.stdout + res.stderr
     assert "ERR backend='cpu' needs the compiled extension posattn._C" in res.stdout, res.stdout + res.stderr
     assert "blocked by the test" in res.stdout, res.stdout + res.stderr
+

@@ -13,8 +13,9 @@ Environment knobs (read at call time, so tests can set them with ``monkeypatch``
     "1" lets fp32 inputs use TF32 tensor cores in the Triton kernels (faster, ~1e-3
     relative error, like ``torch.backends.cuda.matmul.allow_tf32``). Default: exact fp32.
 ``POSATTN_CPU_ISA``
-    "generic", "avx2" or "avx512": the build of the C++ CPU kernels to run (read by the
-    extension at each call; default: the best one the CPU runs).
+    "amx", "avx512bf16", "avx512", "avx2" or "generic": the path of the C++ CPU kernels to
+    run (read by the extension at each call; default: the best one the CPU runs, see
+    :func:`posattn.ops.cpu_isas`). Naming a path the CPU lacks is an error.
 ``POSATTN_POISON_ALLOC``
     "1" fills every buffer the launchers allocate with NaN before the kernels write it,
     so a tile that is never written shows up as NaN (the tests set it).

@@ -49,10 +49,20 @@ def require_cpu_extension():
 
 
 def cpu_isa() -> str:
-    """The build of the CPU kernels that runs: "avx512", "avx2" or "generic" (chosen at run
-    time from the CPU; POSATTN_CPU_ISA forces one)."""
+    """The path of the CPU kernels that runs: "amx", "avx512bf16", "avx512", "avx2" or
+    "generic" (chosen at run time from the CPU, best first; POSATTN_CPU_ISA forces one).
+
+    "amx" and "avx512bf16" multiply bf16 inputs as bf16 with fp32 sums (AMX tiles, or the
+    AVX-512-BF16 dot instructions); "avx512" converts them to fp32 first. fp32 and fp16
+    inputs take fp32 products on every AVX-512 path."""
     require_cpu_extension()
     return torch.ops.posattn.cpu_isa()
+
+
+def cpu_isas() -> list[str]:
+    """Every CPU kernel path this machine runs, best first (the values POSATTN_CPU_ISA may take here)."""
+    require_cpu_extension()
+    return list(torch.ops.posattn.cpu_isas())
 
 
 def cpu_dropout_mask(seed: int, B: int, H: int, L: int, S: int, dropout_p: float) -> Tensor:

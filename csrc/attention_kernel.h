@@ -12,7 +12,6 @@
 // dQ finished in the task and dK / dV / table gradients accumulated into per-task partial
 // buffers that a last pass reduces in a fixed order: the gradients are bitwise the same
 // for any thread count.
-#pragma once
 
 namespace {
 
@@ -238,7 +237,8 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, i
 //                 the rows: the product of the padding rows is stored and never read)
 //   avx512 build  vdpbf16ps, 2 products per lane; K even, any M
 // ---------------------------------------------------------------------------------------
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// (POSATTN_NO_AMX: bench/cpu_gemm.cpp builds both implementations into one file)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && !defined(POSATTN_NO_AMX)
 constexpr bool kAmx = true;
 
 // Palette 1 with all 8 tiles at 16 rows × 64 bytes: tiles 0–3 hold a 32×32 block of C
@@ -351,9 +351,10 @@ inline void micro_bf16(int64_t Kp, const uint16_t* A, int64_t lda, const uint16_
     for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + kp * ldb + 32 * v);
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
-      int32_t pair;
-      memcpy(&pair, A + i * lda + 2 * kp, 4);
-      const __m512bh ai = (__m512bh)_mm512_set1_epi32(pair);
+      // a broadcast from memory (load ports), not a move from a general register (port 5,
+      // which the dot products need)
+      const __m512bh ai =
+          (__m512bh)_mm512_broadcastss_ps(_mm_load_ss(reinterpret_cast<const float*>(A + i * lda + 2 * kp)));
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) c[i][v] = _mm512_dpbf16_ps(c[i][v], ai, b[v]);
     }
@@ -408,6 +409,37 @@ inline void to_bf16_pairs(const float* x, int64_t ld, int64_t m, int64_t rows, i
       _mm512_storeu_si512(out + 2 * j, _mm512_permutexvar_epi16(interleave, ab));
     }
   }
+}
+// 2^t on 16 lanes to ~2e-6 relative (enough for probabilities that are rounded to bf16);
+// 0 below −126, NaN stays NaN.
+inline __m512 exp2_bf16(__m512 t) {
+  const __m512 lo = _mm512_set1_ps(-126.0f);
+  const __m512 tc = _mm512_max_ps(lo, t);  // NaN kept (second operand)
+  const __m512 n = _mm512_roundscale_ps(tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(tc, n);  // exact, |f| ≤ 1/2
+  // 2^f = e^(f·ln2): Taylor to degree 5
+  __m512 p = _mm512_set1_ps(1.3333558e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(t, lo, _CMP_NLT_UQ), p, n);
+}
+
+// The probabilities of one row for the bf16 product: p_j = exp(mul·s_j − sub) written to p as
+// bf16 (BN entries); returns Σ p_j of the unrounded values.
+inline float row_exp_sum_bf16(const float* s, float mul, float sub, uint16_t* p) {
+  constexpr float LOG2E = 1.44269504088896341f;
+  const __m512 vm = _mm512_set1_ps(mul * LOG2E), vs = _mm512_set1_ps(sub * LOG2E);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < BN; j += 32) {
+    const __m512 e0 = exp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vm, vs));
+    const __m512 e1 = exp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j + 16), vm, vs));
+    acc = _mm512_add_ps(acc, _mm512_add_ps(e0, e1));
+    _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+  }
+  return _mm512_reduce_add_ps(acc);
 }
 #define POSATTN_BF16_DOT 1
 #endif
@@ -858,13 +890,20 @@ void pack_body(void* vctx, int64_t begin, int64_t end) {
   const AttnArgs& a = *c.a;
   Packed& pk = *c.pk;
   const int64_t Dp = pk.Dp, Dvp = pk.Dvp, Dvk = pk.Dvk;
-  Buffer row(Dp > Dvk ? Dp : Dvk);
+  // one fp32 tile in both layouts, then rounded to bf16 pairs in vector passes (bf16 dots)
+  Buffer row(Dp > Dvk ? Dp : Dvk), KT(pk.dot16 ? Dp * BN : 1), KR(pk.dot16 ? BN * Dp : 1),
+      VT(pk.dot16 ? Dvk * BN : 1), VR(pk.dot16 ? BN * Dvp : 1);
   for (int64_t task = begin; task < end; ++task) {
     // one task per (batch, KV head, key tile)
     const int64_t bh = task / pk.nkt, t = task % pk.nkt;
     const int64_t b = bh / a.Hkv, hk = bh % a.Hkv;
     const int64_t j0 = t * BN, n = a.S - j0 < BN ? a.S - j0 : BN;
     const int64_t tile = bh * pk.nkt + t;
+    float* kt = pk.dot16 ? KT.p : pk.kt.p + tile * Dp * BN;
+    if (pk.dot16) {
+      memset(KT.p, 0, Dp * BN * sizeof(float));
+      memset(VT.p, 0, Dvk * BN * sizeof(float));
+    }
     for (int64_t j = 0; j < n; ++j) {
       const int64_t s = j0 + j;
       memset(row.p, 0, Dp * sizeof(float));
@@ -875,25 +914,13 @@ void pack_body(void* vctx, int64_t begin, int64_t end) {
       }
       if (c.backward && (!pk.dot16 || a.rope_kind == ROPE_ANGLES))
         memcpy(pk.kr.p + (bh * a.S + s) * Dp, row.p, Dp * sizeof(float));
-      if (pk.dot16) {
-        uint16_t* k16 = pk.k16.p + tile * Dp * BN;
-        for (int64_t d = 0; d < a.D; ++d) k16[((d / 2) * BN + j) * 2 + (d % 2)] = f32_to_bf16(row.p[d]);
-        if (c.backward) {
-          uint16_t* kr16 = pk.kr16.p + tile * Dp * BN;
-          for (int64_t d = 0; d < a.D; ++d) kr16[((j / 2) * Dp + d) * 2 + (j % 2)] = f32_to_bf16(row.p[d]);
-        }
-      } else {
-        float* kt = pk.kt.p + tile * Dp * BN;
-        for (int64_t d = 0; d < a.D; ++d) kt[d * BN + j] = row.p[d];
-      }
+      for (int64_t d = 0; d < a.D; ++d) kt[d * BN + j] = row.p[d];
+      if (pk.dot16) memcpy(KR.p + j * Dp, row.p, Dp * sizeof(float));
       memset(row.p, 0, Dvk * sizeof(float));
       load_row<DT>(elem<DT>(a.v, b * a.sv_b + hk * a.sv_h + s * a.sv_l), a.Dv, row.p);
-      if (pk.dot16 && c.backward) {
-        uint16_t* vt16 = pk.vt16.p + tile * Dvk * BN;
-        for (int64_t e = 0; e < a.Dv; ++e) vt16[((e / 2) * BN + j) * 2 + (e % 2)] = f32_to_bf16(row.p[e]);
-      } else if (pk.dot16) {
-        uint16_t* v16 = pk.v16.p + tile * Dvp * BN;
-        for (int64_t e = 0; e < a.Dv; ++e) v16[((j / 2) * Dvp + e) * 2 + (j % 2)] = f32_to_bf16(row.p[e]);
+      if (pk.dot16) {
+        for (int64_t e = 0; e < a.Dv; ++e) VT.p[e * BN + j] = row.p[e];
+        memcpy(VR.p + j * Dvp, row.p, Dvp * sizeof(float));
       } else if (c.backward) {
         float* vt = pk.vt.p + tile * Dvp * BN;
         for (int64_t d = 0; d < a.Dv; ++d) vt[d * BN + j] = row.p[d];
@@ -901,6 +928,18 @@ void pack_body(void* vctx, int64_t begin, int64_t end) {
         memcpy(pk.vr.p + (bh * a.S + s) * Dvp, row.p, Dvp * sizeof(float));
       }
     }
+#if defined(POSATTN_BF16_DOT)
+    if (pk.dot16) {
+      // rows past n are zero in the bf16 tiles (to_bf16_pairs zeroes them)
+      to_bf16_pairs(KT.p, BN, Dp, Dp, BN, 1.0f, pk.k16.p + tile * Dp * BN);
+      if (c.backward) {
+        to_bf16_pairs(KR.p, Dp, n, BN, Dp, 1.0f, pk.kr16.p + tile * Dp * BN);
+        to_bf16_pairs(VT.p, BN, Dvk, Dvk, BN, 1.0f, pk.vt16.p + tile * Dvk * BN);
+      } else {
+        to_bf16_pairs(VR.p, Dvp, n, BN, Dvp, 1.0f, pk.v16.p + tile * Dvp * BN);
+      }
+    }
+#endif
   }
 }
 
@@ -1097,10 +1136,19 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
         const float m_new = mx > m_i[i] ? mx : m_i[i];
         if (m_new == NEG_INF) {  // nothing visible in this row yet
           for (int64_t j = 0; j < BN; ++j) s[j] = 0.0f;
+          if (dot16) memset(P16.p + i * BN, 0, BN * sizeof(uint16_t));
           continue;
         }
         // the running max rarely moves after the first tiles: skip the rescale then
         const float alpha = m_new == m_i[i] ? 1.0f : exp_approx(m_i[i] - m_new);
+#if defined(POSATTN_BF16_DOT)
+        if (dot16 && !a.urpe && a.dropout_p == 0.0f) {  // straight to the bf16 operand of p·v
+          l_i[i] = l_i[i] * alpha + row_exp_sum_bf16(s, mul, m_new, P16.p + i * BN);
+          m_i[i] = m_new;
+          if (alpha != 1.0f) scale_row(acc.p + i * Dvp, Dvp, alpha);
+          continue;
+        }
+#endif
         const float sum = row_exp_sum(s, mul, m_new);
         l_i[i] = l_i[i] * alpha + sum;
         m_i[i] = m_new;
@@ -1116,7 +1164,7 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
       }
 #if defined(POSATTN_BF16_DOT)
       if (dot16) {
-        to_bf16(S.p, m * BN, P16.p);
+        if (a.urpe || a.dropout_p > 0.0f) to_bf16(S.p, m * BN, P16.p);
         gemm_bf16(m, Dvp, BN, P16.p, BN, pk.v16.p + (bhk * pk.nkt + t) * Dvp * BN, acc.p, Dvp, true);
         continue;
       }

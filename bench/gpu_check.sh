@@ -67,9 +67,18 @@ fi
 step "install posattn from this tree (no network)"
 BUILD_CPU=0
 if [ "$WITH_CPU" = 1 ]; then BUILD_CPU=1; fi
-if ! POSATTN_BUILD_CPU=$BUILD_CPU timeout "$(left)" "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
-  echo "gpu_check: FAILED: pip install --no-index --no-deps --no-build-isolation -e . (see above)"
-  exit 1
+install() { POSATTN_BUILD_CPU=$BUILD_CPU timeout "$(left)" "$1" -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1; }
+if ! msg=$(install "$PY"); then
+  echo "$msg"
+  if grep -q externally-managed <<<"$msg"; then
+    # a distribution's own Python (PEP 668): install into a venv that sees its packages instead
+    echo "gpu_check: $PY is externally managed: using a venv with --system-site-packages, build/gpu-check-venv"
+    "$PY" -m venv --system-site-packages build/gpu-check-venv && PY=build/gpu-check-venv/bin/python && msg=$(install "$PY") \
+      || { echo "$msg"; echo "gpu_check: FAILED: installing posattn into build/gpu-check-venv"; exit 1; }
+  else
+    echo "gpu_check: FAILED: pip install --no-index --no-deps --no-build-isolation -e . (see above)"
+    exit 1
+  fi
 fi
 "$PY" -c "import posattn, posattn.ops as o; print('posattn', posattn.__version__, 'from', posattn.__file__, '| posattn._C:', 'loaded' if o._C_ERROR is None else 'not built')"
 

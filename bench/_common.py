@@ -1,8 +1,8 @@
 """Helpers shared by the bench tools: the machine and code version a row was measured
 on, a process's memory high-water mark, and CPU-time counters for contention checks.
 
-bench/harness.py imports them as ``bench._common``; the stand-alone scripts run as
-``python bench/<script>.py`` (this folder on ``sys.path``) import ``_common``.
+bench/harness.py imports them as ``bench._common``; the stand-alone tools run as
+``python bench/<script>.py`` (cpu_gemm.py, cpu_isa.py: this folder on ``sys.path``) import ``_common``.
 """
 import os
 import pathlib

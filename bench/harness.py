@@ -1,7 +1,7 @@
 """The one benchmark harness: cases, providers, inputs, timing, peak memory, CSV and plots.
 
-``python -m bench`` (``bench/__main__.py``), the issue-5 target table (``bench/cpu_targets.py``)
-and the kernelized N sweep (``bench/kernelized_scaling.py``) all measure through this module.
+``python -m bench`` (``bench/__main__.py``) measures through this module, in each of its modes: the
+provider tables, the CPU target table (``--targets``) and the kernelized N sweep (``--only kernelized``).
 
 * A configuration (:class:`Config`) is one (case, mode, provider, shape, dtype, device).
   Cases and providers are dicts (:data:`CASES`, :data:`PROVIDERS`), dispatched by exact name.

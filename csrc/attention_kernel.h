@@ -4,7 +4,7 @@
 // builds never share a symbol.
 //
 // Layout of the work. A pre-pass packs K and V of every (batch, KV head) into fp32, K
-// rotated (step 1 of the score pipeline, DESIGN.md §3): K as transposed tiles [D][BN] for
+// rotated (step 1 of the score pipeline, docs/semantics.md): K as transposed tiles [D][BN] for
 // q·kᵀ and as rows [S][D] for dS·K; V as rows [S][Dv] for p·v and as transposed tiles for
 // dO·vᵀ. Rows are padded to whole vectors with zeros, so the micro-kernel never masks.
 // The forward runs one task per (batch, head, query tile) with the online softmax; the

@@ -1,4 +1,4 @@
-// Fused pieces of kernelized attention (python/posattn/kernelized.py, MATH.md §1) for the
+// Fused pieces of kernelized attention (python/posattn/kernelized.py, docs/math.md §6) for the
 // CPU backend: the outer products that feed the FFTs and the contractions that follow
 // them, each one pass over its operands with no broadcast temporaries. For one chunk of
 // features [lo, hi) (F = hi − lo), the columns c = f·E1 + e, and rows n < N of every

@@ -7,6 +7,8 @@ import error, so a CI run whose build is broken or missing fails loudly. To run 
 of the suite on a machine without the build, deselect them explicitly:
 ``pytest -m "not requires_ext"``.
 """
+import importlib.util
+import inspect
 import os
 
 import pytest
@@ -78,6 +80,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "requires_ext: needs the compiled extension posattn._C; fails (never skips) "
                                        "without it; deselect with -m 'not requires_ext'")
     config.addinivalue_line("markers", "slow: long-running test")
+    config.addinivalue_line("markers", "gpu_smoke: the fast selection a GPU runner runs on every push "
+                                       "(`pytest -m gpu_smoke`; chosen in tests/conftest.py, GPU_SMOKE)")
+    config.addinivalue_line("markers", "requires_hf: compares with Hugging Face transformers; skipped where it is "
+                                       "not installed (pip install posattn[hf])")
 
 
 def pytest_report_header(config):
@@ -87,11 +93,60 @@ def pytest_report_header(config):
     return f"posattn._C: loaded, CPU kernels use {torch.ops.posattn.cpu_isa()}"
 
 
+# The gpu_smoke selection: a GPU runner's per-push check, every kernel family forward and
+# backward once (plain, GQA, masks, softcap, each position spec, SDPA, the CPU ops' schemas,
+# kernelized attention), kept small because on a GPU every test compiles its own Triton
+# specialisations: test function -> how many of its parametrizations (in collection order).
+GPU_SMOKE = {
+    "test_attention.py::test_shapes": 4,
+    "test_attention.py::test_half_precision": 4,
+    "test_attention.py::test_gqa": 1,
+    "test_attention.py::test_position_offsets": 1,
+    "test_attention.py::test_window": 2,
+    "test_attention.py::test_masks": 2,
+    "test_attention.py::test_fully_masked_rows": 2,
+    "test_attention.py::test_softcap_scale_and_no_lse": 1,
+    "test_attention.py::test_dropout_same_seed_same_result": 2,
+    "test_attention.py::test_rope_layouts": 2,
+    "test_attention.py::test_alibi": 2,
+    "test_attention.py::test_relative_bias": 2,
+    "test_attention.py::test_t5_bias": 2,
+    "test_attention.py::test_manhattan_decay": 2,
+    "test_attention.py::test_urpe": 2,
+    "test_sdpa.py::test_kernel_matches_torch_float32": 2,
+    "test_sdpa.py::test_kernel_matches_torch_half": 2,
+    "test_api.py::test_backend_none_and_the_override": 1,
+    "test_api.py::test_import_does_not_import_triton": 1,
+    "test_kernelized.py::test_fused_backends_against_dense_oracle": 2,
+}
+HAS_HF = importlib.util.find_spec("transformers") is not None
+
+
+def _uses_transformers(item):
+    fn = getattr(item, "function", None)
+    try:
+        return fn is not None and "from transformers" in inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+
+
+@pytest.hookimpl(tryfirst=True)     # before -m filters on the markers added here
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    skip_hf = pytest.mark.skip(reason="needs HF transformers (pip install posattn[hf]; `make test` installs it)")
+    taken = {}
     for item in items:
         if "requires_cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+        key = f"{item.path.name}::{item.originalname}"
+        on_gpu_backend = item.get_closest_marker("requires_ext") is None      # the C++ backend's cases are not GPU work
+        if on_gpu_backend and taken.get(key, 0) < GPU_SMOKE.get(key, 0):
+            taken[key] = taken.get(key, 0) + 1
+            item.add_marker(pytest.mark.gpu_smoke)
+        if _uses_transformers(item):
+            item.add_marker(pytest.mark.requires_hf)
+            if not HAS_HF:
+                item.add_marker(skip_hf)
 
 
 @pytest.fixture(autouse=True)

@@ -324,7 +324,7 @@ def test_t5_kernel_buckets(nb, md, bidirectional, device, backend):
 # --------------------------------------------------------------------------------------------------
 
 def reference_get_slopes(n):
-    # ofirpress/attention_with_linear_biases, verbatim logic (MATH.md §3.1)
+    # ofirpress/attention_with_linear_biases, verbatim logic (docs/math.md §2)
     def get_slopes_power_of_2(n):
         start = 2 ** (-2 ** -(math.log2(n) - 3))
         ratio = start

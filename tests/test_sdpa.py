@@ -1,4 +1,4 @@
-"""posattn.scaled_dot_product_attention as an exact drop-in for torch's SDPA (DESIGN.md §4).
+"""posattn.scaled_dot_product_attention as an exact drop-in for torch's SDPA (docs/semantics.md).
 
 The oracle is ``torch.nn.functional.scaled_dot_product_attention`` itself, in float64, on
 the same inputs: for every case the output and the gradients of q, k, v (and of a float
@@ -10,7 +10,7 @@ mask that requires grad) are compared with it.
 * Kernel backends, selected with ``POSATTN_BACKEND``: Triton (under the interpreter on CPU)
   on the cases marked ``triton`` in float32 and a few float16 cases; the C++ cpu backend
   (CPU tensors, also on a machine with a GPU) on every case in float32 and on the float16
-  cases in float16 and bfloat16. Both with ``tolerance.assert_close`` (DESIGN.md §5),
+  cases in float16 and bfloat16. Both with ``tolerance.assert_close`` (docs/math.md §7),
   ref64 = torch SDPA in float64 and same_dtype = torch SDPA in the input dtype.
 
 Behaviour of torch 2.13 (CPU) that these tests rely on or document, checked by hand:
@@ -450,7 +450,7 @@ def test_raises_like_torch(what, impl, device, reference_backend):
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_mask_with_is_causal_raises(kind, device, reference_backend):
     # torch 2.13 on CPU does not raise here: it applies both (the result equals mask & tril).
-    # posattn's contract (DESIGN.md §4) is to raise.
+    # posattn's contract (docs/semantics.md) is to raise.
     q, k, v = _qkv((1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8), device=device)
     if kind == "bool":
         mask = torch.ones(4, 5, dtype=torch.bool, device=device)

@@ -1,4 +1,4 @@
-"""The one tolerance rule (DESIGN.md §5, FlashAttention's):
+"""The one tolerance rule (docs/math.md §7, FlashAttention's):
 
     err(kernel, ref64) ≤ 2 · err(torch_same_dtype, ref64) + floor(dtype)
 

@@ -1,6 +1,6 @@
 """Jit helpers shared by every attention kernel: positions, the score pipeline, dropout.
 
-The score pipeline (DESIGN.md §3) is written once, in :func:`score_tile`, and called by the
+The score pipeline (docs/semantics.md) is written once, in :func:`score_tile`, and called by the
 forward kernel and both backward kernels, so the three can never disagree on a masked
 element.
 """

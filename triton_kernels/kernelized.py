@@ -1,4 +1,4 @@
-"""Fused pieces of kernelized attention in Triton (python/posattn/kernelized.py, MATH.md §1).
+"""Fused pieces of kernelized attention in Triton (python/posattn/kernelized.py, docs/math.md §6).
 
 The same five operations, with the same signatures and semantics, as the CPU backend's
 csrc/kernelized.cpp; the FFTs between them are torch.fft's. Operands are [B, H, N, ·] rows or

@@ -238,10 +238,10 @@ def kernelized_attention(q, k, v, *, rpe=None, causal=False, feature_map="prf", 
     one (:func:`posattn.kernelized.orthogonal_projection`) with ``num_features`` rows
     (default ⌈D·ln D⌉) from torch's global generator on every call, so pass a fixed
     projection in a model. ``normalize_qk``: L2-normalise q and k first (the paper's recipe
-    for stable training, as we read it; MATH.md §1.1).
+    for stable training, as we read it; docs/math.md §6).
 
     The Toeplitz products run through ``torch.fft`` on a circulant embedding of length
-    ≥ L + S − 1; the backward is custom (MATH.md §1.5): it recomputes those products piece by
+    ≥ L + S − 1; the backward is custom (docs/math.md §6): it recomputes those products piece by
     piece (a range of features, or one feature of some (batch, head) slices, so that each
     piece's spectra stay near 64 MiB), reuses each piece's spectra for the table's gradient
     (one cross-correlation), and never forms anything of size L·S.

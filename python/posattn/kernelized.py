@@ -5,8 +5,8 @@
 with c_r = exp(table[h, clamp(r, −M, M) + M]) from a :class:`~posattn.RelativeBias`
 (r = k_pos − q_pos, positions arange(L) and arange(S); c_r = 0 for r > 0 when causal).
 C_ij = c_{j−i} is Toeplitz, so every product with it is a convolution computed with
-``torch.fft`` on a circulant embedding of length ≥ L + S − 1 (MATH.md §1.2). The
-Toeplitz core is one autograd Function whose backward (MATH.md §1.5) recomputes the
+``torch.fft`` on a circulant embedding of length ≥ L + S − 1 (docs/math.md §6). The
+Toeplitz core is one autograd Function whose backward (docs/math.md §6) recomputes the
 forward's products piece by piece (:func:`_chunks`) and obtains the table's gradient as one
 cross-correlation from the same spectra, so memory stays O(N·piece) rather than O(N²).
 The pieces around the FFTs (outer products, contractions) and the "prf" feature map come

@@ -1,13 +1,13 @@
 """Position-encoding specs: small frozen objects that the kernels compute on the fly.
 
-Every spec knows two things (DESIGN.md §3):
+Every spec knows two things (docs/design.md, "Position specs"):
 
 - its dense meaning, used by :mod:`posattn.reference` (``reference_rotate`` for rotary
   specs, ``reference_bias`` for additive biases, ``reference_gate`` for URPE);
 - how it flattens into kernel arguments (``kernel_args``): a kind number, a few ints and
   floats, and the tensors the kernel reads (tables, slopes, angles).
 
-Conventions (MATH.md, "posattn's conventions"): positions are absolute integers, every
+Conventions (docs/math.md, "Conventions"): positions are absolute integers, every
 relative quantity is ``r = k_pos − q_pos``, tables of width 2M+1 are indexed by
 ``clamp(r, −M, M) + M``. Learnable tensors (slopes, tables, log-decays, angles) receive
 gradients on every backend.
@@ -372,7 +372,7 @@ def carope_angles(x, weight, head_dim):
     x [B, L, d_model] (token embeddings), weight [d_model, H]. Returns angles [B, H, L,
     head_dim/2]: f = 1/(softplus(x·W) + 1) ∈ (0, 1) per token and head, per-pair increments
     f^i (i = 0 … head_dim/2 − 1), and the phase φ_i(m) = Σ_{t ≤ m} f_t^i (prefix sum over
-    positions). This exact formula is our reading of the paper (MATH.md §7); no reference
+    positions). This exact formula is our reading of the paper (docs/math.md §3); no reference
     code was published. The prefix sum is accumulated in fp32 (fp64 for float64 input).
     """
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
@@ -392,7 +392,7 @@ def carope_angles(x, weight, head_dim):
 # --------------------------------------------------------------------------------------------------
 
 def alibi_slopes(num_heads, device=None, dtype=torch.float32):
-    """ALiBi's slopes for any head count (Press et al.; MATH.md §3.1), as a tensor (num_heads,).
+    """ALiBi's slopes for any head count (Press et al.; docs/math.md §2), as a tensor (num_heads,).
 
     A power of two n gives 2^(−8/n), 2^(−16/n), …; otherwise the slopes of the lower power
     of two c followed by every other slope of 2c heads (BLOOM and MPT give the same list).

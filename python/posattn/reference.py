@@ -1,4 +1,4 @@
-"""The dense oracle: the whole score pipeline of DESIGN.md §3 in plain PyTorch.
+"""The dense oracle: the whole score pipeline of docs/semantics.md in plain PyTorch.
 
 Any device, any floating dtype (float64 for tests), autograd for every gradient. It
 materialises the (B, H, L, S) scores, so it is O(L·S) in memory: it is the definition

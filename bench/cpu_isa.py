@@ -1,7 +1,8 @@
-"""The CPU backend's three kernel builds side by side (POSATTN_CPU_ISA is read at each call):
-fp32 forward, B=1, H=8, D=64, against torch SDPA, in one process.
+"""The CPU backend's kernel paths side by side (POSATTN_CPU_ISA is read at each call): every
+path this CPU runs (amx, avx512bf16, avx512, avx2, generic), forward and forward+backward, fp32
+and bf16, B=1, H=8, D=64, against torch SDPA in the same dtype, in one process.
 
-    python bench/cpu_isa.py [--n 2048] [--reps 7]
+    python bench/cpu_isa.py [--n 2048] [--reps 7] [--dtypes float32,bfloat16]
 """
 import argparse
 import os
@@ -28,22 +29,33 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2048)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
     args = parser.parse_args()
-    q, k, v = (torch.randn(1, 8, args.n, 64) for _ in range(3))
     model, cores = machine()
+    isas = posattn.ops.cpu_isas()
     print(f"{model}, {cores} cores, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"fp32 forward B=1 H=8 N={args.n} D=64, median of {args.reps}")
-    sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), args.reps)
-    print(f"  {'sdpa':<8} {sdpa:8.1f} ms")
-    for isa in ("avx512", "avx2", "generic"):
-        os.environ["POSATTN_CPU_ISA"] = isa
-        try:
-            ms = median_ms(lambda: posattn.attention(q, k, v, backend="cpu"), args.reps)
-        except RuntimeError as e:  # the CPU lacks this instruction set
-            print(f"  {isa:<8} n/a ({str(e).splitlines()[0][:80]})")
-            continue
-        print(f"  {isa:<8} {ms:8.1f} ms  ({sdpa / ms:.2f}x sdpa)")
-    os.environ.pop("POSATTN_CPU_ISA")
+          f"B=1 H=8 N={args.n} D=64, median of {args.reps}; paths this CPU runs: {', '.join(isas)}")
+    for dtype in args.dtypes.split(","):
+        q, k, v = (torch.randn(1, 8, args.n, 64, dtype=getattr(torch, dtype), requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+
+        def fwd(f):
+            with torch.no_grad():
+                return median_ms(lambda: f(q, k, v), args.reps)
+
+        def fwd_bwd(f):
+            return median_ms(lambda: torch.autograd.grad(f(q, k, v), (q, k, v), do), args.reps)
+
+        sdpa = F.scaled_dot_product_attention
+        base = {"fwd": fwd(sdpa), "fwd+bwd": fwd_bwd(sdpa)}
+        print(f"  {dtype:<9} {'sdpa':<11} fwd {base['fwd']:8.1f} ms            fwd+bwd {base['fwd+bwd']:8.1f} ms")
+        for isa in isas:
+            os.environ["POSATTN_CPU_ISA"] = isa
+            ours = lambda q, k, v: posattn.attention(q, k, v, backend="cpu")  # noqa: E731
+            f, fb = fwd(ours), fwd_bwd(ours)
+            print(f"  {dtype:<9} {isa:<11} fwd {f:8.1f} ms ({base['fwd'] / f:4.2f}x)   "
+                  f"fwd+bwd {fb:8.1f} ms ({base['fwd+bwd'] / fb:4.2f}x)")
+        os.environ.pop("POSATTN_CPU_ISA")
 
 
 if __name__ == "__main__":

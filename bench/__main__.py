@@ -284,12 +284,32 @@ def describe(target, n):
     return f"{what}, {target.mode}, {'bf16' if target.dtype == 'bfloat16' else 'fp32'}, N={n}"
 
 
+def measured_peaks(skip=False):
+    """One core's fp32 FMA and AMX bf16 peaks in GFLOP/s, measured by loops in bench/cpu_gemm.cpp
+    (built on first use); the fixed FMA_PEAK_PER_CORE where that build is skipped or fails."""
+    fixed = {"fma_fp32": FMA_PEAK_PER_CORE, "amx_bf16": None, "source": "fixed figure, not measured here"}
+    if skip:
+        return fixed
+    try:
+        from .cpu_gemm import peaks
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return {**peaks(), "source": "measured: FMA loop, AMX tile loop, one core x threads"}
+        finally:
+            torch.set_num_threads(before)
+    except Exception as e:  # no compiler, no AVX-512: the fixed figure, said so
+        return {**fixed, "source": f"fixed figure; measuring failed: {str(e).splitlines()[0][:80]}"}
+
+
 def targets_main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench --targets", description=TARGETS_DOC.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller N and fewer reps (a couple of minutes)")
     parser.add_argument("--reps", type=int, default=None, help="timed runs per configuration (default 10, quick 5)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up calls per configuration (default 2, quick 1)")
     parser.add_argument("--no-mem", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--no-peaks", action="store_true",
+                        help="do not measure the FMA / AMX peaks (bench/cpu_gemm.cpp); use the fixed fp32 figure")
     parser.add_argument("--reference", action="store_true", help="also time posattn's dense reference (info only)")
     parser.add_argument("--only", default=None, help="comma-separated target names to run, e.g. 1a,3b")
     args = parser.parse_args(argv)
@@ -302,10 +322,15 @@ def targets_main(argv=None):
 
     torch.set_num_threads(BENCH_THREADS)
     info = H.meta()
-    peak = FMA_PEAK_PER_CORE * BENCH_THREADS
+    per_core = measured_peaks(args.no_peaks)
+    peaks = {"float32": per_core["fma_fp32"] * BENCH_THREADS,
+             # bf16 products run on AMX tiles on the amx path, else on FMA-rate dot instructions
+             "bfloat16": (per_core["amx_bf16"] if info["cpu_isa"] == "amx" and per_core["amx_bf16"]
+                          else per_core["fma_fp32"]) * BENCH_THREADS}
     print(f"machine: {info['machine']}, {info['cores']} cores, {BENCH_THREADS} threads | torch {info['torch']} | posattn "
           f"{info['posattn']} @ {info['git_sha']} | posattn cpu ISA: {info['cpu_isa']}")
-    print(f"fp32 FMA peak {peak:.0f} GFLOP/s ({FMA_PEAK_PER_CORE} per core x {BENCH_THREADS}); B=1 H=8 D=64; "
+    print(f"peaks ({per_core['source']}): fp32 FMA {peaks['float32']:.0f} GFLOP/s, bf16 products on the "
+          f"{info['cpu_isa']} path {peaks['bfloat16']:.0f} GFLOP/s ({BENCH_THREADS} cores); B=1 H=8 D=64; "
           f"{reps} timed runs after {warmup} warm-up(s), providers round-robin")
     if args.quick:
         print("QUICK: N reduced (1a-1d: 1024, 2 and 3a: 2048, 3b: 4096 instead of 2048/4096/4096/16384): "
@@ -379,7 +404,7 @@ def targets_main(argv=None):
             cells = [f"{med * 1e3:.1f}" if med else "n/a",
                      f"{q20 * 1e3:.1f}-{q80 * 1e3:.1f}" if q20 is not None and len(r.times) > 1 else "-",
                      f"{gf:.1f}" if gf else "-",
-                     f"{100 * gf / peak:.0f}%" if gf and t.dtype == "float32" else "-",
+                     f"{100 * gf / peaks[t.dtype]:.0f}%" if gf else "-",
                      f"{ratio:.2f}x" if ratio else "-",
                      f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-",
                      f"{r.rel_diff:.1e}" if r.rel_diff is not None else "-"]

@@ -79,7 +79,7 @@ std::vector<double> run_bf16(int64_t M, int64_t N, int64_t K, int reps, bool amx
     posattn::avx512::gemm_bf16(M, N, K, A.data(), K, B.data(), C.data(), N, r & 1);
   });
   double tiles = 0.0;
-  if (amx) {
+  if (amx && posattn::amx::request_tiles()) {
     posattn::amx::TileScope scope(true);
     tiles = gflops(M, N, K, reps, [&](int r) {
       posattn::amx::gemm_bf16(M, N, K, A.data(), K, B.data(), C.data(), N, r & 1);
@@ -116,6 +116,7 @@ double peak_fma() {
 // One core's AMX bf16 peak: tdpbf16ps on 4 accumulator tiles from resident operands, GFLOP/s.
 double peak_amx() {
   constexpr int64_t iters = 400000;
+  if (!posattn::amx::request_tiles()) return 0.0;
   std::vector<uint16_t> A(16 * 32, 0x3f00), B(16 * 32, 0x3e80);
   std::vector<float> C(16 * 16);
   posattn::amx::TileScope scope(true);

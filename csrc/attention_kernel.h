@@ -1084,8 +1084,10 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
   float m_i[BM], l_i[BM];
   KeyTile kt;
   for (int64_t task = begin; task < end; ++task) {
-    // the last query tiles (the most keys when causal) first, for load balance
-    const int64_t qt = c.nqt - 1 - task / (a.B * a.H), bh = task % (a.B * a.H);
+    // (batch, head) by (batch, head), so that consecutive tasks read the same K and V (they stay
+    // in the caches); within one, the last query tiles (the most keys when causal) first, so
+    // the smallest tasks come last, for load balance
+    const int64_t bh = task / c.nqt, qt = c.nqt - 1 - task % c.nqt;
     const int64_t b = bh / a.H, h = bh % a.H, hk = h / G, bhk = b * a.Hkv + hk;
     const int64_t i0 = qt * BM, m = a.L - i0 < BM ? a.L - i0 : BM;
     int32_t q_lo, q_hi;

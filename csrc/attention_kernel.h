@@ -571,11 +571,20 @@ struct ToeplitzRun {
   }
 };
 
-// s[j] (j < BN) = the score of (row i, key kt.j0 + j) after bias, float mask, softcap and
-// masking; keys past the tile's end are −inf. th[j] keeps tanh(s/softcap) for the backward.
+// s[j] (j < BN) = the score of (row i, key kt.j0 + j) after softcap (on the scaled score
+// alone), bias, float mask and masking; keys past the tile's end are −inf. th[j] keeps
+// tanh(s/softcap) for the backward.
 inline void score_row(const AttnArgs& a, int64_t b, int64_t h, int64_t i, int32_t qp, const KeyTile& kt,
                       bool interior, float* s, float* th) {
   const int64_t n = kt.n;
+  if (a.softcap != 0.0f) {
+    const float inv = 1.0f / a.softcap;
+    for (int64_t j = 0; j < n; ++j) {
+      const float t = std::tanh(s[j] * inv);
+      if (th) th[j] = t;
+      s[j] = a.softcap * t;
+    }
+  }
   switch (a.bias_kind) {
     case BIAS_ALIBI:
     case BIAS_MANHATTAN: {
@@ -619,14 +628,6 @@ inline void score_row(const AttnArgs& a, int64_t b, int64_t h, int64_t i, int32_
   if (a.mask_kind == MASK_FLOAT) {
     const float* m = static_cast<const float*>(a.mask) + b * a.sm_b + h * a.sm_h + i * a.sm_l + kt.j0 * a.sm_s;
     for (int64_t j = 0; j < n; ++j) s[j] += m[j * a.sm_s];
-  }
-  if (a.softcap != 0.0f) {
-    const float inv = 1.0f / a.softcap;
-    for (int64_t j = 0; j < n; ++j) {
-      const float t = std::tanh(s[j] * inv);
-      if (th) th[j] = t;
-      s[j] = a.softcap * t;
-    }
   }
   if (!interior) {
     for (int64_t j = 0; j < n; ++j) {
@@ -1029,11 +1030,9 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
           } else if (a.dropout_p > 0.0f) {
             for (int64_t j = 0; j < BN; ++j) { ap[j] *= keep.p[j]; dp[j] *= keep.p[j]; }
           }
-          // dS = p ∘ (dp − δ), then through softcap; dp becomes dS
+          // dS = p ∘ (dp − δ); dp becomes dS (the bias's and the float mask's gradient)
           const float di = delta[i];
           for (int64_t j = 0; j < BN; ++j) dp[j] = p[j] * (dp[j] - di);
-          if (th)
-            for (int64_t j = 0; j < kt.n; ++j) dp[j] *= 1.0f - th[j] * th[j];
           for (int64_t j = kt.n; j < BN; ++j) dp[j] = 0.0f;
           if (dbias) {
             if (a.bias_kind == BIAS_ALIBI || a.bias_kind == BIAS_MANHATTAN) {
@@ -1057,6 +1056,9 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
             float* dm = g.dmask + ((b * a.H + h) * a.L + i0 + i) * a.S + kt.j0;
             memcpy(dm, dp, kt.n * sizeof(float));
           }
+          // the cap acts on the scaled score alone: only dQ / dK go through its tanh
+          if (th)
+            for (int64_t j = 0; j < kt.n; ++j) dp[j] *= 1.0f - th[j] * th[j];
         }
         // dV += Aᵀ·dO, dQ += dS·K, dK += dSᵀ·Qs
         gemm(kt.n, Dvp, m, A.p, 1, BN, dO.p, Dvp, dv_part + kt.j0 * Dvp, Dvp, true);

@@ -32,7 +32,7 @@ class Case:
     D: int = 40
     Dv: int = None
     kw: dict = field(default_factory=dict)
-    mask: tuple = None  # (shape, "bool" | "float" | "float-grad")
+    mask: tuple = None  # (shape, "bool" | "float" | "float-grad" | "float-inf-grad": 20% of entries −inf)
     blhd: bool = False  # q, k, v as transposed (B, L, H, D) views
     lse_grad: bool = True
     # position specs: (id, make(device) -> {name: (float64 tensor, takes grad)}, build({name: tensor}) -> kwargs)
@@ -77,6 +77,8 @@ def make_inputs(c: Case, dtype, device):
             mask = torch.rand(shape, device=device) > 0.3
         else:
             mask = torch.randn(shape, device=device)
+            if "inf" in kind:
+                mask = mask.masked_fill(torch.rand(shape, device=device) < 0.2, float("-inf"))
     return q, k, v, mask
 
 
@@ -114,7 +116,7 @@ def check(c: Case, dtype, device, backend):
     kw = positions_for(c.kw, device)
     dout = torch.randn(c.B, c.H, c.L, c.Dv, device=device, dtype=torch.float64)
     dlse = torch.randn(c.B, c.H, c.L, device=device, dtype=torch.float64) if c.lse_grad else None
-    mask_grad = c.mask is not None and c.mask[1] == "float-grad"
+    mask_grad = c.mask is not None and c.mask[1].endswith("-grad")
     spec = None
     if c.spec is not None:
         spec = (c.spec[0], c.spec[1](device), c.spec[2])
@@ -557,6 +559,29 @@ def test_urpe_ones_is_plain_attention(device, backend):
         gated = posattn.attention(q, k, v, urpe=posattn.URPE(gate), backend=backend, **kw)
         assert torch.equal(plain, gated)
     check(Case(L=63, S=63, D=40, spec=urpe(41, ones=True), kw={"causal": True}), torch.float32, device, backend)
+
+
+# The cap acts on the scaled scores alone; the bias and the float mask (−inf entries
+# included) are added after it: s = c·tanh(scale·q·kᵀ/c) + bias + mask. Every gradient,
+# the bias parameters' and the mask's included, against the float64 reference.
+SOFTCAP_CASES = [
+    Case(B=2, H=4, Hkv=2, L=63, S=130, D=40, spec=spec, mask=((2, 1, 63, 130), "float-inf-grad"),
+         kw={"softcap": 2.0, **kw})
+    for spec, kw in ((alibi(per_batch=True, heads=4), {"causal": True, "q_pos": 67}),
+                     (table_spec("rel-M20", posattn.RelativeBias, 41, heads=4), {}),
+                     (table_spec("t5", posattn.T5Bias, 32, heads=4), {"q_pos": 40}),
+                     (manhattan(heads=4, width=9), {"window": (30, 30)}),
+                     (urpe(21, heads=4, bias=41), {"causal": True, "q_pos": 67}))]
+
+
+@pytest.mark.parametrize("c", SOFTCAP_CASES, ids=lambda c: c.id)
+def test_softcap_before_bias_and_mask(c, device, backend):
+    check(c, torch.float32, device, backend)
+
+
+@pytest.mark.parametrize("backend, dtype", HALF)
+def test_softcap_before_bias_and_mask_half(dtype, device, backend):
+    check(replace(SOFTCAP_CASES[1], B=1, L=7, S=63, mask=((1, 1, 7, 63), "float-inf-grad")), dtype, device, backend)
 
 
 def test_urpe_with_dropout_same_mask(device, backend):

@@ -129,9 +129,9 @@ def _attn_fwd_kernel(
             if BIAS_KIND != 0:
                 bias = bias_tile(bias_operand(q_pos, k_pos, valid, BIAS_LUT, bias_i0, bias_i1, bias_i2, BIAS_KIND),
                                  valid, BIAS_h, BIAS_KIND)
-            s = score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid,
-                           MASK_base + offs_n[None, :] * stride_mask_s, softcap, window_left, window_right, MASK_KIND,
-                           HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
+            s, _ = score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid,
+                              MASK_base + offs_n[None, :] * stride_mask_s, softcap, window_left, window_right,
+                              MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # A row that has seen only masked keys keeps m = −inf; subtracting 0 instead keeps
             # exp() at 0 rather than NaN, and that row's output/lse are fixed up at the end.
@@ -191,30 +191,26 @@ def _attn_bwd_preprocess_kernel(
 def _recompute_p(q, k, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left, window_right,
                  lse, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IS_CAUSAL: tl.constexpr,
                  WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """P = exp(S − lse) for one tile, and ∂(capped score)/∂(raw score) for the softcap chain rule."""
+    """P = exp(S − lse) for one tile, and ∂(capped score)/∂(scaled score) for the softcap chain rule."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left, window_right,
-                   MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
+    s, dcap = score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left,
+                         window_right, MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
     # lse = −inf marks a fully masked row: every s there is −inf, and exp(−inf − inf) = 0.
     p = tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)[:, None])  # [BLOCK_M, BLOCK_N]
-    if HAS_SOFTCAP:
-        t = tl.where(p > 0.0, s / softcap, 0.0)
-        dcap = 1.0 - t * t
-    else:
-        dcap = 1.0
     return p, dcap
 
 
 @triton.jit
-def _dscore(p, dcap, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT: tl.constexpr, HAS_URPE: tl.constexpr):
-    """dS w.r.t. the raw score (before softcap) from dP = dO·Vᵀ, and dA, the gradient w.r.t.
-    the gated probabilities before dropout (URPE: dS = P ⊙ (dA ⊙ C − Δ), dC = dA ⊙ P)."""
+def _dscore(p, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT: tl.constexpr, HAS_URPE: tl.constexpr):
+    """dS w.r.t. the final score (what the bias and the float mask receive; dQ / dK take it
+    times the softcap factor) from dP = dO·Vᵀ, and dA, the gradient w.r.t. the gated
+    probabilities before dropout (URPE: dS = P ⊙ (dA ⊙ C − Δ), dC = dA ⊙ P)."""
     if HAS_DROPOUT:
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     if HAS_URPE:
-        ds = p * (dp * gate - delta[:, None]) * dcap
+        ds = p * (dp * gate - delta[:, None])
     else:
-        ds = p * (dp - delta[:, None]) * dcap
+        ds = p * (dp - delta[:, None])
     return ds, dp
 
 
@@ -311,8 +307,8 @@ def _attn_bwd_dkdv_kernel(
                     a = tl.where(keep, a * dropout_scale, 0.0)
                 dv += tl.dot(tl.trans(a.to(do.dtype)), do, input_precision=DOT_PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-                ds, _ = _dscore(p, dcap, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT, HAS_URPE)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+                ds, _ = _dscore(p, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT, HAS_URPE)
+                dk += tl.dot(tl.trans((ds * dcap).to(q.dtype)), q, input_precision=DOT_PRECISION)
 
     # dK so far is w.r.t. the rotated keys; rotate it back by −angle (RoPE's Rᵀ).
     dk = unrotate(dk * scale, k_pos, k_lo - k_pos, n_valid, KANG_rows, stride_kang_t, ROPE_TABLE, rope_scale, offs_d,
@@ -424,8 +420,8 @@ def _attn_bwd_dq_kernel(
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-            ds, da = _dscore(p, dcap, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT, HAS_URPE)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            ds, da = _dscore(p, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT, HAS_URPE)
+            dq += tl.dot((ds * dcap).to(k.dtype), k, input_precision=DOT_PRECISION)
             if MASK_GRAD:
                 # The mask may broadcast over batch, heads, rows or keys (stride 0), so several
                 # programs (or lanes) add into one element: fp32 atomics. A mask of full shape

@@ -60,8 +60,10 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
 
     ``attn_mask``: bool (True = takes part) or float (added to the scores), any shape that
     broadcasts to [B, H, L, S]; a float mask that requires grad gets its gradient, reduced to
-    its own shape. ``softcap``: scores become ``softcap·tanh(s/softcap)`` (after bias and
-    float mask, before masking). ``scale`` defaults to 1/√D. ``dropout_p`` is always applied
+    its own shape. ``softcap``: the scaled scores become ``softcap·tanh(s/softcap)`` before the
+    position bias and the float mask are added (FlashAttention's and Gemma2's order:
+    ``s = softcap·tanh(scale·q·kᵀ/softcap) + bias + mask``), so a −inf mask entry stays −inf
+    and a bias is not capped. ``scale`` defaults to 1/√D. ``dropout_p`` is always applied
     (there is no training flag), with a counter-based RNG seeded from torch's generator.
     A query row that sees no key returns 0 (and lse −inf).
 
@@ -72,7 +74,7 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     Position encodings (specs from :mod:`posattn.positions`, all computed inside the kernel,
     all composable with each other and with everything above): ``rope`` = RoPE | XPos |
     RotaryAngles rotates q and k (step 1); ``bias`` = ALiBi | RelativeBias | T5Bias |
-    ManhattanDecay is added to the scaled scores before the float mask (step 3); ``urpe`` =
+    ManhattanDecay is added to the (capped) scores before the float mask (step 4); ``urpe`` =
     URPE multiplies the probabilities after the softmax (step 8). Learnable spec tensors
     (slopes, tables, log-decays, angles) receive gradients.
 

@@ -66,15 +66,15 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
         v = v.repeat_interleave(H // Hkv, dim=1)
     # 2. scaled scores
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, L, S]
-    # 3. position bias
-    if bias is not None:
-        s = s + bias.reference_bias(qp, kp, H).to(s.dtype)
-    # 4. float mask
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        s = s + attn_mask.to(s.dtype)
-    # 5. softcap
+    # 3. softcap, on the scaled scores alone (FlashAttention's and Gemma2's order)
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
+    # 4. position bias
+    if bias is not None:
+        s = s + bias.reference_bias(qp, kp, H).to(s.dtype)
+    # 5. float mask
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        s = s + attn_mask.to(s.dtype)
     # 6. masking to −inf
     keep = visibility(qp, kp, causal, window)
     if attn_mask is not None and attn_mask.dtype == torch.bool:

@@ -287,7 +287,9 @@ def kernelized_attention(q, k, v, *, rpe=None, causal=False, feature_map="prf", 
     ``z_i = φ(q_i)ᵀ Σ_j c_{j−i} φ(k_j) v_jᵀ / (φ(q_i)ᵀ Σ_j c_{j−i} φ(k_j) + eps)``, with
     ``c_r = exp(table[h, clamp(r, −M, M) + M])`` from ``rpe=posattn.RelativeBias(table)``
     (r = k_pos − q_pos over positions arange(L), arange(S); None: c ≡ 1, plain linear
-    attention in O(N)); ``causal`` sets c_r = 0 for r > 0 (top-left, like SDPA).
+    attention in O(N)); ``causal`` sets c_r = 0 for r > 0 (top-left, like SDPA). ``eps`` (≥ 0)
+    is added to this denominator as written, in its own units: the stabilisers that keep the
+    computation finite (the "prf" map's maxima, the table's max) are taken out of eps too.
 
     q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] (GQA: H a multiple of Hkv); returns
     [B, H, L, Dv] in v's dtype. The fused "prf" feature map computes in fp32 (fp64 for fp64
@@ -323,5 +325,5 @@ def kernelized_attention(q, k, v, *, rpe=None, causal=False, feature_map="prf", 
                                               projection=projection, num_features=num_features, eps=eps,
                                               normalize_qk=normalize_qk)
     backend = _kernelized_backend(backend, q)
-    phi_q, phi_k = features(q, k, feature_map, projection, num_features, normalize_qk, backend)
-    return kernelized(phi_q, phi_k, v, rpe, causal, eps, backend)
+    phi_q, phi_k, log_scale = features(q, k, feature_map, projection, num_features, normalize_qk, backend)
+    return kernelized(phi_q, phi_k, v, rpe, causal, eps, backend, log_scale)

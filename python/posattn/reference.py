@@ -106,12 +106,14 @@ def kernelized_attention(q, k, v, *, rpe=None, causal=False, feature_map="prf", 
     """Dense O(L·S) oracle of :func:`posattn.kernelized_attention`: the explicit Toeplitz C.
 
     A_ij = C_ij·(φ(q_i)·φ(k_j)), z = A·v / (A·1 + eps), C_ij = c_{j−i} (1 without ``rpe``;
-    0 for j > i when causal). Same feature maps as the fast path.
+    0 for j > i when causal). Same feature maps as the fast path. eps is in the formula's
+    units: A is computed from stabilised φ and c (a constant factor e^{−s_i} per row, which
+    cancels), so eps is scaled by the same factor.
     """
-    from .kernelized import check_kernelized_inputs, features, rpe_coefficients
+    from .kernelized import _row_eps, check_kernelized_inputs, features, rpe_coefficients
 
     check_kernelized_inputs(q, k, v, rpe, causal, feature_map, projection, num_features, eps)
-    phi_q, phi_k = features(q, k, feature_map, projection, num_features, normalize_qk)
+    phi_q, phi_k, log_scale = features(q, k, feature_map, projection, num_features, normalize_qk)
     H, Hkv = q.shape[1], k.shape[1]
     if H != Hkv:
         phi_k, v = phi_k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
@@ -125,4 +127,5 @@ def kernelized_attention(q, k, v, *, rpe=None, causal=False, feature_map="prf", 
         if causal:
             C = torch.tril(C)
     A = C * (phi_q @ phi_k.transpose(-1, -2))
-    return (A @ v.to(A.dtype)) / (A.sum(-1, keepdim=True) + eps)
+    row_eps = _row_eps(eps, log_scale, None if rpe is None else rpe.table).to(A.dtype)
+    return (A @ v.to(A.dtype)) / (A.sum(-1, keepdim=True) + row_eps[..., None])

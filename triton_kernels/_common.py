@@ -72,9 +72,11 @@ def score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softc
         dcap = 1.0 - t * t
     s += bias
     valid = m_valid[:, None] & n_valid[None, :]
-    if MASK_KIND == 2:
-        s += tl.load(mask_ptrs, mask=valid, other=0.0).to(tl.float32)
     keep = valid
+    if MASK_KIND == 2:
+        mask = tl.load(mask_ptrs, mask=valid, other=0.0).to(tl.float32)
+        s += mask
+        keep = keep & (mask != float("-inf"))  # a −inf entry masks the key whatever its score (NaN too)
     if IS_CAUSAL:
         keep = keep & (k_pos[None, :] <= q_pos[:, None])
     if WINDOW_LEFT:

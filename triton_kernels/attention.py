@@ -59,8 +59,8 @@ def _query_range(k_lo, k_hi, q_offset, window_left, window_right, L, BLOCK_M: tl
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd_kernel(
-    # outputs
-    O, LSE,
+    # outputs, and the per-(batch, KV head) flags of non-finite values in V
+    O, LSE, V_BAD,
     stride_o_b, stride_o_h, stride_o_l,
     # shared by every kernel (one list, built once by the launcher): inputs, sizes, strides, scalars
     Q, K, V, MASK, QPOS, KPOS, ROPE_TABLE, QANG, KANG, BIAS, BIAS_LUT, URPE_T,
@@ -111,6 +111,11 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    # A non-finite v[j, e] makes column e NaN in the rows that see key j, and only there: a
+    # plain p·v would also spread 0·NaN into rows for which key j is masked. Where V has one
+    # (a uniform flag, rarely set) it is read as 0 and its columns are counted per row.
+    v_bad = tl.load(V_BAD + b * HKV + hkv) != 0
+    poison = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     lo, hi = _key_range(q_lo, q_hi, k_offset, window_left, window_right, S, BLOCK_N, K_POS_TENSOR,
                         IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
@@ -146,12 +151,18 @@ def _attn_fwd_kernel(
                 p = tl.where(keep, p * dropout_scale, 0.0)
             v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :],
                         mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
+            if v_bad:
+                bad = (v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))
+                v = tl.where(bad, tl.zeros_like(v), v)
+                seen = (s != float("-inf")).to(tl.float32)
+                poison += tl.dot(seen, bad.to(tl.float32), input_precision="ieee")
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-    # Fully masked rows: l = 0 → output 0 and lse = −inf (no NaN).
-    has_keys = l_i > 0.0
+    # Fully masked rows: l = 0 → output 0 and lse = −inf. l = NaN (a NaN or +inf score) stays NaN.
+    has_keys = l_i != 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    out = tl.where(poison > 0.0, float("nan"), out)
     lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     tl.store(O + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_l + offs_dv[None, :],
              out.to(O.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))
@@ -653,8 +664,10 @@ def attn_fwd(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_
         q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp)
     out = _alloc((B, H, L, DV), q.dtype, q.device)
     lse = _alloc((B, H, L), torch.float32, q.device)
+    v_bad = (~torch.isfinite(v)).any(dim=-1).any(dim=-1).to(torch.int8)  # [B, HKV], computed on the device (no sync)
     cfg, tiles = _tile_args("fwd", q, causal, kp, max(D, DV))
-    _launch(_attn_fwd_kernel, (triton.cdiv(L, cfg.block_m), B * H))(out, lse, *out.stride()[:3], *shared, **tiles, **cx)
+    _launch(_attn_fwd_kernel, (triton.cdiv(L, cfg.block_m), B * H))(out, lse, v_bad, *out.stride()[:3], *shared,
+                                                                     **tiles, **cx)
     return out, lse
 
 

@@ -67,6 +67,16 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     (there is no training flag), with a counter-based RNG seeded from torch's generator.
     A query row that sees no key returns 0 (and lse −inf).
 
+    Non-finite inputs (every backend alike): NaN in, NaN out, in the rows it reaches. A key is
+    *seen* by a query row when it is not masked (causal, window, a False bool entry, a −inf
+    float-mask entry: masked keys are never looked at, whatever their score) and its score is
+    not −inf. A NaN or +inf score of a seen key (NaN or ±inf in q_i or k_j, in a bias table,
+    slope or float-mask entry, ``scale`` NaN) makes that row's output and lse NaN; a −inf score
+    masks the key. A NaN or ±inf in v[j, e] makes output column e NaN in the rows that see
+    key j (their lse stays finite). A row that sees no key still gives 0 and lse −inf.
+    Gradients of non-finite inputs are not specified (NaN where the reference's are, and
+    possibly elsewhere).
+
     Returns out [B, H, L, Dv] in q's dtype, and with ``return_lse`` also
     lse [B, H, L] = log Σ_j exp(s_ij), natural log, fp32 on the kernel backends (gradients
     flow through lse too).

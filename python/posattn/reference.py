@@ -41,7 +41,8 @@ def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window) -
 
 def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, bias=None, urpe=None, softcap=None,
               dropout_p=0.0, scale=None, q_pos=0, k_pos=0, return_lse=False, dropout_mask=None, deterministic=False):
-    """Dense attention with posattn's exact semantics (see :func:`posattn.attention`).
+    """Dense attention with posattn's exact semantics (see :func:`posattn.attention`, also
+    for the rule on NaN and ±inf inputs).
 
     ``dropout_mask``: optional bool keep-mask broadcastable to [B, H, L, S] to use instead of
     drawing one (True keeps); the tests pass the kernels' own mask here to compare dropout
@@ -75,10 +76,11 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     # 5. float mask
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         s = s + attn_mask.to(s.dtype)
-    # 6. masking to −inf
+    # 6. masking to −inf (a −inf float-mask entry masks like a False one, whatever the score)
     keep = visibility(qp, kp, causal, window)
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        keep = attn_mask if keep is None else keep & attn_mask
+    if attn_mask is not None:
+        mask_keep = attn_mask if attn_mask.dtype == torch.bool else ~torch.isneginf(attn_mask)
+        keep = mask_keep if keep is None else keep & mask_keep
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     # 7. softmax; a fully masked row gives p = 0 and lse = −inf. Its scores are replaced by
@@ -87,7 +89,8 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     s_safe = s.masked_fill(dead, 0.0)
     lse = torch.logsumexp(s_safe, dim=-1, keepdim=True)
     p = torch.exp(s_safe - lse).masked_fill(dead, 0.0)
-    lse = lse.masked_fill(dead, float("-inf")).squeeze(-1)
+    # a +inf score gives lse = +inf (and p = NaN at it): the row is NaN, lse included
+    lse = lse.masked_fill(dead, float("-inf")).masked_fill(torch.isposinf(lse), float("nan")).squeeze(-1)
     # 8. URPE gate (after the normaliser)
     if urpe is not None:
         p = p * urpe.reference_gate(qp, kp, H).to(p.dtype)
@@ -96,8 +99,12 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
         if dropout_mask is None:
             dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
         p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p) if dropout_p < 1.0 else p * 0.0
-    # 10. output
-    out = torch.matmul(p.to(v.dtype), v)
+    # 10. output. A non-finite v[j, e] makes column e NaN in the rows that see key j and only
+    # there (a plain product would also give 0·NaN = NaN in rows where key j is masked).
+    bad = ~torch.isfinite(v)
+    out = torch.matmul(p.to(v.dtype), v.masked_fill(bad, 0.0))
+    hit = torch.matmul((~torch.isneginf(s)).to(v.dtype), bad.to(v.dtype)) > 0
+    out = out.masked_fill(hit, float("nan"))
     return (out, lse) if return_lse else out
 
 

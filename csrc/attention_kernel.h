@@ -474,21 +474,34 @@ inline float exp2_approx(float x) { return exp_approx(x * 0.693147180559945309f)
 // Reductions over a whole tile row (BN entries; entries past the tile's end are −inf, so
 // they neither win the max nor add to the sum), 16 independent lanes so the loops
 // vectorise without reassociation flags; the lanes are then combined in a fixed order.
+// The max is NaN when any entry is (a NaN score poisons its row, even beside −inf ones).
 inline float row_max(const float* s) {
 #if defined(__AVX512F__)
   __m512 m = _mm512_loadu_ps(s);
-  for (int64_t j = 16; j < BN; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + j));
-  return _mm512_reduce_max_ps(m);
+  __mmask16 nan = _mm512_cmp_ps_mask(m, m, _CMP_UNORD_Q);
+  for (int64_t j = 16; j < BN; j += 16) {
+    const __m512 x = _mm512_loadu_ps(s + j);
+    nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, x);
+  }
+  return nan ? __builtin_nanf("") : _mm512_reduce_max_ps(m);
 #else
   float m[16];
+  bool nan = false;
   for (int l = 0; l < 16; ++l) m[l] = s[l];
-  for (int64_t j = 16; j < BN; j += 16)
-    for (int l = 0; l < 16; ++l) m[l] = s[j + l] > m[l] ? s[j + l] : m[l];
+  for (int64_t j = 0; j < BN; j += 16)
+    for (int l = 0; l < 16; ++l) {
+      nan |= s[j + l] != s[j + l];
+      m[l] = s[j + l] > m[l] ? s[j + l] : m[l];
+    }
   float r = m[0];
   for (int l = 1; l < 16; ++l) r = m[l] > r ? m[l] : r;
-  return r;
+  return nan ? __builtin_nanf("") : r;
 #endif
 }
+
+// max(a, b) that keeps a NaN from either side (the running max of a NaN row stays NaN)
+inline float nan_max(float a, float b) { return a > b ? a : (a <= b ? b : a + b); }
 
 #if defined(__AVX512F__)
 // exp_approx on 16 lanes (the same reduction and polynomial); NaN stays NaN.
@@ -770,11 +783,20 @@ struct ToeplitzRun {
   }
 };
 
-// s[j] (j < BN) = the score of (row i, key kt.j0 + j) after bias, float mask, softcap and
-// masking; keys past the tile's end are −inf. th[j] keeps tanh(s/softcap) for the backward.
+// s[j] (j < BN) = the score of (row i, key kt.j0 + j) after softcap (on the scaled score
+// alone), bias, float mask and masking; keys past the tile's end are −inf. th[j] keeps
+// tanh(s/softcap) for the backward.
 inline void score_row(const AttnArgs& a, int64_t b, int64_t h, int64_t i, int32_t qp, const KeyTile& kt,
                       bool interior, float* s, float* th) {
   const int64_t n = kt.n;
+  if (a.softcap != 0.0f) {
+    const float inv = 1.0f / a.softcap;
+    for (int64_t j = 0; j < n; ++j) {
+      const float t = std::tanh(s[j] * inv);
+      if (th) th[j] = t;
+      s[j] = a.softcap * t;
+    }
+  }
   switch (a.bias_kind) {
     case BIAS_ALIBI:
     case BIAS_MANHATTAN: {
@@ -817,14 +839,9 @@ inline void score_row(const AttnArgs& a, int64_t b, int64_t h, int64_t i, int32_
   }
   if (a.mask_kind == MASK_FLOAT) {
     const float* m = static_cast<const float*>(a.mask) + b * a.sm_b + h * a.sm_h + i * a.sm_l + kt.j0 * a.sm_s;
-    for (int64_t j = 0; j < n; ++j) s[j] += m[j * a.sm_s];
-  }
-  if (a.softcap != 0.0f) {
-    const float inv = 1.0f / a.softcap;
-    for (int64_t j = 0; j < n; ++j) {
-      const float t = std::tanh(s[j] * inv);
-      if (th) th[j] = t;
-      s[j] = a.softcap * t;
+    for (int64_t j = 0; j < n; ++j) {  // a −inf entry masks the key whatever its score (NaN too)
+      const float mv = m[j * a.sm_s];
+      s[j] = mv == NEG_INF ? NEG_INF : s[j] + mv;
     }
   }
   if (!interior) {
@@ -861,6 +878,8 @@ struct Packed {
   Bf16Buffer v16;   // [B·Hkv][nkt][BN/2][Dvp][2]  p·v, forward only
   Bf16Buffer kr16;  // [B·Hkv][nkt][BN/2][Dp][2]   dS·K, backward only
   Bf16Buffer vt16;  // [B·Hkv][nkt][Dvk/2][BN][2]  dO·vᵀ, backward only
+  // forward: per [B·Hkv][nkt] key tile, whether its V held non-finite values (packed as 0)
+  Array<uint8_t> v_bad;
   Packed(const AttnArgs& a, bool backward)
       : nkt((a.S + BN - 1) / BN), Dp(pad_head(a.D, a.bf16_dot)), Dvp(pad16(a.Dv)),
         Dvk(pad_head(a.Dv, a.bf16_dot)), dot16(a.bf16_dot),
@@ -871,10 +890,34 @@ struct Packed {
         k16(dot16 ? a.B * a.Hkv * nkt * Dp * BN : 1, true),
         v16(dot16 && !backward ? a.B * a.Hkv * nkt * Dvp * BN : 1, true),
         kr16(dot16 && backward ? a.B * a.Hkv * nkt * Dp * BN : 1, true),
-        vt16(dot16 && backward ? a.B * a.Hkv * nkt * Dvk * BN : 1, true) {}
+        vt16(dot16 && backward ? a.B * a.Hkv * nkt * Dvk * BN : 1, true),
+        v_bad(backward ? 1 : a.B * a.Hkv * nkt, true) {}
   Packed(const Packed&) = delete;
   Packed& operator=(const Packed&) = delete;
 };
+
+// Non-finite values of V are packed as 0 and flagged: the forward then marks the output
+// columns of exactly the rows that see them (poison_columns), where a plain product would
+// also spread 0·NaN into rows whose keys there are masked.
+inline bool zero_non_finite(float* x, int64_t n) {
+  bool any = false;
+  for (int64_t e = 0; e < n; ++e)
+    if (!std::isfinite(x[e])) { x[e] = 0.0f; any = true; }
+  return any;
+}
+
+// acc_row[e] = NaN where a key of the tile that the row sees (s[j] != −inf) has a non-finite
+// v[j][e] (the original values, re-read: flagged tiles are rare); vrow: scratch of Dv floats.
+template <DType DT>
+void poison_columns(const AttnArgs& a, int64_t b, int64_t hk, const KeyTile& kt, const float* s, float* acc_row,
+                    float* vrow) {
+  for (int64_t j = 0; j < kt.n; ++j) {
+    if (s[j] == NEG_INF) continue;
+    load_row<DT>(elem<DT>(a.v, b * a.sv_b + hk * a.sv_h + (kt.j0 + j) * a.sv_l), a.Dv, vrow);
+    for (int64_t e = 0; e < a.Dv; ++e)
+      if (!std::isfinite(vrow[e])) acc_row[e] = __builtin_nanf("");
+  }
+}
 
 template <DType DT>
 struct PackCtx {
@@ -918,6 +961,7 @@ void pack_body(void* vctx, int64_t begin, int64_t end) {
       if (pk.dot16) memcpy(KR.p + j * Dp, row.p, Dp * sizeof(float));
       memset(row.p, 0, Dvk * sizeof(float));
       load_row<DT>(elem<DT>(a.v, b * a.sv_b + hk * a.sv_h + s * a.sv_l), a.Dv, row.p);
+      if (!c.backward && zero_non_finite(row.p, a.Dv)) pk.v_bad.p[tile] = 1;
       if (pk.dot16) {
         for (int64_t e = 0; e < a.Dv; ++e) VT.p[e * BN + j] = row.p[e];
         memcpy(VR.p + j * Dvp, row.p, Dvp * sizeof(float));
@@ -1135,7 +1179,8 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
           if (elementwise) score_row(a, b, h, i0 + i, qp[i], kt, interior, s, nullptr);
           mx = row_max(s);
         }
-        const float m_new = mx > m_i[i] ? mx : m_i[i];
+        if (pk.v_bad.p[bhk * pk.nkt + t]) poison_columns<DT>(a, b, hk, kt, s, acc.p + i * Dvp, orow.p);
+        const float m_new = nan_max(mx, m_i[i]);
         if (m_new == NEG_INF) {  // nothing visible in this row yet
           for (int64_t j = 0; j < BN; ++j) s[j] = 0.0f;
           if (dot16) memset(P16.p + i * BN, 0, BN * sizeof(uint16_t));
@@ -1173,11 +1218,11 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
 #endif
       gemm(m, Dvp, kt.n, S.p, BN, 1, pk.vr.p + (bhk * a.S + kt.j0) * Dvp, Dvp, acc.p, Dvp, true);
     }
-    for (int64_t i = 0; i < m; ++i) {
-      const float inv = l_i[i] > 0.0f ? 1.0f / l_i[i] : 0.0f;
+    for (int64_t i = 0; i < m; ++i) {  // l = 0: the row saw no key; l = NaN: a NaN or +inf score
+      const float inv = l_i[i] == 0.0f ? 0.0f : 1.0f / l_i[i];
       for (int64_t d = 0; d < a.Dv; ++d) orow.p[d] = acc.p[i * Dvp + d] * inv;
       store_row<DT>(orow.p, a.Dv, elem<DT>(c.out, ((b * a.H + h) * a.L + i0 + i) * a.Dv));
-      c.lse[(b * a.H + h) * a.L + i0 + i] = l_i[i] > 0.0f ? m_i[i] + std::log(l_i[i]) : NEG_INF;
+      c.lse[(b * a.H + h) * a.L + i0 + i] = l_i[i] == 0.0f ? NEG_INF : m_i[i] + std::log(l_i[i]);
     }
   }
 }
@@ -1329,11 +1374,9 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
           } else if (a.dropout_p > 0.0f) {
             for (int64_t j = 0; j < BN; ++j) { ap[j] *= keep.p[j]; dp[j] *= keep.p[j]; }
           }
-          // dS = p ∘ (dp − δ), then through softcap; dp becomes dS
+          // dS = p ∘ (dp − δ); dp becomes dS (the bias's and the float mask's gradient)
           const float di = delta[i];
           for (int64_t j = 0; j < BN; ++j) dp[j] = p[j] * (dp[j] - di);
-          if (th)
-            for (int64_t j = 0; j < kt.n; ++j) dp[j] *= 1.0f - th[j] * th[j];
           for (int64_t j = kt.n; j < BN; ++j) dp[j] = 0.0f;
           if (dbias) {
             if (a.bias_kind == BIAS_ALIBI || a.bias_kind == BIAS_MANHATTAN) {
@@ -1357,6 +1400,9 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
             float* dm = g.dmask + ((b * a.H + h) * a.L + i0 + i) * a.S + kt.j0;
             memcpy(dm, dp, kt.n * sizeof(float));
           }
+          // the cap acts on the scaled score alone: only dQ / dK go through its tanh
+          if (th)
+            for (int64_t j = 0; j < kt.n; ++j) dp[j] *= 1.0f - th[j] * th[j];
         }
 #if defined(POSATTN_BF16_DOT)
         if (dot16) {

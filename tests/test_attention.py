@@ -32,7 +32,7 @@ class Case:
     D: int = 40
     Dv: int = None
     kw: dict = field(default_factory=dict)
-    mask: tuple = None  # (shape, "bool" | "float" | "float-grad")
+    mask: tuple = None  # (shape, "bool" | "float" | "float-grad" | "float-inf-grad": 20% of entries −inf)
     blhd: bool = False  # q, k, v as transposed (B, L, H, D) views
     lse_grad: bool = True
     # position specs: (id, make(device) -> {name: (float64 tensor, takes grad)}, build({name: tensor}) -> kwargs)
@@ -77,6 +77,8 @@ def make_inputs(c: Case, dtype, device):
             mask = torch.rand(shape, device=device) > 0.3
         else:
             mask = torch.randn(shape, device=device)
+            if "inf" in kind:
+                mask = mask.masked_fill(torch.rand(shape, device=device) < 0.2, float("-inf"))
     return q, k, v, mask
 
 
@@ -114,7 +116,7 @@ def check(c: Case, dtype, device, backend):
     kw = positions_for(c.kw, device)
     dout = torch.randn(c.B, c.H, c.L, c.Dv, device=device, dtype=torch.float64)
     dlse = torch.randn(c.B, c.H, c.L, device=device, dtype=torch.float64) if c.lse_grad else None
-    mask_grad = c.mask is not None and c.mask[1] == "float-grad"
+    mask_grad = c.mask is not None and c.mask[1].endswith("-grad")
     spec = None
     if c.spec is not None:
         spec = (c.spec[0], c.spec[1](device), c.spec[2])
@@ -559,6 +561,29 @@ def test_urpe_ones_is_plain_attention(device, backend):
     check(Case(L=63, S=63, D=40, spec=urpe(41, ones=True), kw={"causal": True}), torch.float32, device, backend)
 
 
+# The cap acts on the scaled scores alone; the bias and the float mask (−inf entries
+# included) are added after it: s = c·tanh(scale·q·kᵀ/c) + bias + mask. Every gradient,
+# the bias parameters' and the mask's included, against the float64 reference.
+SOFTCAP_CASES = [
+    Case(B=2, H=4, Hkv=2, L=63, S=130, D=40, spec=spec, mask=((2, 1, 63, 130), "float-inf-grad"),
+         kw={"softcap": 2.0, **kw})
+    for spec, kw in ((alibi(per_batch=True, heads=4), {"causal": True, "q_pos": 67}),
+                     (table_spec("rel-M20", posattn.RelativeBias, 41, heads=4), {}),
+                     (table_spec("t5", posattn.T5Bias, 32, heads=4), {"q_pos": 40}),
+                     (manhattan(heads=4, width=9), {"window": (30, 30)}),
+                     (urpe(21, heads=4, bias=41), {"causal": True, "q_pos": 67}))]
+
+
+@pytest.mark.parametrize("c", SOFTCAP_CASES, ids=lambda c: c.id)
+def test_softcap_before_bias_and_mask(c, device, backend):
+    check(c, torch.float32, device, backend)
+
+
+@pytest.mark.parametrize("backend, dtype", HALF)
+def test_softcap_before_bias_and_mask_half(dtype, device, backend):
+    check(replace(SOFTCAP_CASES[1], B=1, L=7, S=63, mask=((1, 1, 7, 63), "float-inf-grad")), dtype, device, backend)
+
+
 def test_urpe_with_dropout_same_mask(device, backend):
     c = Case(B=2, H=2, L=63, S=63, D=40)
     q, k, v, _ = make_inputs(c, torch.float32, device)
@@ -632,3 +657,127 @@ def test_invisible_key_tiles_are_never_read(kw, device, backend):
                                               rope=posattn.RoPE(), **kw) for dtype in (torch.float64, torch.float32))
     assert_close("out", out.detach(), ref64, low)
     assert torch.all(k.grad[:, :, 128:] == 0) and torch.all(v.grad[:, :, 128:] == 0)
+
+
+# ---- non-finite inputs: NaN in, NaN out, in the rows it reaches (posattn.attention's docstring) ----
+# B2 H4 Hkv2 L63 S130 D40, causal with q_pos 67 (row i sees keys j ≤ 67 + i), a RelativeBias, a float
+# mask whose 15% −inf entries mask keys. Each case puts one non-finite value in, and the rows (and,
+# for v, the column) that must come out NaN are spelt out from the rule; every backend must agree
+# with the float64 reference on where the NaN are, and on every finite value.
+
+def _nonfinite_inputs(device):
+    B, H, Hkv, L, S, D = 2, 4, 2, 63, 130, 40
+    q, k, v = (torch.randn(B, h, n, D, dtype=torch.float64, device=device) for h, n in ((H, L), (Hkv, S), (Hkv, S)))
+    mask = torch.randn(B, 1, L, S, dtype=torch.float64, device=device)
+    mask = mask.masked_fill(torch.rand(B, 1, L, S, device=device) < 0.15, float("-inf"))
+    mask[:, :, :, 0] = 0.0  # every row keeps a key
+    table = torch.randn(H, 41, dtype=torch.float64, device=device)
+    return {"q": q, "k": k, "v": v, "mask": mask, "table": table, "scale": None}
+
+
+def _sees(x, i, j):
+    """Does row i (of every head, batch-wise) see key j: causal (q_pos 67) and not masked by −inf."""
+    return (j <= 67 + i) & ~torch.isneginf(x["mask"][:, 0, i, j])
+
+
+def _rows(*index):
+    def rows(x):
+        nan = torch.zeros(2, 4, 63, dtype=torch.bool)
+        if index:
+            nan[index] = True
+        return nan
+    return rows
+
+
+def _rows_seeing(b, heads, j):
+    def rows(x):
+        nan = torch.zeros(2, 4, 63, dtype=torch.bool)
+        for h in heads:
+            nan[b, h] = _sees(x, torch.arange(63), j)[b].cpu()
+        return nan
+    return rows
+
+
+def _rows_seeing_offset(head, r):
+    """Rows of ``head`` that see their key at offset r (key 67 + i + r), in both batches."""
+    def rows(x):
+        i = torch.arange(63)
+        nan = torch.zeros(2, 4, 63, dtype=torch.bool)
+        nan[:, head] = _sees(x, i, 67 + i + r).cpu()
+        return nan
+    return rows
+
+
+def _set(name, index, value):
+    def inject(x):
+        x[name][index] = value
+    return inject
+
+
+def _all_rows(x):
+    return torch.ones(2, 4, 63, dtype=torch.bool)
+
+
+def _q_row_masked(x):
+    x["q"][0, 1, 5] = float("nan")
+    x["mask"][0, 0, 5] = float("-inf")  # row 5 of batch 0 sees no key: 0 and lse −inf, NaN or not
+
+
+def _v_at_masked_key(x):
+    x["v"][0, 0, 128, 0] = float("-inf")
+    x["mask"][0, 0, :, 128] = float("-inf")  # no row sees key 128 of batch 0
+
+
+# case: (inject(inputs), rows whose output and lse are NaN, (column, rows) whose output column is NaN)
+NONFINITE = {
+    "q-nan": (_set("q", (0, 1, 5, 3), float("nan")), _rows(0, 1, 5), None),
+    "q-inf": (_set("q", (0, 1, 5, 3), float("inf")), _rows(0, 1, 5), None),
+    "q-nan-row-fully-masked": (_q_row_masked, _rows(), None),
+    # key 70 of KV head 0 (query heads 0, 1) of batch 1: the rows that see it
+    "k-nan": (_set("k", (1, 0, 70, 2), float("nan")), _rows_seeing(1, (0, 1), 70), None),
+    "k-inf": (_set("k", (1, 0, 70), float("inf")), _rows_seeing(1, (0, 1), 70), None),
+    "v-nan": (_set("v", (1, 1, 100, 7), float("nan")), _rows(), (7, _rows_seeing(1, (2, 3), 100))),
+    "v-inf": (_set("v", (1, 1, 100, 7), float("inf")), _rows(), (7, _rows_seeing(1, (2, 3), 100))),
+    "v-neginf-masked-key": (_v_at_masked_key, _rows(), None),
+    "mask-nan": (_set("mask", (0, 0, 10, 20), float("nan")), _rows(0, slice(None), 10), None),
+    "mask-inf": (_set("mask", (0, 0, 10, 20), float("inf")), _rows(0, slice(None), 10), None),
+    # the table entry of offset −3 of head 2 (+0 of head 0): every row sees that key unless the mask hides it
+    "table-nan": (_set("table", (2, 17), float("nan")), _rows_seeing_offset(2, -3), None),
+    "table-inf": (_set("table", (0, 20), float("inf")), _rows_seeing_offset(0, 0), None),
+    "scale-nan": (_set("scale", slice(None), None), _all_rows, None),
+}
+
+
+def _nonfinite_run(x, backend, dtype):
+    kw = dict(attn_mask=x["mask"].to(dtype), causal=True, q_pos=67, return_lse=True,
+              bias=posattn.RelativeBias(x["table"].to(dtype)), scale=x["scale"])
+    if backend != "reference":
+        kw["backend"] = backend
+    fn = posattn.reference.attention if backend == "reference" else posattn.attention
+    return fn(x["q"].to(dtype), x["k"].to(dtype), x["v"].to(dtype), **kw)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
+@pytest.mark.parametrize("what", list(NONFINITE))
+def test_nonfinite_inputs(what, device, backend):
+    x = _nonfinite_inputs(device)
+    inject, nan_rows, nan_column = NONFINITE[what]
+    if what == "scale-nan":
+        x["scale"] = float("nan")
+    else:
+        inject(x)
+    rows = nan_rows(x)
+    expect_out = rows[..., None].expand(2, 4, 63, 40).clone()
+    if nan_column is not None:
+        e, column_rows = nan_column
+        expect_out[..., e] |= column_rows(x)
+    ref64, low, got = (_nonfinite_run(x, b, dt) for b, dt in (("reference", torch.float64),
+                                                              ("reference", torch.float32), (backend, torch.float32)))
+    for name, expect, r, lo, g in zip(("out", "lse"), (expect_out, rows), ref64, low, got):
+        assert torch.equal(torch.isnan(r).cpu(), expect), f"{what}: the reference's NaN {name} break the rule"
+        assert torch.equal(torch.isnan(g), torch.isnan(r)), (
+            f"{what}: {name} NaN at {torch.isnan(g).sum().item()} entries, the reference at {torch.isnan(r).sum().item()}")
+        nan = torch.isnan(r)
+        assert_close(f"{what}-{name}", g.masked_fill(nan, 0), r.masked_fill(nan, 0), lo.masked_fill(nan, 0))
+    if what == "q-nan-row-fully-masked":
+        assert torch.all(got[0][0, :, 5] == 0) and torch.all(torch.isneginf(got[1][0, :, 5]))

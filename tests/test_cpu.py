@@ -478,3 +478,50 @@ def test_import_works_without_the_extension():
     assert "ERR backend='cpu' needs the compiled extension posattn._C" in res.stdout, res.stdout + res.stderr
     assert "blocked by the test" in res.stdout, res.stdout + res.stderr
 
+
+
+# ---- non-finite inputs on the bf16 products (the fp32 matrix is tests/test_attention.py's) ------------------
+
+BF16_ISAS = [_isa_param(isa) for isa in ("amx", "avx512bf16", "avx512")]
+
+
+def _nan_pattern_matches(q, k, v, isa, monkeypatch, **kw):
+    monkeypatch.setenv("POSATTN_CPU_ISA", isa)
+    out, lse = posattn.attention(q, k, v, backend="cpu", return_lse=True, **kw)
+    ref, ref_lse = posattn.reference.attention(q.double(), k.double(), v.double(), return_lse=True,
+                                               **{n: (t.double() if torch.is_tensor(t) and t.is_floating_point()
+                                                      else t) for n, t in kw.items()})
+    for name, g, r in (("out", out, ref), ("lse", lse, ref_lse)):
+        assert torch.equal(torch.isnan(g), torch.isnan(r)), \
+            f"{isa} {name}: NaN at {torch.isnan(g).sum().item()} entries, the reference at {torch.isnan(r).sum().item()}"
+        finite = ~torch.isnan(r) & ~torch.isinf(r)
+        if finite.any():
+            assert (g.double()[finite] - r[finite]).abs().max() < 5e-2, f"{isa} {name}: finite entries differ"
+    return out
+
+
+@requires_ext
+@pytest.mark.parametrize("isa", BF16_ISAS)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nonfinite_bf16_plain_tiles(where, isa, monkeypatch):
+    # plain causal attention: interior tiles take the fast path (scale folded into the exponent)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 300, 64, dtype=torch.bfloat16) for _ in range(3))
+    {"q": q, "k": k, "v": v}[where][0, 1, 150, 3] = float("nan")
+    out = _nan_pattern_matches(q, k, v, isa, monkeypatch, causal=True)
+    assert torch.isnan(out).any(), "the NaN reached no output"
+
+
+@requires_ext
+@pytest.mark.parametrize("isa", BF16_ISAS)
+@pytest.mark.parametrize("what", ["q-nan", "k-inf", "v-nan", "mask-inf", "table-nan", "scale-nan"])
+def test_nonfinite_bf16_with_bias_and_mask(what, isa, monkeypatch):
+    from test_attention import NONFINITE, _nonfinite_inputs
+    x = _nonfinite_inputs("cpu")
+    if what == "scale-nan":
+        x["scale"] = float("nan")
+    else:
+        NONFINITE[what][0](x)
+    bf = {n: t.to(torch.bfloat16) for n, t in x.items() if torch.is_tensor(t)}
+    _nan_pattern_matches(bf["q"], bf["k"], bf["v"], isa, monkeypatch, attn_mask=bf["mask"], causal=True, q_pos=67,
+                         bias=posattn.RelativeBias(bf["table"].float()), scale=x["scale"])

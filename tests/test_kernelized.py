@@ -121,6 +121,69 @@ def test_custom_backward_gradcheck(backend, device):
             lambda a, b, c, t: _ToeplitzKernelized.apply(a, b, c, t, causal, 0.0, ops), (phi_q, phi_k, v, table))
 
 
+def formula(q, k, v, table, projection, causal, eps):
+    """The documented definition evaluated densely in q's dtype, with no stabiliser anywhere:
+    z = φ(q)ᵀΣ c φ(k) vᵀ / (φ(q)ᵀΣ c φ(k) + eps), φ(x) = exp(W·x̃ − ‖x̃‖²/2)/√m, x̃ = x·D^{-1/4}."""
+    w = projection.to(q.dtype)
+    D, m = q.shape[-1], w.shape[0]
+
+    def phi(x):
+        xs = x * D ** -0.25
+        return torch.exp(xs @ w.T - 0.5 * (xs * xs).sum(-1, keepdim=True)) / math.sqrt(m)
+
+    groups = q.shape[1] // k.shape[1]
+    pq, pk, vv = phi(q), phi(k).repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    r = torch.arange(k.shape[2], device=q.device)[None, :] - torch.arange(q.shape[2], device=q.device)[:, None]
+    C = torch.ones(r.shape, dtype=q.dtype, device=q.device)
+    if table is not None:
+        M = (table.shape[1] - 1) // 2
+        C = torch.exp(table[:, r.clamp(-M, M) + M])  # [H, L, S]
+    if causal:
+        C = C * (r <= 0)
+    A = C * (pq @ pk.transpose(-1, -2))
+    return (A @ vv) / (A.sum(-1, keepdim=True) + eps)
+
+
+EPS_CASES = [pytest.param(None, F64, c, r, id=f"pytorch-ops-f64-{c}-{r}") for c in ("causal", "full")
+             for r in ("rpe", "linear")]
+EPS_CASES += [pytest.param("reference", F64, "causal", "rpe", id="reference-f64-causal-rpe"),
+              pytest.param("reference", F64, "full", "linear", id="reference-f64-full-linear")]
+EPS_CASES += [pytest.param("cpu", dt, c, r, id=f"cpu-{dtype_name(dt)}-{c}-{r}", marks=requires_ext)
+              for dt, cases in ((F64, (("causal", "rpe"), ("full", "linear"))), (torch.float32, (("causal", "rpe"),)))
+              for c, r in cases]  # float32 cannot tell eps's units apart without rpe and causality (3e-6)
+EPS_CASES += [pytest.param("triton", torch.float32, "causal", "rpe", id="triton-float32-causal-rpe")]
+
+
+@pytest.mark.parametrize("backend, dtype, causal, rpe", EPS_CASES)
+def test_eps_is_the_formulas(backend, dtype, causal, rpe, device):
+    # the default eps = 1e-6 enters the denominator in the formula's own units, whatever the
+    # stabilisers took out of φ and c (it used to be added to the stabilised denominator:
+    # 3.9e-3 off the formula at L = 100, causal, with rpe; 6e-7 with eps = 0)
+    device = backend_device(backend) if backend in ("cpu", "triton") else device
+    causal, rpe = causal == "causal", rpe == "rpe"
+    L = 50 if interpreted(backend) else 100
+    q, k, v, table = inputs(2, 4, 2, L, L, 32, 32, 20, device)
+    q, k, v, table = q * 0.5, k * 0.5, v * 0.5, table * 0.6  # inputs() scales the table by 0.5 already
+    proj = orthogonal_projection(64, 32, device=device, dtype=F64)
+
+    def exact(dt):  # the formula and its gradients (autograd) in dtype dt
+        leaves = {n: t.detach().to(dt).requires_grad_() for n, t in (("q", q), ("k", k), ("v", v), ("table", table))
+                  if rpe or n != "table"}
+        z = formula(leaves["q"], leaves["k"], leaves["v"], leaves.get("table"), proj, causal, 1e-6)
+        (z.double() * torch.linspace(-1, 1, z.numel(), dtype=F64, device=z.device).view_as(z)).sum().backward()
+        return {"z": z.detach(), **{f"d{n}": t.grad for n, t in leaves.items()}}
+
+    ref = exact(F64)
+    got = run(q.to(dtype), k.to(dtype), v.to(dtype), table.to(dtype) if rpe else None, backend, causal=causal,
+              feature_map="prf", projection=proj.to(dtype))
+    if dtype == F64:
+        assert_matches(got, ref, rel=1e-9)
+    else:
+        low = exact(dtype)
+        for name in ref:
+            assert_close(f"kernelized-eps-{name}", got[name], ref[name], low[name])
+
+
 def test_default_projection_is_drawn_from_the_global_generator(device):
     q, k, v, table = inputs(1, 2, 2, 20, 20, 8, 8, 4, device)
     outs = []
@@ -177,8 +240,8 @@ def test_fused_kernels_match_pytorch_ops(backend, kdevice, causal, dtype):
     results = []
     for be in (None, backend):
         qq, kk, vv, tt = (t.detach().requires_grad_() for t in (q, k, v, table))
-        phi_q, phi_k = features(qq, kk, "prf", proj, None, False)
-        z = kernelized(phi_q, phi_k, vv, posattn.RelativeBias(tt), causal, 1e-6, be)
+        phi_q, phi_k, log_scale = features(qq, kk, "prf", proj, None, False)
+        z = kernelized(phi_q, phi_k, vv, posattn.RelativeBias(tt), causal, 1e-6, be, log_scale)
         (z * torch.linspace(-1, 1, z.numel(), dtype=dtype, device=kdevice).view_as(z)).sum().backward()
         results.append({"z": z.detach(), "dq": qq.grad, "dk": kk.grad, "dv": vv.grad, "dtable": tt.grad})
     assert_matches(results[1], results[0], rel=1e-12 if dtype == F64 else 1e-5)

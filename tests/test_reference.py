@@ -44,14 +44,24 @@ def test_window_is_a_band(window):
                                rtol=1e-12, atol=1e-12)
 
 
-def test_softcap_and_float_mask_order():
-    q, k, v = qkv()
-    mask = torch.randn(7, 11, dtype=torch.float64)
-    cap = 1.5
-    s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) / 8**0.5 + mask
-    p = torch.softmax(cap * torch.tanh(s / cap), dim=-1)
-    torch.testing.assert_close(posattn.reference.attention(q, k, v, attn_mask=mask, softcap=cap),
-                               p @ v.repeat_interleave(2, 1), rtol=1e-12, atol=1e-12)
+def test_softcap_before_bias_and_float_mask():
+    # s = cap·tanh(scale·q·kᵀ/cap) + bias + mask (−inf entries mask): forward and gradients
+    # of q, k, v, the bias table and the mask against the formula written out densely
+    q, k, v = (t.requires_grad_() for t in qkv())
+    table = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    mask = torch.randn(7, 11, dtype=torch.float64).masked_fill(torch.rand(7, 11) < 0.2, float("-inf"))
+    mask[:, 0] = 0.0  # every row keeps a key
+    mask.requires_grad_()
+    cap, dout = 1.5, torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    out = posattn.reference.attention(q, k, v, attn_mask=mask, softcap=cap, bias=posattn.RelativeBias(table))
+    grads = torch.autograd.grad((out * dout).sum(), (q, k, v, table, mask))
+    r = (torch.arange(11)[None, :] - torch.arange(7)[:, None]).clamp(-4, 4) + 4
+    s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) / 8**0.5
+    expect = torch.softmax(cap * torch.tanh(s / cap) + table[:, r] + mask, dim=-1) @ v.repeat_interleave(2, 1)
+    expect_grads = torch.autograd.grad((expect * dout).sum(), (q, k, v, table, mask))
+    torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, expect_grads):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
 def test_lse_and_fully_masked_rows():

@@ -17,16 +17,22 @@ Behaviour of torch 2.13 (CPU) that these tests rely on or document, checked by h
 
 * A fully masked query row (bool mask all False, or a float mask all −inf) gives output 0
   and zero (finite) gradients in torch too, so those rows are compared with torch as well.
-* ``attn_mask`` together with ``is_causal=True``: torch 2.13 on CPU does *not* ignore the
-  mask, it applies both (the result equals ``attn_mask & tril``). posattn's contract is to
-  raise instead.
+* ``attn_mask`` together with ``is_causal=True``: torch 2.13 raises RuntimeError
+  ("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
+  on its math path (e.g. Ev ≠ E), while its fused CPU path (Ev = E) applies both (the result
+  equals ``attn_mask & tril``). posattn always raises, with torch's text.
+* Argument errors (types, dims, dtypes, devices, heads, batch broadcast, head dims, lengths,
+  mask shape, dropout_p > 1): posattn raises torch's exception type with a message that
+  starts with torch's text (``test_raises_like_torch`` runs both on each bad input). A
+  negative ``dropout_p`` is ignored by torch and rejected by posattn (ValueError).
 * Mask dtypes: torch accepts a bool mask, a float32 mask with any floating query (float16,
   bfloat16, float32, float64), or a mask of the query's dtype; a float64 or float16 mask with
   a float32 query and an int mask raise RuntimeError; posattn follows the same rule.
 * Empty sequences (L = 0 or S = 0): torch returns an empty output, resp. zeros; so does
   posattn.
 * Differing heads without ``enable_gqa`` raise RuntimeError unless one side has one head
-  (broadcast); ``enable_gqa`` with Hq % Hkv != 0 raises RuntimeError.
+  (broadcast); ``enable_gqa`` with Hq % Hkv != 0 raises RuntimeError; with ``enable_gqa``
+  key and value may have different heads, each dividing Hq.
 """
 from __future__ import annotations
 
@@ -190,6 +196,10 @@ CASES = [
     c4(2, 4, 7, 63, 16, Hkv=1),
     c4(2, 2, 63, 130, 16, Bkv=1, **T),
     c4(2, 4, 7, 63, 16, Bkv=1, Hkv=2, gqa=True),
+    # key and value with different heads: each broadcasts (one head) or, with enable_gqa, divides Hq
+    Case((2, 4, 7, 16), (2, 1, 63, 16), (2, 4, 63, 16), triton=True),
+    Case((2, 4, 7, 16), (2, 2, 63, 16), (2, 1, 63, 16), gqa=True),
+    Case((1, 6, 7, 16), (1, 2, 63, 16), (1, 3, 63, 16), gqa=True),
     # explicit scale (the default is 1/sqrt(E), not 1/sqrt(Ev))
     c4(1, 2, 63, 130, 40, Ev=24, scale=0.3, **T),
     c4(1, 2, 7, 7, 16, scale=2.0),
@@ -421,42 +431,76 @@ def _qkv(*shapes, dtype=F64, device="cpu"):
     return [torch.randn(s, dtype=dtype, device=device) for s in shapes]
 
 
+def _err_qkv(q=(1, 2, 4, 8), k=(1, 2, 5, 8), v=(1, 2, 5, 8), dtype=F64):
+    return lambda d: [torch.randn(s, dtype=dtype, device=d) for s in (q, k, v)]
+
+
+def _no_kw(device):
+    return {}
+
+
+# (q, k, v maker, keywords maker): every argument error of torch's SDPA that a caller may match
 ERROR_CASES = {
-    "dtype-mismatch": lambda d: dict(args=[torch.randn(1, 2, 4, 8, dtype=F64, device=d),
-                                           torch.randn(1, 2, 5, 8, dtype=torch.float32, device=d),
-                                           torch.randn(1, 2, 5, 8, dtype=F64, device=d)]),
-    "int-mask": lambda d: dict(args=_qkv((1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8), device=d),
-                               attn_mask=torch.ones(4, 5, dtype=torch.int64, device=d)),
-    "float64-mask-float32-query": lambda d: dict(
-        args=_qkv((1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8), dtype=torch.float32, device=d),
-        attn_mask=torch.zeros(4, 5, dtype=F64, device=d)),
-    "heads-8-2-without-gqa": lambda d: dict(args=_qkv((1, 8, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8), device=d)),
-    "gqa-ratio-8-3": lambda d: dict(args=_qkv((1, 8, 4, 8), (1, 3, 5, 8), (1, 3, 5, 8), device=d), enable_gqa=True),
-    "gqa-ratio-6-4": lambda d: dict(args=_qkv((1, 6, 4, 8), (1, 4, 5, 8), (1, 4, 5, 8), device=d), enable_gqa=True),
-    "mask-not-broadcastable": lambda d: dict(args=_qkv((1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8), device=d),
-                                             attn_mask=torch.ones(5, 4, dtype=torch.bool, device=d)),
+    "mask-with-is-causal": (_err_qkv(v=(1, 2, 5, 6), dtype=torch.float32),  # Ev ≠ E: torch's math path
+                            lambda d: dict(attn_mask=torch.ones(4, 5, dtype=torch.bool, device=d), is_causal=True)),
+    "dtype-mismatch": (lambda d: [torch.randn(1, 2, 4, 8, dtype=F64, device=d),
+                                  torch.randn(1, 2, 5, 8, dtype=torch.float32, device=d),
+                                  torch.randn(1, 2, 5, 8, dtype=F64, device=d)], _no_kw),
+    "device-mismatch": (lambda d: [torch.randn(1, 2, 4, 8, dtype=F64, device=d),
+                                   torch.randn(1, 2, 5, 8, dtype=F64, device="meta"),
+                                   torch.randn(1, 2, 5, 8, dtype=F64, device=d)], _no_kw),
+    "query-not-a-tensor": (lambda d: [[1.0], *_err_qkv()(d)[1:]], _no_kw),
+    "mask-not-a-tensor": (_err_qkv(), lambda d: dict(attn_mask=[True])),
+    "query-1d": (_err_qkv(q=(8,)), _no_kw),
+    "int-mask": (_err_qkv(), lambda d: dict(attn_mask=torch.ones(4, 5, dtype=torch.int64, device=d))),
+    "float64-mask-float32-query": (_err_qkv(dtype=torch.float32),
+                                   lambda d: dict(attn_mask=torch.zeros(4, 5, dtype=F64, device=d))),
+    "bfloat16-mask-float32-query": (_err_qkv(dtype=torch.float32),
+                                    lambda d: dict(attn_mask=torch.zeros(4, 5, dtype=torch.bfloat16, device=d))),
+    "heads-8-2-without-gqa": (_err_qkv(q=(1, 8, 4, 8)), _no_kw),
+    "value-heads-2-4-without-gqa": (_err_qkv(q=(1, 4, 4, 8), k=(1, 4, 5, 8), v=(1, 2, 5, 8)), _no_kw),
+    "gqa-ratio-8-3": (_err_qkv(q=(1, 8, 4, 8), k=(1, 3, 5, 8), v=(1, 3, 5, 8)), lambda d: dict(enable_gqa=True)),
+    "gqa-ratio-6-4": (_err_qkv(q=(1, 6, 4, 8), k=(1, 4, 5, 8), v=(1, 4, 5, 8)), lambda d: dict(enable_gqa=True)),
+    "gqa-value-ratio-4-3": (_err_qkv(q=(1, 4, 4, 8), k=(1, 4, 5, 8), v=(1, 3, 5, 8)),
+                            lambda d: dict(enable_gqa=True)),
+    "batch-3-2": (_err_qkv(q=(3, 2, 4, 8), k=(2, 2, 5, 8), v=(2, 2, 5, 8)), _no_kw),
+    "value-batch-3-2": (_err_qkv(q=(1, 2, 4, 8), k=(2, 2, 5, 8), v=(3, 2, 5, 8)), _no_kw),
+    "head-dims-8-9": (_err_qkv(q=(3, 1, 2, 4, 8), k=(1, 2, 5, 9), v=(1, 2, 5, 8)), _no_kw),
+    "key-value-lengths-5-6": (_err_qkv(v=(1, 2, 6, 6)), _no_kw),  # Ev ≠ E: torch's math path (its fused path takes it)
+    "mask-not-broadcastable": (_err_qkv(), lambda d: dict(attn_mask=torch.ones(5, 4, dtype=torch.bool, device=d))),
+    "mask-batch-3": (_err_qkv(), lambda d: dict(attn_mask=torch.ones(3, 1, 4, 5, dtype=torch.bool, device=d))),
+    "mask-more-dims": (_err_qkv(), lambda d: dict(attn_mask=torch.ones(2, 1, 2, 4, 5, dtype=torch.bool, device=d))),
+    "dropout-1.5": (_err_qkv(), lambda d: dict(dropout_p=1.5)),
 }
 
 
-@pytest.mark.parametrize("impl", [pytest.param(torch_sdpa, id="torch"), pytest.param(posattn_sdpa, id="posattn")])
 @pytest.mark.parametrize("what", list(ERROR_CASES))
-def test_raises_like_torch(what, impl, device, reference_backend):
-    kw = ERROR_CASES[what](device)
-    args = kw.pop("args")
-    with pytest.raises(RuntimeError):
-        impl(*args, **kw)
+def test_raises_like_torch(what, device, reference_backend):
+    # torch's exception type, and a message that starts with torch's own text
+    make_qkv, make_kw = ERROR_CASES[what]
+    raised = []
+    args, kw = make_qkv(device), make_kw(device)
+    for impl in (torch_sdpa, posattn_sdpa):
+        with pytest.raises(Exception) as info:
+            impl(*args, **kw)
+        raised.append(info.value)
+    expected, got = raised
+    assert type(got) is type(expected), f"{what}: posattn raised {got!r}, torch {expected!r}"
+    assert str(got).startswith(str(expected)), f"{what}: posattn says {str(got)!r}, torch {str(expected)!r}"
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
-def test_mask_with_is_causal_raises(kind, device, reference_backend):
-    # torch 2.13 on CPU does not raise here: it applies both (the result equals mask & tril).
-    # posattn's contract (docs/semantics.md) is to raise.
-    q, k, v = _qkv((1, 2, 4, 8), (1, 2, 5, 8), (1, 2, 5, 8), device=device)
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+def test_mask_with_is_causal_raises(kind, dtype, device, reference_backend):
+    # torch raises on its math path (e.g. Ev ≠ E); its fused CPU path (Ev = E, as here)
+    # applies both (the result equals mask & tril). posattn always raises, in torch's words.
+    q, k, v = _err_qkv(dtype=dtype)(device)
     if kind == "bool":
         mask = torch.ones(4, 5, dtype=torch.bool, device=device)
     else:
-        mask = torch.zeros(4, 5, dtype=F64, device=device)
-    with pytest.raises(RuntimeError):
+        mask = torch.zeros(4, 5, dtype=dtype, device=device)
+    with pytest.raises(RuntimeError, match="^_scaled_dot_product_attention: Explicit attn_mask should not be set "
+                                           "when is_causal=True"):
         posattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
 
 

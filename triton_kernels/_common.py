@@ -48,8 +48,8 @@ def tile_visible(q_lo, q_hi, k_lo, k_hi, window_left, window_right,
 
 @triton.jit
 def tanh(x):
-    # tanh via exp: saturates to exactly ±1 at ±inf, so a −inf float mask under softcap
-    # gives −softcap (as the dense reference does), never NaN.
+    # tanh via exp: saturates to exactly ±1 at ±inf (a +inf score caps to +softcap), never NaN
+    # for a non-NaN input.
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
@@ -59,15 +59,24 @@ def score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softc
                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
     """Steps 2–6 of the score pipeline on one [BLOCK_M, BLOCK_N] tile; masked entries are −inf.
 
-    ``bias`` is the tile's position bias (step 3, see :func:`bias_tile`) or 0.0.
+    ``bias`` is the tile's position bias (step 4, see :func:`bias_tile`) or 0.0. The cap
+    acts on the scaled scores alone, before the bias and the float mask. Returns the scores
+    and ∂(capped score)/∂(scaled score) = 1 − tanh² (1.0 without softcap), the factor that
+    dQ / dK take and the bias / mask gradients do not.
     """
-    s = qk * scale + bias  # [BLOCK_M, BLOCK_N]
-    valid = m_valid[:, None] & n_valid[None, :]
-    if MASK_KIND == 2:
-        s += tl.load(mask_ptrs, mask=valid, other=0.0).to(tl.float32)
+    s = qk * scale  # [BLOCK_M, BLOCK_N]
+    dcap = 1.0
     if HAS_SOFTCAP:
-        s = softcap * tanh(s / softcap)
+        t = tanh(s / softcap)
+        s = softcap * t
+        dcap = 1.0 - t * t
+    s += bias
+    valid = m_valid[:, None] & n_valid[None, :]
     keep = valid
+    if MASK_KIND == 2:
+        mask = tl.load(mask_ptrs, mask=valid, other=0.0).to(tl.float32)
+        s += mask
+        keep = keep & (mask != float("-inf"))  # a −inf entry masks the key whatever its score (NaN too)
     if IS_CAUSAL:
         keep = keep & (k_pos[None, :] <= q_pos[:, None])
     if WINDOW_LEFT:
@@ -76,7 +85,7 @@ def score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softc
         keep = keep & (k_pos[None, :] <= q_pos[:, None] + window_right)
     if MASK_KIND == 1:
         keep = keep & (tl.load(mask_ptrs, mask=valid, other=0) != 0)
-    return tl.where(keep, s, float("-inf"))
+    return tl.where(keep, s, float("-inf")), dcap
 
 
 @triton.jit
@@ -304,7 +313,7 @@ def bias_operand(q_pos, k_pos, valid, LUT, bias_i0, bias_i1, bias_i2, BIAS_KIND:
 
 @triton.jit
 def bias_tile(operand, valid, BIAS_h, BIAS_KIND: tl.constexpr):
-    """Step 3 of the pipeline: the additive bias of one tile (BIAS_h: this head's parameters)."""
+    """Step 4 of the pipeline: the additive bias of one tile (BIAS_h: this head's parameters)."""
     if BIAS_KIND == 1 or BIAS_KIND == 4:
         bias = tl.load(BIAS_h).to(tl.float32) * operand
     else:

@@ -59,8 +59,8 @@ def _query_range(k_lo, k_hi, q_offset, window_left, window_right, L, BLOCK_M: tl
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd_kernel(
-    # outputs
-    O, LSE,
+    # outputs, and the per-(batch, KV head) flags of non-finite values in V
+    O, LSE, V_BAD,
     stride_o_b, stride_o_h, stride_o_l,
     # shared by every kernel (one list, built once by the launcher): inputs, sizes, strides, scalars
     Q, K, V, MASK, QPOS, KPOS, ROPE_TABLE, QANG, KANG, BIAS, BIAS_LUT, URPE_T,
@@ -111,6 +111,11 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    # A non-finite v[j, e] makes column e NaN in the rows that see key j, and only there: a
+    # plain p·v would also spread 0·NaN into rows for which key j is masked. Where V has one
+    # (a uniform flag, rarely set) it is read as 0 and its columns are counted per row.
+    v_bad = tl.load(V_BAD + b * HKV + hkv) != 0
+    poison = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     lo, hi = _key_range(q_lo, q_hi, k_offset, window_left, window_right, S, BLOCK_N, K_POS_TENSOR,
                         IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
@@ -129,9 +134,9 @@ def _attn_fwd_kernel(
             if BIAS_KIND != 0:
                 bias = bias_tile(bias_operand(q_pos, k_pos, valid, BIAS_LUT, bias_i0, bias_i1, bias_i2, BIAS_KIND),
                                  valid, BIAS_h, BIAS_KIND)
-            s = score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid,
-                           MASK_base + offs_n[None, :] * stride_mask_s, softcap, window_left, window_right, MASK_KIND,
-                           HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
+            s, _ = score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid,
+                              MASK_base + offs_n[None, :] * stride_mask_s, softcap, window_left, window_right,
+                              MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # A row that has seen only masked keys keeps m = −inf; subtracting 0 instead keeps
             # exp() at 0 rather than NaN, and that row's output/lse are fixed up at the end.
@@ -146,12 +151,18 @@ def _attn_fwd_kernel(
                 p = tl.where(keep, p * dropout_scale, 0.0)
             v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :],
                         mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
+            if v_bad:
+                bad = (v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))
+                v = tl.where(bad, tl.zeros_like(v), v)
+                seen = (s != float("-inf")).to(tl.float32)
+                poison += tl.dot(seen, bad.to(tl.float32), input_precision="ieee")
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-    # Fully masked rows: l = 0 → output 0 and lse = −inf (no NaN).
-    has_keys = l_i > 0.0
+    # Fully masked rows: l = 0 → output 0 and lse = −inf. l = NaN (a NaN or +inf score) stays NaN.
+    has_keys = l_i != 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    out = tl.where(poison > 0.0, float("nan"), out)
     lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     tl.store(O + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_l + offs_dv[None, :],
              out.to(O.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))
@@ -191,30 +202,26 @@ def _attn_bwd_preprocess_kernel(
 def _recompute_p(q, k, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left, window_right,
                  lse, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IS_CAUSAL: tl.constexpr,
                  WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """P = exp(S − lse) for one tile, and ∂(capped score)/∂(raw score) for the softcap chain rule."""
+    """P = exp(S − lse) for one tile, and ∂(capped score)/∂(scaled score) for the softcap chain rule."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left, window_right,
-                   MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
+    s, dcap = score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left,
+                         window_right, MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
     # lse = −inf marks a fully masked row: every s there is −inf, and exp(−inf − inf) = 0.
     p = tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)[:, None])  # [BLOCK_M, BLOCK_N]
-    if HAS_SOFTCAP:
-        t = tl.where(p > 0.0, s / softcap, 0.0)
-        dcap = 1.0 - t * t
-    else:
-        dcap = 1.0
     return p, dcap
 
 
 @triton.jit
-def _dscore(p, dcap, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT: tl.constexpr, HAS_URPE: tl.constexpr):
-    """dS w.r.t. the raw score (before softcap) from dP = dO·Vᵀ, and dA, the gradient w.r.t.
-    the gated probabilities before dropout (URPE: dS = P ⊙ (dA ⊙ C − Δ), dC = dA ⊙ P)."""
+def _dscore(p, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT: tl.constexpr, HAS_URPE: tl.constexpr):
+    """dS w.r.t. the final score (what the bias and the float mask receive; dQ / dK take it
+    times the softcap factor) from dP = dO·Vᵀ, and dA, the gradient w.r.t. the gated
+    probabilities before dropout (URPE: dS = P ⊙ (dA ⊙ C − Δ), dC = dA ⊙ P)."""
     if HAS_DROPOUT:
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     if HAS_URPE:
-        ds = p * (dp * gate - delta[:, None]) * dcap
+        ds = p * (dp * gate - delta[:, None])
     else:
-        ds = p * (dp - delta[:, None]) * dcap
+        ds = p * (dp - delta[:, None])
     return ds, dp
 
 
@@ -311,8 +318,8 @@ def _attn_bwd_dkdv_kernel(
                     a = tl.where(keep, a * dropout_scale, 0.0)
                 dv += tl.dot(tl.trans(a.to(do.dtype)), do, input_precision=DOT_PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-                ds, _ = _dscore(p, dcap, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT, HAS_URPE)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+                ds, _ = _dscore(p, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT, HAS_URPE)
+                dk += tl.dot(tl.trans((ds * dcap).to(q.dtype)), q, input_precision=DOT_PRECISION)
 
     # dK so far is w.r.t. the rotated keys; rotate it back by −angle (RoPE's Rᵀ).
     dk = unrotate(dk * scale, k_pos, k_lo - k_pos, n_valid, KANG_rows, stride_kang_t, ROPE_TABLE, rope_scale, offs_d,
@@ -424,8 +431,8 @@ def _attn_bwd_dq_kernel(
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-            ds, da = _dscore(p, dcap, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT, HAS_URPE)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            ds, da = _dscore(p, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT, HAS_URPE)
+            dq += tl.dot((ds * dcap).to(k.dtype), k, input_precision=DOT_PRECISION)
             if MASK_GRAD:
                 # The mask may broadcast over batch, heads, rows or keys (stride 0), so several
                 # programs (or lanes) add into one element: fp32 atomics. A mask of full shape
@@ -657,8 +664,10 @@ def attn_fwd(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_
         q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp)
     out = _alloc((B, H, L, DV), q.dtype, q.device)
     lse = _alloc((B, H, L), torch.float32, q.device)
+    v_bad = (~torch.isfinite(v)).any(dim=-1).any(dim=-1).to(torch.int8)  # [B, HKV], computed on the device (no sync)
     cfg, tiles = _tile_args("fwd", q, causal, kp, max(D, DV))
-    _launch(_attn_fwd_kernel, (triton.cdiv(L, cfg.block_m), B * H))(out, lse, *out.stride()[:3], *shared, **tiles, **cx)
+    _launch(_attn_fwd_kernel, (triton.cdiv(L, cfg.block_m), B * H))(out, lse, v_bad, *out.stride()[:3], *shared,
+                                                                     **tiles, **cx)
     return out, lse
 
 

@@ -6,7 +6,7 @@ import math
 import torch
 
 from . import _config, ops, reference
-from ._checks import broadcasts_to, check_attention_inputs
+from ._checks import check_attention_inputs
 from .kernelized import check_kernelized_inputs, features, kernelized
 from .positions import check_specs, kernel_positions
 
@@ -60,10 +60,22 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
 
     ``attn_mask``: bool (True = takes part) or float (added to the scores), any shape that
     broadcasts to [B, H, L, S]; a float mask that requires grad gets its gradient, reduced to
-    its own shape. ``softcap``: scores become ``softcap·tanh(s/softcap)`` (after bias and
-    float mask, before masking). ``scale`` defaults to 1/√D. ``dropout_p`` is always applied
+    its own shape. ``softcap``: the scaled scores become ``softcap·tanh(s/softcap)`` before the
+    position bias and the float mask are added (FlashAttention's and Gemma2's order:
+    ``s = softcap·tanh(scale·q·kᵀ/softcap) + bias + mask``), so a −inf mask entry stays −inf
+    and a bias is not capped. ``scale`` defaults to 1/√D. ``dropout_p`` is always applied
     (there is no training flag), with a counter-based RNG seeded from torch's generator.
     A query row that sees no key returns 0 (and lse −inf).
+
+    Non-finite inputs (every backend alike): NaN in, NaN out, in the rows it reaches. A key is
+    *seen* by a query row when it is not masked (causal, window, a False bool entry, a −inf
+    float-mask entry: masked keys are never looked at, whatever their score) and its score is
+    not −inf. A NaN or +inf score of a seen key (NaN or ±inf in q_i or k_j, in a bias table,
+    slope or float-mask entry, ``scale`` NaN) makes that row's output and lse NaN; a −inf score
+    masks the key. A NaN or ±inf in v[j, e] makes output column e NaN in the rows that see
+    key j (their lse stays finite). A row that sees no key still gives 0 and lse −inf.
+    Gradients of non-finite inputs are not specified (NaN where the reference's are, and
+    possibly elsewhere).
 
     Returns out [B, H, L, Dv] in q's dtype, and with ``return_lse`` also
     lse [B, H, L] = log Σ_j exp(s_ij), natural log, fp32 on the kernel backends (gradients
@@ -72,7 +84,7 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     Position encodings (specs from :mod:`posattn.positions`, all computed inside the kernel,
     all composable with each other and with everything above): ``rope`` = RoPE | XPos |
     RotaryAngles rotates q and k (step 1); ``bias`` = ALiBi | RelativeBias | T5Bias |
-    ManhattanDecay is added to the scaled scores before the float mask (step 3); ``urpe`` =
+    ManhattanDecay is added to the (capped) scores before the float mask (step 4); ``urpe`` =
     URPE multiplies the probabilities after the softmax (step 8). Learnable spec tensors
     (slopes, tables, log-decays, angles) receive gradients.
 
@@ -126,53 +138,56 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     broadcast; 2-D and 3-D inputs work as in torch. ``attn_mask``: bool (True = takes part)
     or float in query's dtype or float32 (added), broadcastable to (N, ..., Hq, L, S). ``is_causal``:
     top-left causal mask; together with ``attn_mask`` it raises. ``scale`` defaults to
-    1/√E. ``enable_gqa``: Hq a multiple of H. ``dropout_p`` is always applied. A query row
-    that sees no key returns 0. Returns (N, ..., Hq, L, Ev).
+    1/√E. ``enable_gqa``: Hq a multiple of H (key and value may differ in heads, each dividing
+    Hq, as in torch). ``dropout_p`` is always applied. A query row that sees no key returns 0.
+    Returns (N, ..., Hq, L, Ev).
+
+    Argument errors are torch's: the same exception type, and a message that starts with
+    torch's text (posattn's explanation may follow), e.g. ``attn_mask`` with ``is_causal=True``
+    raises ``RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set
+    when is_causal=True …")`` always (torch raises so on its math path; its fused CPU path
+    applies both instead).
 
     Runs on the backend that ``posattn.attention(backend=None)`` picks; float64 inputs always
     run on the dense reference.
     """
-    if attn_mask is not None and is_causal:
-        raise RuntimeError("scaled_dot_product_attention: pass either attn_mask or is_causal=True, not both (torch "
-                           "documents this as an error); fold the causal mask into attn_mask instead")
+    _check_sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal)
     tensors = (query, key, value)
-    for name, t in zip(("query", "key", "value"), tensors):
-        if not isinstance(t, torch.Tensor) or t.dim() < 2:
-            raise RuntimeError(f"{name} must be a tensor with at least 2 dims (..., L, E), got "
-                               f"{getattr(t, 'shape', type(t).__name__)}")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got query.dtype: "
-                           f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
-    if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
-        raise RuntimeError(f"Expected attn_mask dtype to be bool or float32 or to match query dtype, but got "
-                           f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
     out_2d = all(t.dim() == 2 for t in tensors)
     nd = max(3, *(t.dim() for t in tensors))
     query, key, value = (t[(None,) * (nd - t.dim())] for t in (query, key, value))
     L, S = query.shape[-2], key.shape[-2]
     Hq, Hk, Hv = query.shape[-3], key.shape[-3], value.shape[-3]
-    if Hk != Hv:
-        raise RuntimeError(f"key has {Hk} heads but value has {Hv}; they must match")
     if enable_gqa:
-        if Hq % Hk != 0:
-            raise RuntimeError(f"enable_gqa=True needs the query heads ({Hq}) to be a multiple of the key/value "
-                               f"heads ({Hk})")
-    elif Hq != Hk and Hk != 1:
-        if Hq != 1:
-            raise RuntimeError(f"The size of tensor a ({Hq}) must match the size of tensor b ({Hk}) at non-singleton "
-                               f"dimension {nd - 3}: query has {Hq} heads, key/value {Hk}; pass enable_gqa=True for "
-                               f"grouped-query attention")
-        query = query.expand(*query.shape[:-3], Hk, L, query.shape[-1])  # broadcast the single query head
-        Hq = Hk
-    try:
-        batch = torch.broadcast_shapes(*(t.shape[:-3] for t in (query, key, value)))
-    except RuntimeError as e:
-        raise RuntimeError(f"batch dims of query {tuple(query.shape)}, key {tuple(key.shape)}, value "
-                           f"{tuple(value.shape)} do not broadcast: {e}") from None
-    full = (*batch, Hq, L, S)
+        if Hq % Hk or Hq % Hv:
+            raise RuntimeError(f"Number of heads in key and value must divide the number of heads in query (query has "
+                               f"{Hq}, key {Hk}, value {Hv}; enable_gqa=True)")
+        if Hk != Hv:  # torch repeats key and value separately: bring both to one head count that divides Hq
+            Hk = Hk * Hv // math.gcd(Hk, Hv)
+            key = key.repeat_interleave(Hk // key.shape[-3], dim=-3)
+            value = value.repeat_interleave(Hk // value.shape[-3], dim=-3)
+    # torch's math: scores = q·kᵀ, scores + mask, scores·v, each broadcasting its batch dims
+    # (heads included; with enable_gqa the key/value heads count as Hq)
+    as_q = (lambda t: (*t.shape[:-3], Hq)) if enable_gqa else (lambda t: t.shape[:-2])
+    scores = _broadcast_like_torch(query.shape[:-2], as_q(key))
+    if query.shape[-1] != key.shape[-1]:
+        raise RuntimeError(_bmm_message(scores, query.shape[-1], key.shape[-1]))
     if attn_mask is not None:
-        if not broadcasts_to(attn_mask.shape, full):
-            raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {list(full)}")
+        full = (*scores, L, S)
+        if _broadcast_like_torch(full, attn_mask.shape) != full:
+            raise RuntimeError(f"output with shape {list(full)} doesn't match the broadcast shape "
+                               f"{list(torch.broadcast_shapes(full, attn_mask.shape))}")
+    out_batch = _broadcast_like_torch(scores, as_q(value))
+    if value.shape[-2] != S:
+        raise RuntimeError(_bmm_message(out_batch, S, value.shape[-2]))
+    batch, Hq = out_batch[:-1], out_batch[-1]
+    # a single query head, or a single key or value head, broadcasts (views); key and value
+    # with one head each stay grouped-query attention
+    query = query.expand(*query.shape[:-3], Hq, L, query.shape[-1])
+    if key.shape[-3] != value.shape[-3]:
+        key, value = (t.expand(*t.shape[:-3], Hq, *t.shape[-2:]) for t in (key, value))
+    Hk = key.shape[-3]
+    full = (*batch, Hq, L, S)
 
     def to4(t, heads, length, dim):
         t = t.expand(*batch, heads, length, dim)
@@ -193,6 +208,64 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     out = attention(q4, k4, v4, causal=is_causal, attn_mask=mask4, dropout_p=dropout_p, scale=scale, backend=backend)
     out = out.reshape(*batch, Hq, L, out.shape[-1])
     return out.reshape(L, out.shape[-1]) if out_2d else out
+
+
+# dtype names as torch's SDPA messages spell them (C++ type names)
+_TORCH_DTYPE_NAMES = {torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half",
+                      torch.bfloat16: "c10::BFloat16", torch.int64: "long int", torch.int32: "int", torch.bool: "bool"}
+
+
+def _dtype_name(dtype):
+    return _TORCH_DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _check_sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal):
+    """The argument errors of torch's SDPA, with torch's exception types and texts (posattn's
+    explanation may follow), so that callers matching torch's errors match these."""
+    for pos, (name, t) in enumerate((("query", query), ("key", key), ("value", value)), start=1):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"scaled_dot_product_attention(): argument '{name}' (position {pos}) must be Tensor, not "
+                            f"{type(t).__name__}")
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"scaled_dot_product_attention(): argument 'attn_mask' must be Tensor, not "
+                        f"{type(attn_mask).__name__}")
+    if attn_mask is not None and is_causal:
+        raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True "
+                           "(posattn raises on every path; fold the causal mask into attn_mask instead)")
+    if min(t.dim() for t in (query, key, value)) < 2:
+        raise RuntimeError(f"Expected query, key, and value to all be  at least 2 dimensional, but got query.dim: "
+                           f"{query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead.")
+    if not (query.device.type == key.device.type == value.device.type):
+        raise RuntimeError(f"Expected query, key, and value to have the same device type, but got query.device: "
+                           f"{query.device} key.device: {key.device} and value.device: {value.device} instead.")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise RuntimeError(f"Expected query, key, and value to have the same dtype, but got query.dtype: "
+                           f"{_dtype_name(query.dtype)} key.dtype: {_dtype_name(key.dtype)} and value.dtype: "
+                           f"{_dtype_name(value.dtype)} instead.")
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        raise RuntimeError(f"Expected attn_mask dtype to be bool or float or to match query dtype, but got "
+                           f"attn_mask.dtype: {_dtype_name(attn_mask.dtype)} and  query.dtype: "
+                           f"{_dtype_name(query.dtype)} instead.")
+    if dropout_p > 1:  # torch ignores a negative dropout_p; posattn.attention rejects it (ValueError)
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p:g}")
+
+
+def _broadcast_like_torch(a, b):
+    """torch.broadcast_shapes(a, b), raising torch's text for the first mismatch from the right."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    for d in reversed(range(n)):
+        if a[d] != b[d] and a[d] != 1 and b[d] != 1:
+            raise RuntimeError(f"The size of tensor a ({a[d]}) must match the size of tensor b ({b[d]}) at "
+                               f"non-singleton dimension {d}")
+    return tuple(max(x, y) if min(x, y) != 0 else 0 for x, y in zip(a, b))
+
+
+def _bmm_message(batch, expected, got):
+    """torch's text for a batched product whose inner sizes differ (head dims of q and k, or
+    the key lengths of k and v)."""
+    n = math.prod(batch)
+    return f"Expected size for first two dimensions of batch2 tensor to be: [{n}, {expected}] but got: [{n}, {got}]."
 
 
 def _kernelized_backend(backend, q):
@@ -224,7 +297,9 @@ def kernelized_attention(q, k, v, *, rpe=None, causal=False, feature_map="prf", 
     ``z_i = φ(q_i)ᵀ Σ_j c_{j−i} φ(k_j) v_jᵀ / (φ(q_i)ᵀ Σ_j c_{j−i} φ(k_j) + eps)``, with
     ``c_r = exp(table[h, clamp(r, −M, M) + M])`` from ``rpe=posattn.RelativeBias(table)``
     (r = k_pos − q_pos over positions arange(L), arange(S); None: c ≡ 1, plain linear
-    attention in O(N)); ``causal`` sets c_r = 0 for r > 0 (top-left, like SDPA).
+    attention in O(N)); ``causal`` sets c_r = 0 for r > 0 (top-left, like SDPA). ``eps`` (≥ 0)
+    is added to this denominator as written, in its own units: the stabilisers that keep the
+    computation finite (the "prf" map's maxima, the table's max) are taken out of eps too.
 
     q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] (GQA: H a multiple of Hkv); returns
     [B, H, L, Dv] in v's dtype. The fused "prf" feature map computes in fp32 (fp64 for fp64
@@ -260,5 +335,5 @@ def kernelized_attention(q, k, v, *, rpe=None, causal=False, feature_map="prf", 
                                               projection=projection, num_features=num_features, eps=eps,
                                               normalize_qk=normalize_qk)
     backend = _kernelized_backend(backend, q)
-    phi_q, phi_k = features(q, k, feature_map, projection, num_features, normalize_qk, backend)
-    return kernelized(phi_q, phi_k, v, rpe, causal, eps, backend)
+    phi_q, phi_k, log_scale = features(q, k, feature_map, projection, num_features, normalize_qk, backend)
+    return kernelized(phi_q, phi_k, v, rpe, causal, eps, backend, log_scale)

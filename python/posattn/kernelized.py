@@ -1,6 +1,6 @@
 """Kernelized attention with relative positions in O(N log N) (Luo et al., NeurIPS 2021).
 
-    z_i = φ(q_i)ᵀ Σ_j c_{j−i} φ(k_j) v_jᵀ  /  φ(q_i)ᵀ Σ_j c_{j−i} φ(k_j)
+    z_i = φ(q_i)ᵀ Σ_j c_{j−i} φ(k_j) v_jᵀ  /  (φ(q_i)ᵀ Σ_j c_{j−i} φ(k_j) + eps)
 
 with c_r = exp(table[h, clamp(r, −M, M) + M]) from a :class:`~posattn.RelativeBias`
 (r = k_pos − q_pos, positions arange(L) and arange(S); c_r = 0 for r > 0 when causal).
@@ -13,6 +13,11 @@ The pieces around the FFTs (outer products, contractions) and the "prf" feature 
 from a backend's fused kernels (:func:`kernel_ops`) or from PyTorch ops.
 
 Without ``rpe`` (c ≡ 1) this is plain linear attention, O(N).
+
+eps is in the formula's own (unstabilised) units. The code computes with stabilised factors,
+φ(q_i)·e^{−a_i}, φ(k_j)·e^{−b} and c_r·e^{−t} (a_i, b the "prf" map's stabilisers, t the
+table's max; all cancel in the ratio), so its denominator is the formula's times
+e^{−(a_i + b + t)}, and eps enters it as eps·e^{−(a_i + b + t)} (:func:`_row_eps`).
 """
 from __future__ import annotations
 
@@ -134,7 +139,9 @@ class _ToeplitzKernelized(torch.autograd.Function):
 
     Works on [1, G, N, ·] views with G = B·H (batch and heads folded), so the chunks of
     :func:`_chunks` can split them; ``ops`` supplies the outer products and contractions
-    around the FFTs (fused kernels of a backend, or PyTorch ops)."""
+    around the FFTs (fused kernels of a backend, or PyTorch ops). ``eps``: a number, or one
+    per query row [B, H, L] (a constant to autograd, see :func:`_row_eps`); C here is scaled
+    by e^{−max table}, which :func:`_row_eps` accounts for."""
 
     @staticmethod
     def forward(ctx, phi_q, phi_k, v, table, causal, eps, ops):
@@ -149,7 +156,7 @@ class _ToeplitzKernelized(torch.autograd.Function):
             kv = torch.fft.rfft(ops.outer(pk[:, g], vv[:, g], lo, hi, True, N), dim=-1)  # φk⊗[v, 1]
             d = torch.fft.irfft(kv.mul_(spec[:, g]), n=N, dim=-1)[..., :L]  # C(φk⊗[v, 1])
             nd[:, g] += ops.contract_f(pq[:, g], d, lo, hi)
-        den = nd[..., dv] + eps
+        den = nd[..., dv] + (eps.reshape(1, G, L) if isinstance(eps, torch.Tensor) else eps)
         z = (nd[..., :dv] / den[..., None]).view(B, H, L, dv)
         ctx.save_for_backward(phi_q, phi_k, v, table, c, z, den.view(B, H, L))
         ctx.causal, ctx.ops = causal, ops
@@ -197,7 +204,8 @@ class _ToeplitzKernelized(torch.autograd.Function):
 
 
 def _linear_attention(phi_q, phi_k, v, causal, eps):
-    """c ≡ 1: plain linear attention in O(N) (prefix sums when causal, top-left aligned)."""
+    """c ≡ 1: plain linear attention in O(N) (prefix sums when causal, top-left aligned);
+    ``eps`` a number or one per query row [B, H, L]."""
     if not causal:
         kv = torch.einsum("bhsm,bhsd->bhmd", phi_k, v)
         num = torch.einsum("bhlm,bhmd->bhld", phi_q, kv)
@@ -211,6 +219,20 @@ def _linear_attention(phi_q, phi_k, v, causal, eps):
         num = torch.einsum("bhlm,bhlmd->bhld", phi_q, kv[:, :, rows])
         den = torch.einsum("bhlm,bhlm->bhl", phi_q, ks[:, :, rows])
     return num / (den + eps)[..., None]
+
+
+def _row_eps(eps, log_scale, table):
+    """eps in the units of the stabilised denominator, one per query row [B, H, L] (float64).
+
+    The stabilised features and coefficients are the formula's times e^{−s_i} with
+    s_i = ``log_scale`` (the feature maps' stabilisers, :func:`features`) + max of the head's
+    table (:func:`rpe_coefficients`), so eps becomes eps·e^{−s_i}. The stabilisers are
+    constants to autograd, and the ratio with this eps equals the formula's for every value
+    of them, so the gradients are the formula's too. A large negative s_i overflows to inf:
+    the denominator is then eps-dominated and z = 0, the formula's limit."""
+    if table is not None:
+        log_scale = log_scale + table.detach().to(torch.float64).amax(dim=1)[None, :, None]
+    return torch.exp(-log_scale) * eps if eps else torch.zeros_like(log_scale)
 
 
 def check_kernelized_inputs(q, k, v, rpe, causal, feature_map_kind, projection, num_features, eps):
@@ -255,7 +277,10 @@ def default_num_features(head_dim):
 
 
 def features(q, k, feature_map_kind, projection, num_features, normalize_qk, backend=None):
-    """φ(q) [B, H, L, m] and φ(k) [B, Hkv, S, m] (the projection drawn if needed).
+    """φ(q) [B, H, L, m], φ(k) [B, Hkv, S, m] (the projection drawn if needed), and the log of
+    the factor the stabilisers took out of φ(q_i)·φ(k_j), one per query row [B, H, L] in
+    float64 (0 for maps without stabiliser): the formula's product is the returned one times
+    e^{log_scale_i}.
 
     With ``backend`` "cpu" or "triton", "prf" runs as that backend's fused kernels (one
     projection GEMM with the norm, stabiliser, exp and scale around it; the backward one GEMM
@@ -269,8 +294,31 @@ def features(q, k, feature_map_kind, projection, num_features, normalize_qk, bac
                                            device=q.device, dtype=q.dtype)
     if feature_map_kind == "prf" and backend is not None:
         ops = kernel_ops(backend)
-        return _FusedPRF.apply(q, projection, True, ops), _FusedPRF.apply(k, projection, False, ops)
-    return feature_map(q, feature_map_kind, projection, True), feature_map(k, feature_map_kind, projection, False)
+        phi_q, phi_k = _FusedPRF.apply(q, projection, True, ops), _FusedPRF.apply(k, projection, False, ops)
+    else:
+        phi_q = feature_map(q, feature_map_kind, projection, True)
+        phi_k = feature_map(k, feature_map_kind, projection, False)
+    B, H, L = q.shape[:3]
+    if feature_map_kind != "prf":
+        return phi_q, phi_k, torch.zeros(B, H, L, dtype=torch.float64, device=q.device)
+    stab_k = _prf_stabiliser(k, phi_k, projection, False).repeat_interleave(H // k.shape[1], dim=1)  # [B, H]
+    return phi_q, phi_k, _prf_stabiliser(q, phi_q, projection, True) + stab_k[..., None]
+
+
+def _prf_stabiliser(x, phi, projection, is_query):
+    """The stabiliser that the "prf" map subtracted (float64): per row [B, H, N] for queries,
+    per (batch, head) [B, H] for keys. φ's largest entry is exp(0)/√m, so the stabiliser is
+    that feature's logit w_l·x̃ − ‖x̃‖²/2, recomputed here for the one feature: O(N·(m + D)),
+    not a second projection, and the same for the fused kernels (which keep it to themselves)
+    and for :func:`feature_map`."""
+    xs = x.detach().to(torch.float64) * x.shape[-1] ** -0.25  # [B, H, N, D]
+    w = projection.detach().to(torch.float64)
+    if is_query:
+        return (w[phi.detach().argmax(-1)] * xs).sum(-1) - 0.5 * (xs * xs).sum(-1)
+    m = phi.shape[-1]
+    flat = phi.detach().flatten(-2).argmax(-1)  # [B, H]: row · m + feature
+    rows = xs.gather(2, (flat // m)[..., None, None].expand(-1, -1, 1, xs.shape[-1])).squeeze(2)  # [B, H, D]
+    return (w[flat % m] * rows).sum(-1) - 0.5 * (rows * rows).sum(-1)
 
 
 class KernelOps(NamedTuple):
@@ -350,23 +398,28 @@ class _FusedPRF(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def kernelized(phi_q, phi_k, v, rpe, causal, eps, backend=None):
+def kernelized(phi_q, phi_k, v, rpe, causal, eps, backend=None, log_scale=None):
     """The O(N log N) path on given features (GQA by repeating φ(k) and v per group).
 
-    ``backend``: whose fused kernels form the outer products φ(k)⊗[v, 1] that feed the FFTs
-    and the contractions after them ("cpu": posattn._C; "triton"), or None for broadcast
-    PyTorch ops."""
+    ``log_scale`` [B, H, L]: what :func:`features` returns with stabilised features (None:
+    the features are the formula's own), so that eps is the formula's. ``backend``: whose
+    fused kernels form the outer products φ(k)⊗[v, 1] that feed the FFTs and the
+    contractions after them ("cpu": posattn._C; "triton"), or None for broadcast PyTorch
+    ops."""
     groups = phi_q.shape[1] // phi_k.shape[1]
     if groups > 1:
         phi_k, v = phi_k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if log_scale is None:
+        log_scale = torch.zeros(phi_q.shape[:3], dtype=torch.float64, device=phi_q.device)
+    row_eps = _row_eps(eps, log_scale, None if rpe is None else rpe.table)
     if rpe is None:
         compute = torch.float64 if phi_q.dtype == torch.float64 else torch.float32
         pq, pk, vv = (t.to(compute) for t in (phi_q, phi_k, v))
-        return _linear_attention(pq, pk, vv, causal, eps).to(v.dtype)
+        return _linear_attention(pq, pk, vv, causal, row_eps.to(compute)).to(v.dtype)
     # The circulant products run in float64 whatever the input dtype: an FFT's round-off is
     # absolute (≈ ε·‖c‖·‖x‖), so in float32 it swamps rows whose denominator is small, such
     # as the first rows of causal attention (measured at L = 130: 1.3e-4 against dense
     # float32's 1.2e-6).
     pq, pk, vv = (t.to(torch.float64) for t in (phi_q, phi_k, v))
-    z = _ToeplitzKernelized.apply(pq, pk, vv, rpe.table, bool(causal), float(eps), kernel_ops(backend))
+    z = _ToeplitzKernelized.apply(pq, pk, vv, rpe.table, bool(causal), row_eps, kernel_ops(backend))
     return z.to(v.dtype)

@@ -41,7 +41,8 @@ def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, window) -
 
 def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, bias=None, urpe=None, softcap=None,
               dropout_p=0.0, scale=None, q_pos=0, k_pos=0, return_lse=False, dropout_mask=None, deterministic=False):
-    """Dense attention with posattn's exact semantics (see :func:`posattn.attention`).
+    """Dense attention with posattn's exact semantics (see :func:`posattn.attention`, also
+    for the rule on NaN and ±inf inputs).
 
     ``dropout_mask``: optional bool keep-mask broadcastable to [B, H, L, S] to use instead of
     drawing one (True keeps); the tests pass the kernels' own mask here to compare dropout
@@ -66,19 +67,20 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
         v = v.repeat_interleave(H // Hkv, dim=1)
     # 2. scaled scores
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, L, S]
-    # 3. position bias
-    if bias is not None:
-        s = s + bias.reference_bias(qp, kp, H).to(s.dtype)
-    # 4. float mask
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        s = s + attn_mask.to(s.dtype)
-    # 5. softcap
+    # 3. softcap, on the scaled scores alone (FlashAttention's and Gemma2's order)
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
-    # 6. masking to −inf
+    # 4. position bias
+    if bias is not None:
+        s = s + bias.reference_bias(qp, kp, H).to(s.dtype)
+    # 5. float mask
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        s = s + attn_mask.to(s.dtype)
+    # 6. masking to −inf (a −inf float-mask entry masks like a False one, whatever the score)
     keep = visibility(qp, kp, causal, window)
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        keep = attn_mask if keep is None else keep & attn_mask
+    if attn_mask is not None:
+        mask_keep = attn_mask if attn_mask.dtype == torch.bool else ~torch.isneginf(attn_mask)
+        keep = mask_keep if keep is None else keep & mask_keep
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     # 7. softmax; a fully masked row gives p = 0 and lse = −inf. Its scores are replaced by
@@ -87,7 +89,8 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     s_safe = s.masked_fill(dead, 0.0)
     lse = torch.logsumexp(s_safe, dim=-1, keepdim=True)
     p = torch.exp(s_safe - lse).masked_fill(dead, 0.0)
-    lse = lse.masked_fill(dead, float("-inf")).squeeze(-1)
+    # a +inf score gives lse = +inf (and p = NaN at it): the row is NaN, lse included
+    lse = lse.masked_fill(dead, float("-inf")).masked_fill(torch.isposinf(lse), float("nan")).squeeze(-1)
     # 8. URPE gate (after the normaliser)
     if urpe is not None:
         p = p * urpe.reference_gate(qp, kp, H).to(p.dtype)
@@ -96,8 +99,12 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
         if dropout_mask is None:
             dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
         p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p) if dropout_p < 1.0 else p * 0.0
-    # 10. output
-    out = torch.matmul(p.to(v.dtype), v)
+    # 10. output. A non-finite v[j, e] makes column e NaN in the rows that see key j and only
+    # there (a plain product would also give 0·NaN = NaN in rows where key j is masked).
+    bad = ~torch.isfinite(v)
+    out = torch.matmul(p.to(v.dtype), v.masked_fill(bad, 0.0))
+    hit = torch.matmul((~torch.isneginf(s)).to(v.dtype), bad.to(v.dtype)) > 0
+    out = out.masked_fill(hit, float("nan"))
     return (out, lse) if return_lse else out
 
 
@@ -106,12 +113,14 @@ def kernelized_attention(q, k, v, *, rpe=None, causal=False, feature_map="prf", 
     """Dense O(L·S) oracle of :func:`posattn.kernelized_attention`: the explicit Toeplitz C.
 
     A_ij = C_ij·(φ(q_i)·φ(k_j)), z = A·v / (A·1 + eps), C_ij = c_{j−i} (1 without ``rpe``;
-    0 for j > i when causal). Same feature maps as the fast path.
+    0 for j > i when causal). Same feature maps as the fast path. eps is in the formula's
+    units: A is computed from stabilised φ and c (a constant factor e^{−s_i} per row, which
+    cancels), so eps is scaled by the same factor.
     """
-    from .kernelized import check_kernelized_inputs, features, rpe_coefficients
+    from .kernelized import _row_eps, check_kernelized_inputs, features, rpe_coefficients
 
     check_kernelized_inputs(q, k, v, rpe, causal, feature_map, projection, num_features, eps)
-    phi_q, phi_k = features(q, k, feature_map, projection, num_features, normalize_qk)
+    phi_q, phi_k, log_scale = features(q, k, feature_map, projection, num_features, normalize_qk)
     H, Hkv = q.shape[1], k.shape[1]
     if H != Hkv:
         phi_k, v = phi_k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
@@ -125,4 +134,5 @@ def kernelized_attention(q, k, v, *, rpe=None, causal=False, feature_map="prf", 
         if causal:
             C = torch.tril(C)
     A = C * (phi_q @ phi_k.transpose(-1, -2))
-    return (A @ v.to(A.dtype)) / (A.sum(-1, keepdim=True) + eps)
+    row_eps = _row_eps(eps, log_scale, None if rpe is None else rpe.table).to(A.dtype)
+    return (A @ v.to(A.dtype)) / (A.sum(-1, keepdim=True) + row_eps[..., None])

@@ -474,30 +474,29 @@ inline float exp2_approx(float x) { return exp_approx(x * 0.693147180559945309f)
 // Reductions over a whole tile row (BN entries; entries past the tile's end are −inf, so
 // they neither win the max nor add to the sum), 16 independent lanes so the loops
 // vectorise without reassociation flags; the lanes are then combined in a fixed order.
-// The max is NaN when any entry is (a NaN score poisons its row, even beside −inf ones).
+// A NaN score poisons its row: the max is NaN when the other entries are all −inf, where the
+// row would otherwise count as seeing nothing; elsewhere the max may skip it, and the
+// exponent pass, which keeps NaN, poisons the row's sum (the scan for NaN runs only then).
+inline bool row_has_nan(const float* s) {
+  bool nan = false;
+  for (int64_t j = 0; j < BN; ++j) nan |= s[j] != s[j];
+  return nan;
+}
+
 inline float row_max(const float* s) {
 #if defined(__AVX512F__)
   __m512 m = _mm512_loadu_ps(s);
-  __mmask16 nan = _mm512_cmp_ps_mask(m, m, _CMP_UNORD_Q);
-  for (int64_t j = 16; j < BN; j += 16) {
-    const __m512 x = _mm512_loadu_ps(s + j);
-    nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    m = _mm512_max_ps(m, x);
-  }
-  return nan ? __builtin_nanf("") : _mm512_reduce_max_ps(m);
+  for (int64_t j = 16; j < BN; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + j));
+  const float r = _mm512_reduce_max_ps(m);
 #else
   float m[16];
-  bool nan = false;
   for (int l = 0; l < 16; ++l) m[l] = s[l];
-  for (int64_t j = 0; j < BN; j += 16)
-    for (int l = 0; l < 16; ++l) {
-      nan |= s[j + l] != s[j + l];
-      m[l] = s[j + l] > m[l] ? s[j + l] : m[l];
-    }
+  for (int64_t j = 16; j < BN; j += 16)
+    for (int l = 0; l < 16; ++l) m[l] = s[j + l] > m[l] ? s[j + l] : m[l];
   float r = m[0];
   for (int l = 1; l < 16; ++l) r = m[l] > r ? m[l] : r;
-  return nan ? __builtin_nanf("") : r;
 #endif
+  return r == NEG_INF && row_has_nan(s) ? __builtin_nanf("") : r;
 }
 
 // max(a, b) that keeps a NaN from either side (the running max of a NaN row stays NaN)

@@ -895,9 +895,10 @@ struct Packed {
   Packed& operator=(const Packed&) = delete;
 };
 
-// Non-finite values of V are packed as 0 and flagged: the forward then marks the output
-// columns of exactly the rows that see them (poison_columns), where a plain product would
-// also spread 0·NaN into rows whose keys there are masked.
+// A non-finite value in v_j acts as a NaN score of key j in the rows that see it. V's
+// non-finite values are packed as 0 and their tiles flagged; the forward then marks the
+// scores of exactly the rows that see those keys (poison_scores), where a plain product would
+// also spread 0·NaN into rows whose key is masked.
 inline bool zero_non_finite(float* x, int64_t n) {
   bool any = false;
   for (int64_t e = 0; e < n; ++e)
@@ -905,16 +906,15 @@ inline bool zero_non_finite(float* x, int64_t n) {
   return any;
 }
 
-// acc_row[e] = NaN where a key of the tile that the row sees (s[j] != −inf) has a non-finite
-// v[j][e] (the original values, re-read: flagged tiles are rare); vrow: scratch of Dv floats.
+// s[j] = NaN where the row sees key j (s[j] != −inf) and v_j holds a non-finite value (the
+// original values, re-read: flagged tiles are rare); vrow: scratch of Dv floats.
 template <DType DT>
-void poison_columns(const AttnArgs& a, int64_t b, int64_t hk, const KeyTile& kt, const float* s, float* acc_row,
-                    float* vrow) {
+void poison_scores(const AttnArgs& a, int64_t b, int64_t hk, const KeyTile& kt, float* s, float* vrow) {
   for (int64_t j = 0; j < kt.n; ++j) {
     if (s[j] == NEG_INF) continue;
     load_row<DT>(elem<DT>(a.v, b * a.sv_b + hk * a.sv_h + (kt.j0 + j) * a.sv_l), a.Dv, vrow);
     for (int64_t e = 0; e < a.Dv; ++e)
-      if (!std::isfinite(vrow[e])) acc_row[e] = __builtin_nanf("");
+      if (!std::isfinite(vrow[e])) s[j] = __builtin_nanf("");
   }
 }
 
@@ -1168,18 +1168,17 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
       }
       for (int64_t i = 0; i < m; ++i) {
         float* s = S.p + i * BN;
-        // mul: the factor still to apply to s inside the exponent
-        float mul = 1.0f, mx;
+        // mul: the factor still to apply to s inside the exponent (scale > 0, so max(s)·mul is
+        // the max of the scaled row)
+        float mul = 1.0f;
         if (fold_scale && !elementwise) {
           mul = a.scale;
-          mx = row_max(s) * a.scale;
         } else {
           if (dot16) scale_row(s, BN, a.scale);
           if (elementwise) score_row(a, b, h, i0 + i, qp[i], kt, interior, s, nullptr);
-          mx = row_max(s);
         }
-        if (pk.v_bad.p[bhk * pk.nkt + t]) poison_columns<DT>(a, b, hk, kt, s, acc.p + i * Dvp, orow.p);
-        const float m_new = nan_max(mx, m_i[i]);
+        if (pk.v_bad.p[bhk * pk.nkt + t]) poison_scores<DT>(a, b, hk, kt, s, orow.p);
+        const float m_new = nan_max(row_max(s) * mul, m_i[i]);
         if (m_new == NEG_INF) {  // nothing visible in this row yet
           for (int64_t j = 0; j < BN; ++j) s[j] = 0.0f;
           if (dot16) memset(P16.p + i * BN, 0, BN * sizeof(uint16_t));

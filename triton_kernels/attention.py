@@ -57,6 +57,11 @@ def _query_range(k_lo, k_hi, q_offset, window_left, window_right, L, BLOCK_M: tl
     return lo, hi
 
 
+@triton.jit
+def _non_finite(x):
+    return (x != x) | (tl.abs(x.to(tl.float32)) == float("inf"))
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd_kernel(
     # outputs, and the per-(batch, KV head) flags of non-finite values in V
@@ -111,11 +116,12 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    # A non-finite v[j, e] makes column e NaN in the rows that see key j, and only there: a
-    # plain p·v would also spread 0·NaN into rows for which key j is masked. Where V has one
-    # (a uniform flag, rarely set) it is read as 0 and its columns are counted per row.
+    # A non-finite value in v_j acts as a NaN score of key j: the rows that see key j are NaN
+    # and only those (a plain p·v would also spread 0·NaN into rows for which key j is
+    # masked). Where V has one (a uniform flag, rarely set) the tile's V is read once more to
+    # mark those scores, and its non-finite values are read as 0. Rows, not single columns:
+    # marking columns takes an [M, Dv] 0/1 product, which made the sm_80 forward spill.
     v_bad = tl.load(V_BAD + b * HKV + hkv) != 0
-    poison = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     lo, hi = _key_range(q_lo, q_hi, k_offset, window_left, window_right, S, BLOCK_N, K_POS_TENSOR,
                         IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
@@ -137,6 +143,11 @@ def _attn_fwd_kernel(
             s, _ = score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid,
                               MASK_base + offs_n[None, :] * stride_mask_s, softcap, window_left, window_right,
                               MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
+            if v_bad:
+                bad_key = tl.max(_non_finite(tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :],
+                                                     mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+                                             ).to(tl.int32), axis=1) != 0  # [BLOCK_N]
+                s = tl.where(bad_key[None, :] & (s != float("-inf")), float("nan"), s)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # A row that has seen only masked keys keeps m = −inf; subtracting 0 instead keeps
             # exp() at 0 rather than NaN, and that row's output/lse are fixed up at the end.
@@ -152,17 +163,13 @@ def _attn_fwd_kernel(
             v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :],
                         mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
             if v_bad:
-                bad = (v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))
-                v = tl.where(bad, tl.zeros_like(v), v)
-                seen = (s != float("-inf")).to(tl.float32)
-                poison += tl.dot(seen, bad.to(tl.float32), input_precision="ieee")
+                v = tl.where(_non_finite(v), tl.zeros_like(v), v)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
     # Fully masked rows: l = 0 → output 0 and lse = −inf. l = NaN (a NaN or +inf score) stays NaN.
     has_keys = l_i != 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    out = tl.where(poison > 0.0, float("nan"), out)
     lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     tl.store(O + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_l + offs_dv[None, :],
              out.to(O.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))

@@ -72,8 +72,9 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
     float-mask entry: masked keys are never looked at, whatever their score) and its score is
     not −inf. A NaN or +inf score of a seen key (NaN or ±inf in q_i or k_j, in a bias table,
     slope or float-mask entry, ``scale`` NaN) makes that row's output and lse NaN; a −inf score
-    masks the key. A NaN or ±inf in v[j, e] makes output column e NaN in the rows that see
-    key j (their lse stays finite). A row that sees no key still gives 0 and lse −inf.
+    masks the key. A NaN or ±inf anywhere in v_j acts as a NaN score of key j: the rows that
+    see key j are NaN (output and lse), the others are not touched by it. A row that sees no
+    key still gives 0 and lse −inf.
     Gradients of non-finite inputs are not specified (NaN where the reference's are, and
     possibly elsewhere).
 

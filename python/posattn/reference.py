@@ -83,6 +83,9 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
         keep = mask_keep if keep is None else keep & mask_keep
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
+    # a non-finite value in v_j acts as a NaN score of key j in the rows that see it
+    bad = ~torch.isfinite(v)
+    s = s.masked_fill(bad.any(-1)[:, :, None, :] & ~torch.isneginf(s), float("nan"))
     # 7. softmax; a fully masked row gives p = 0 and lse = −inf. Its scores are replaced by
     # zeros first so that neither the forward nor the backward ever sees NaN.
     dead = torch.isneginf(s).all(dim=-1, keepdim=True)
@@ -99,12 +102,9 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
         if dropout_mask is None:
             dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
         p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p) if dropout_p < 1.0 else p * 0.0
-    # 10. output. A non-finite v[j, e] makes column e NaN in the rows that see key j and only
-    # there (a plain product would also give 0·NaN = NaN in rows where key j is masked).
-    bad = ~torch.isfinite(v)
+    # 10. output; v's non-finite values count as 0 here (the rows that see them are NaN
+    # already; a plain product would give 0·NaN = NaN also in rows where their key is masked)
     out = torch.matmul(p.to(v.dtype), v.masked_fill(bad, 0.0))
-    hit = torch.matmul((~torch.isneginf(s)).to(v.dtype), bad.to(v.dtype)) > 0
-    out = out.masked_fill(hit, float("nan"))
     return (out, lse) if return_lse else out
 
 

@@ -1094,6 +1094,17 @@ struct PassKind {
   }
 };
 
+// Row i of a score tile made ready for the exponent: scaled (bf16 dots) and through steps 3–6
+// where the tile needs them (elementwise). Returns the factor still to apply inside the
+// exponent: the scale where it folds there (plain interior tiles of bf16 dots), else 1.
+inline float ready_row(const AttnArgs& a, const PassKind& kind, bool elementwise, int64_t b, int64_t h, int64_t i,
+                       int32_t qp, const KeyTile& kt, bool interior, float* s, float* th) {
+  if (kind.fold_scale && !elementwise) return a.scale;
+  if (kind.dot16) scale_row(s, BN, a.scale);
+  if (elementwise) score_row(a, b, h, i, qp, kt, interior, s, th);
+  return 1.0f;
+}
+
 #if !defined(POSATTN_BF16_DOT)
 constexpr bool kAmx = false;
 struct TileScope {
@@ -1118,7 +1129,7 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
   const Packed& pk = *c.pk;
   const int64_t Dp = pk.Dp, Dvp = pk.Dvp, G = a.H / a.Hkv;
   const PassKind kind(a);
-  const bool xpos = kind.xpos, plain = kind.plain, dot16 = kind.dot16, fold_scale = kind.fold_scale;
+  const bool xpos = kind.xpos, plain = kind.plain, dot16 = kind.dot16;
   TileScope tiles(dot16 && kAmx);
   Buffer Qs(BM * Dp), S(BM * BN), acc(BM * Dvp), keep(BN), orow(Dvp);
   Bf16Buffer Q16(dot16 ? BM * Dp : 1, true), P16(dot16 ? BM * BN : 1, true);
@@ -1168,15 +1179,8 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
       }
       for (int64_t i = 0; i < m; ++i) {
         float* s = S.p + i * BN;
-        // mul: the factor still to apply to s inside the exponent (scale > 0, so max(s)·mul is
-        // the max of the scaled row)
-        float mul = 1.0f;
-        if (fold_scale && !elementwise) {
-          mul = a.scale;
-        } else {
-          if (dot16) scale_row(s, BN, a.scale);
-          if (elementwise) score_row(a, b, h, i0 + i, qp[i], kt, interior, s, nullptr);
-        }
+        // scale > 0 where it folds, so max(s)·mul is the max of the scaled row
+        const float mul = ready_row(a, kind, elementwise, b, h, i0 + i, qp[i], kt, interior, s, nullptr);
         if (pk.v_bad.p[bhk * pk.nkt + t]) poison_scores<DT>(a, b, hk, kt, s, orow.p);
         const float m_new = nan_max(row_max(s) * mul, m_i[i]);
         if (m_new == NEG_INF) {  // nothing visible in this row yet
@@ -1264,7 +1268,7 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
   const Packed& pk = *c.pk;
   const int64_t Dp = pk.Dp, Dvp = pk.Dvp, Dvk = pk.Dvk, G = a.H / a.Hkv, C = g.chunks, Sp = pad_keys(a.S);
   const PassKind kind(a);
-  const bool xpos = kind.xpos, plain = kind.plain, dot16 = kind.dot16, fold_scale = kind.fold_scale;
+  const bool xpos = kind.xpos, plain = kind.plain, dot16 = kind.dot16;
   TileScope tiles(dot16 && kAmx);
   Buffer Qs(BM * Dp), dO(BM * Dvp), P(BM * BN), dP(BM * BN), A(BM * BN), dQ(BM * Dp), row(Dp > Dvp ? Dp : Dvp);
   Buffer TH(a.softcap != 0.0f ? BM * BN : 1), keep(BN), tmp(BN * Dp);
@@ -1347,13 +1351,7 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
             for (int64_t j = 0; j < BN; ++j) { p[j] = 0.0f; ap[j] = 0.0f; dp[j] = 0.0f; }
             continue;
           }
-          float mul = 1.0f;
-          if (fold_scale && !elementwise) {
-            mul = a.scale;
-          } else {
-            if (dot16) scale_row(p, BN, a.scale);
-            if (elementwise) score_row(a, b, h, i0 + i, qp[i], kt, interior, p, th);
-          }
+          const float mul = ready_row(a, kind, elementwise, b, h, i0 + i, qp[i], kt, interior, p, th);
           row_exp_sum(p, mul, l);  // lse: no max or sum needed
           // ap: the probabilities that multiply V (gate, dropout); dp: ∂L/∂p
           for (int64_t j = 0; j < BN; ++j) ap[j] = p[j];

@@ -632,3 +632,49 @@ def test_invisible_key_tiles_are_never_read(kw, device, backend):
                                               rope=posattn.RoPE(), **kw) for dtype in (torch.float64, torch.float32))
     assert_close("out", out.detach(), ref64, low)
     assert torch.all(k.grad[:, :, 128:] == 0) and torch.all(v.grad[:, :, 128:] == 0)
+
+
+# Interior tiles (every (query, key) pair in bounds and visible, no attn_mask) run without any
+# masking; POSATTN_MASK_ALL_TILES=1 sends them through the boundary tiles' masked path instead.
+# The two paths must agree bitwise. The interpreter's tiles are 64 × 64, so these shapes mix
+# both kinds of tile: L, S multiples of 64 or not, the causal diagonal mid-tile, windows over
+# several tiles, query / key position tensors (which put the other side's tiles on the
+# boundary path), and biases, softcap, URPE and dropout on interior tiles.
+@pytest.mark.parametrize("c", [
+    Case(L=128, S=128, D=16),  # every tile interior (non-causal, tile multiples)
+    Case(L=130, S=200, D=16, kw={"causal": True, "q_pos": 70}),
+    # the diagonal one key before / after a tile edge: an off-by-one in the interior bounds of
+    # the forward / dQ (q_pos 62) or of dK/dV (q_pos −2) puts a masked pair on the interior path
+    Case(L=130, S=200, D=16, kw={"causal": True, "q_pos": 62}),
+    Case(L=130, S=200, D=16, kw={"causal": True, "q_pos": -2}),
+    Case(L=130, S=256, D=16, kw={"window": (150, 70)}),
+    Case(L=128, S=192, D=16, kw={"causal": True, "window": (200, -1), "k_pos": -100}),
+    Case(B=2, H=2, Hkv=1, L=128, S=192, D=16, kw={"causal": True, "q_pos": _perm_positions(128, 3) + 40}),
+    Case(L=128, S=192, D=16, kw={"causal": True, "k_pos": _perm_positions(192, 4)}),
+    Case(L=128, S=128, D=16, spec=urpe(21, bias=41), kw={"softcap": 3.0, "dropout_p": 0.25}),
+    Case(L=128, S=192, D=16, spec=table_spec("t5", posattn.T5Bias, 32), kw={"causal": True, "q_pos": 64}),
+], ids=lambda c: c.id)
+def test_interior_and_boundary_paths_agree_bitwise(c, monkeypatch):
+    from conftest import DEVICE
+    q, k, v, _ = make_inputs(c, torch.float32, DEVICE)
+    kw = positions_for(c.kw, DEVICE)
+    spec = {name: t.float() for name, (t, _) in c.spec[1](DEVICE).items()} if c.spec else {}
+    dout = torch.randn(c.B, c.H, c.L, c.Dv, device=DEVICE)
+
+    def run_path(mask_all):
+        monkeypatch.setenv("POSATTN_MASK_ALL_TILES", "1" if mask_all else "0")
+        torch.manual_seed(5)  # the dropout seed
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        params = {name: t.clone().requires_grad_() for name, t in spec.items()}
+        out, lse = posattn.attention(*leaves, backend="triton", return_lse=True,
+                                     **(c.spec[2](params) if c.spec else {}), **kw)
+        ((out * dout).sum() + lse.sum()).backward()
+        return {"out": out, "lse": lse, **{f"d{n}": t.grad for n, t in zip("qkv", leaves)},
+                **{f"d{n}": t.grad for n, t in params.items()}}
+
+    interior, boundary = run_path(False), run_path(True)
+    for name in interior:
+        assert not torch.isnan(interior[name]).any(), f"{c.id} {name}: NaN"
+        assert torch.equal(interior[name], boundary[name]), (
+            f"{c.id} {name}: interior and boundary paths differ by "
+            f"{(interior[name] - boundary[name]).abs().max().item():.3e}")

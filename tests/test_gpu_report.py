@@ -118,3 +118,28 @@ def test_capability_tables(monkeypatch):
         _config.tile_config("bwd", 64, False)
     with pytest.raises(ValueError, match="alibi"):
         _config.tile_config("fwd", 64, False, flags=("alibi",))
+
+
+def test_triton_features(monkeypatch):
+    """triton_kernels/_compat.py detects what the installed Triton offers by name, never by
+    version: Triton 3.6 (the GPU machine) and 3.9 (CI) both have TMA descriptors (host and
+    device side), warp specialization and the allocator; a Triton without them gets None /
+    False, not an error."""
+    import triton.language as tl
+
+    from posattn.triton_kernels import _compat
+    assert _compat.features() == dict(triton=_compat.triton.__version__, device_tensor_descriptor=True,
+                                      host_tensor_descriptor=True, warp_specialize=True, allocator=True)
+    assert _compat.device_tensor_descriptor() is tl.make_tensor_descriptor
+    for probe in (_compat.device_tensor_descriptor, _compat.has_warp_specialize):
+        probe.cache_clear()
+    try:
+        monkeypatch.delattr(tl, "make_tensor_descriptor")
+        monkeypatch.setattr(tl, "range", type("range", (), {"__init__": lambda self, a, b=None, step=None: None}))
+        assert _compat.device_tensor_descriptor() is None
+        assert not _compat.has_warp_specialize()
+    finally:
+        monkeypatch.undo()
+        for probe in (_compat.device_tensor_descriptor, _compat.has_warp_specialize):
+            probe.cache_clear()
+    assert _compat.has_warp_specialize()

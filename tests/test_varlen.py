@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import posattn
+from conftest import DEVICE, HAS_CUDA
+from tolerance import assert_close
 
 # Lengths 0, 1, 7, 63 and 130 in one pack (DESIGN §5's odd shapes, plus an empty sequence).
 LENS = (0, 1, 7, 63, 130)
@@ -119,10 +121,10 @@ def padded_oracle(q, k, v, lq, lk, q_pos=None, k_pos=None, rope=None, bias=None,
     return out[bi, :, ri], lse[bi, :, ri].T
 
 
-def run_varlen(c, q, k, v, cu_q, cu_k, kw, dout, dlse, spec_params, fn):
-    """Output, lse and every gradient of ``fn`` (attention_varlen or the padded oracle)."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    params = {name: t.detach().clone().requires_grad_(g) for name, (t, g) in spec_params.items()}
+def run_varlen(c, q, k, v, cu_q, cu_k, kw, dout, dlse, spec_params, fn, dtype=torch.float64):
+    """Output, lse and every gradient of ``fn`` (attention_varlen or the padded oracle), in ``dtype``."""
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    params = {name: t.detach().to(dtype).requires_grad_(g) for name, (t, g) in spec_params.items()}
     if c.spec is not None:
         kw = {**kw, **c.spec[2](params)}
     out, lse = fn(q, k, v, cu_q, cu_k, kw)
@@ -306,8 +308,183 @@ def test_argument_errors(over, error, match):
         posattn.attention_varlen(**_bad(**over))
 
 
-def test_kernel_backends_not_built_yet():
-    """Until the packed kernels exist, asking for them raises; nothing falls back silently."""
+@pytest.mark.requires_ext
+def test_cpu_backend_not_built_yet():
+    """Until the CPU packed kernel exists, asking for it raises; nothing falls back silently."""
     args = _bad(q=torch.randn(10, 2, 8), k=torch.randn(12, 1, 8), v=torch.randn(12, 1, 8), backend=None)
     with pytest.raises(NotImplementedError, match="backend='reference'"):
         posattn.attention_varlen(**args)
+
+
+# kernel backends -----------------------------------------------------------------------------------------
+
+# Triton runs on CUDA, or on the CPU under the interpreter (fp32, fp16: bf16 tl.dot is broken there).
+KERNELS = [pytest.param("triton", id="triton")]
+HALF = [pytest.param("triton", torch.float16, id="triton-float16")] + (
+    [pytest.param("triton", torch.bfloat16, id="triton-bfloat16")] if HAS_CUDA else [])
+
+
+def check_kernel(c: Case, backend, dtype=torch.float32, device=DEVICE, **kw_extra):
+    """The kernel against the per-sequence reference in float64 (output, lse, every gradient)
+    with the tolerance rule, the reference in ``dtype`` giving the rounding scale."""
+    q, k, v, cu_q, cu_k, kw = make_pack(c, device=device)
+    kw.update(kw_extra)
+    dout = torch.randn(q.shape[0], c.H, c.Dv, dtype=torch.float64, device=device)
+    dlse = torch.randn(c.H, q.shape[0], dtype=torch.float64, device=device)
+    params = spec_params(c, device)
+    args = (c, q, k, v, cu_q, cu_k, kw, dout, dlse, params)
+    ref = run_varlen(*args, varlen_fn("reference"))
+    low = run_varlen(*args, varlen_fn("reference"), dtype=dtype)
+    got = run_varlen(*args, varlen_fn(backend), dtype=dtype)
+    assert got["lse"].dtype == torch.float32 and got["out"].dtype == dtype
+    for name in ref:
+        assert_close(f"{c.id}-{name}", got[name], ref[name], low[name].to(dtype))
+    return got
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("c", CASES, ids=lambda c: c.id)
+def test_kernel(c, backend):
+    check_kernel(c, backend)
+
+
+@pytest.mark.parametrize("backend, dtype", HALF)
+@pytest.mark.parametrize("c", [Case(H=4, Hkv=2, D=40, kw={"causal": True}), CASES[12]], ids=lambda c: c.id)
+def test_kernel_half(c, backend, dtype):
+    check_kernel(c, backend, dtype)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernel_noncontiguous_views(backend):
+    """Views with other strides, whose gaps hold NaN: a kernel that reads a row or channel
+    outside the views fails. q, k from a [T, 3, 2H, D] qkv buffer (every other head), v
+    head-major."""
+    lens, H, D = (7, 0, 63, 1), 2, 16
+    T = sum(lens)
+    torch.manual_seed(4)
+    buf = torch.full((T, 3, 2 * H, D), float("nan"), device=DEVICE)
+    buf[:, :, ::2] = torch.randn(T, 3, H, D, device=DEVICE)
+    q, k = buf[:, 0, ::2], buf[:, 1, ::2]
+    v = torch.randn(H, T, D, device=DEVICE).transpose(0, 1)
+    cu = cu_seqlens(lens, DEVICE)
+    got = run_pack(q, k, v, cu, cu, backend, causal=True)
+    ref = run_pack(q.double(), k.double(), v.double(), cu, cu, "reference", causal=True)
+    low = run_pack(q, k, v, cu, cu, "reference", causal=True)
+    for name in ref:
+        assert_close(name, got[name], ref[name], low[name])
+
+
+def run_pack(q, k, v, cu_q, cu_k, backend, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() if t.is_contiguous() else t.detach().requires_grad_()
+               for t in (q, k, v))
+    out, lse = posattn.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, backend=backend, **kw)
+    g = torch.Generator(device="cpu").manual_seed(9)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
+    (out.double() * dout).sum().backward()
+    return {"out": out.detach(), "lse": lse.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernel_never_reads_other_sequences(backend):
+    """NaN planted in every row of sequence 1 (q, k and v): the other sequences' outputs, lse
+    and gradients have no NaN and are bitwise those of the clean pack (the last sequence's
+    first queries see no key: lse −inf there, in both)."""
+    lq, lk, H, D = (7, 63, 1, 70), (9, 63, 1, 66), 2, 16
+    torch.manual_seed(5)
+    q = torch.randn(sum(lq), H, D, device=DEVICE)
+    k, v = (torch.randn(sum(lk), 1, D, device=DEVICE) for _ in range(2))
+    cq, ck = cu_seqlens(lq, DEVICE), cu_seqlens(lk, DEVICE)
+    clean = run_pack(q, k, v, cq, ck, backend, causal=True, window=(30, -1))
+    q[7:70], k[9:72], v[9:72] = float("nan"), float("nan"), float("nan")
+    poisoned = run_pack(q, k, v, cq, ck, backend, causal=True, window=(30, -1))
+    rows_q = torch.cat((torch.arange(0, 7), torch.arange(70, sum(lq))))
+    rows_k = torch.cat((torch.arange(0, 9), torch.arange(72, sum(lk))))
+    for name, rows, dim in (("out", rows_q, 0), ("lse", rows_q, 1), ("dq", rows_q, 0), ("dk", rows_k, 0),
+                            ("dv", rows_k, 0)):
+        a, b = clean[name].index_select(dim, rows.to(DEVICE)), poisoned[name].index_select(dim, rows.to(DEVICE))
+        assert not torch.isnan(b).any(), f"{name}: NaN reached another sequence"
+        assert torch.equal(a, b), f"{name}: another sequence's rows changed the result"
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernel_deterministic_bitwise(backend):
+    """deterministic=True: two runs give bitwise the same gradients, table ones included."""
+    c = Case(lq=(7, 0, 63), lk=(9, 5, 63), spec=_table("rel-M9", posattn.RelativeBias, 19))
+    a = check_kernel(c, backend, deterministic=True)
+    b = check_kernel(c, backend, deterministic=True)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernel_torch_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) traces the packed op, forward and backward, with the
+    maxima given (no host read of cu_seqlens)."""
+    c = Case(lq=(7, 0, 63), lk=(9, 5, 63))
+    q, k, v, cu_q, cu_k, _ = make_pack(c, dtype=torch.float32, device=DEVICE)
+    table = torch.randn(c.H, 9, device=DEVICE)
+
+    def f(q, k, v, table):
+        out, lse = posattn.attention_varlen(q, k, v, cu_q, cu_k, 63, 63, causal=True, return_lse=True,
+                                            bias=posattn.RelativeBias(table), backend=backend)
+        return out.sum() + lse.sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    ins = [t.clone().requires_grad_() for t in (q, k, v, table)]
+    ins2 = [t.clone().requires_grad_() for t in (q, k, v, table)]
+    compiled(*ins).backward()
+    f(*ins2).backward()
+    for a, b in zip(ins, ins2):
+        assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_opcheck(backend):
+    """The packed op's schema, fake and autograd registration (torch.library.opcheck), with
+    position tensors and a learnable table."""
+    from posattn import ops
+    from posattn.positions import kernel_positions
+
+    torch.manual_seed(6)
+    lq, lk = (3, 0, 5), (4, 2, 5)
+    q = torch.randn(8, 2, 16, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(11, 1, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    cq, ck = cu_seqlens(lq, DEVICE), cu_seqlens(lk, DEVICE)
+    table = torch.randn(2, 7, device=DEVICE, requires_grad=True)
+    kp = kernel_positions(None, posattn.RelativeBias(table), None, q.transpose(0, 1)[None].expand(3, -1, -1, -1),
+                          k.transpose(0, 1)[None].expand(3, -1, -1, -1), 0, 0)
+    specs = (kp.rope_table, kp.q_angles, kp.k_angles, kp.bias_tensor, kp.bias_lut, kp.urpe_table, ops.spec_ints(kp),
+             kp.rope_scale)
+    for q_pos, causal in ((None, True), (torch.arange(8, device=DEVICE), False)):
+        args = (q, k, v, cq, ck, q_pos, None, 0, 0, causal, -1, -1, 0.0, 0.0, None, 0.25, *specs, False)
+        torch.library.opcheck(ops.varlen_forward_op(backend), args)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernel_dropout_with_kernel_mask(backend):
+    """Dropout in a packed batch is keyed by (sequence, head, row and key in the sequence):
+    sequence i drops what posattn.attention's kernels drop for batch row i of a padded
+    [n, H, max L, max S] batch, whatever the packing. Checked against the padded oracle given
+    that keep-mask, output and every gradient."""
+    from posattn.triton_kernels import dropout_mask
+
+    c = Case(lq=(7, 0, 63, 30), lk=(9, 5, 63, 30), H=2, Hkv=1, kw={"causal": True, "dropout_p": 0.3},
+             spec=_table("rel-M9", posattn.RelativeBias, 19))
+    q, k, v, cu_q, cu_k, kw = make_pack(c, device=DEVICE)
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # attention_varlen's first draw after the seed
+    keep = dropout_mask(seed, len(c.lq), c.H, max(c.lq), max(c.lk), 0.3, DEVICE)
+    assert abs(keep.float().mean().item() - 0.7) < 0.03
+    dout = torch.randn(q.shape[0], c.H, c.Dv, dtype=torch.float64, device=DEVICE)
+    dlse = torch.randn(c.H, q.shape[0], dtype=torch.float64, device=DEVICE)
+    args = (c, q, k, v, cu_q, cu_k, kw, dout, dlse, spec_params(c, DEVICE))
+
+    def oracle(q, k, v, cu_q, cu_k, kw):
+        return padded_oracle(q, k, v, c.lq, c.lk, dropout_mask=keep, **kw)
+
+    ref = run_varlen(*args, oracle)
+    low = run_varlen(*args, oracle, dtype=torch.float32)
+    torch.manual_seed(11)
+    got = run_varlen(*args, varlen_fn(backend), dtype=torch.float32)
+    for name in ref:
+        assert_close(f"dropout-{name}", got[name], ref[name], low[name])

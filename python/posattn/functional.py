@@ -45,6 +45,15 @@ def select_backend(backend, q: torch.Tensor) -> str:
     return backend
 
 
+def _kernel_inputs(q, k, v, backend):
+    """q, k, v as the kernels take them (last dim contiguous: copied once otherwise), after the
+    head-dim limit."""
+    if max(q.shape[-1], v.shape[-1]) > _config.MAX_HEAD_DIM:
+        raise ValueError(f"head dims D={q.shape[-1]}, Dv={v.shape[-1]}: backend={backend!r} takes head dims up to "
+                         f"{_config.MAX_HEAD_DIM}; use backend='reference' for larger ones")
+    return (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+
+
 def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, bias=None, urpe=None, softcap=None,
               dropout_p=0.0, scale=None, q_pos=0, k_pos=0, return_lse=False, backend=None, deterministic=False):
     """Fused attention with positions: ``softmax(scale·q·kᵀ + bias + mask) · v``.
@@ -112,10 +121,7 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
                                    k_pos=k_pos, return_lse=return_lse)
 
     D = q.shape[-1]
-    if max(D, v.shape[-1]) > _config.MAX_HEAD_DIM:
-        raise ValueError(f"head dims D={D}, Dv={v.shape[-1]}: backend={backend!r} takes head dims up to "
-                         f"{_config.MAX_HEAD_DIM}; use backend='reference' for larger ones")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = _kernel_inputs(q, k, v, backend)
     if attn_mask is not None and attn_mask.dim() < 4:
         attn_mask = attn_mask[(None,) * (4 - attn_mask.dim())]  # a view: the gradient keeps the mask's shape
     q_tensor = q_pos if isinstance(q_pos, torch.Tensor) else None
@@ -167,9 +173,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     Returns out [Tq, H, Dv] in q's dtype, and with ``return_lse`` also lse [H, Tq] (natural
     log; FlashAttention's layout), fp32 on the kernel backends.
 
-    ``backend``: "reference" (per-sequence dense PyTorch, any dtype incl. float64: the oracle)
-    or None (float64: the reference). The Triton and CPU kernels for packed batches are not
-    built yet: asking for them (explicitly or through backend=None) raises.
+    ``backend``: "triton" (CUDA tensors; CPU tensors under TRITON_INTERPRET=1: the attention
+    kernels with the sequence of each program from a tile → sequence map, no padding),
+    "reference" (per-sequence dense PyTorch, any dtype incl. float64: the oracle) or None
+    (triton for CUDA, the reference for float64). The CPU kernel for packed batches is not
+    built yet: backend="cpu" (and None for CPU tensors) raises.
     """
     check_specs(rope, bias, urpe)
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window=window,
@@ -177,16 +185,33 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     n = cu_seqlens_q.numel() - 1
     _check_varlen_specs(rope, bias, urpe, q, k, n, cu_seqlens_q, cu_seqlens_k)
     backend = select_backend(backend, q)
-    read = backend == "reference" or (not torch.compiler.is_compiling() and (
+    # RoPE with dynamic NTK / LongRoPE scaling needs the largest position of the pack on the host
+    read = backend == "reference" or _dynamic_rope(rope) or (not torch.compiler.is_compiling() and (
         q.device.type == "cpu" or max_seqlen_q is None or max_seqlen_k is None))
+    cu_q = cu_k = None
     if read:
         cu_q, cu_k = _read_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    rope = _pack_rope(rope, q.shape[-1], cu_q, cu_k, q_pos, k_pos)
     if backend == "reference":
         return _varlen_reference(q, k, v, cu_q, cu_k, causal=causal, window=window, rope=rope, bias=bias, urpe=urpe,
                                  softcap=softcap, dropout_p=dropout_p, scale=scale, q_pos=q_pos, k_pos=k_pos,
                                  return_lse=return_lse)
-    raise NotImplementedError(f"attention_varlen: backend={backend!r} is not built yet for packed batches (issue 16); "
-                              f"use backend='reference' (dense, per sequence) or pad the batch for posattn.attention")
+    forward = ops.varlen_forward_op(backend)
+    D = q.shape[-1]
+    q, k, v = _kernel_inputs(q, k, v, backend)
+    cu_seqlens_q, cu_seqlens_k = (c.to(torch.int32).contiguous() for c in (cu_seqlens_q, cu_seqlens_k))
+    left, right = window if window is not None else (-1, -1)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else None
+    # the specs see the pack as n sequences of Tq / Tk rows ([n, H, T, D] views, batch stride 0)
+    kp = kernel_positions(rope, bias, urpe, q.transpose(0, 1)[None].expand(n, -1, -1, -1),
+                          k.transpose(0, 1)[None].expand(n, -1, -1, -1), 0 if q_pos is None else q_pos,
+                          0 if k_pos is None else k_pos)
+    out, lse = forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, 0, 0, bool(causal), left, right, float(softcap or 0.0),
+        float(dropout_p), seed, 1.0 / math.sqrt(D) if scale is None else float(scale), kp.rope_table, kp.q_angles,
+        kp.k_angles, kp.bias_tensor, kp.bias_lut, kp.urpe_table, ops.spec_ints(kp), float(kp.rope_scale),
+        bool(deterministic))
+    return (out, lse) if return_lse else out
 
 
 def _check_varlen_specs(rope, bias, urpe, q, k, n, cu_seqlens_q, cu_seqlens_k):
@@ -218,13 +243,17 @@ def _read_cu_seqlens(cu_seqlens_q, cu_seqlens_k, Tq, Tk, max_seqlen_q, max_seqle
     return cu_q, cu_k
 
 
-def _pack_rope(rope, D, cu_q, cu_k, q_pos, k_pos):
-    """A RoPE whose frequencies depend on the largest position (dynamic NTK, LongRoPE) gets
-    them fixed by the largest position in the whole pack, so every sequence uses the same."""
+def _dynamic_rope(rope) -> bool:
+    """A RoPE whose frequencies depend on the largest position (dynamic NTK, LongRoPE)."""
     if not isinstance(rope, RoPE) or rope.inv_freq is not None:
-        return rope
-    kind = (rope.scaling or {}).get("rope_type", (rope.scaling or {}).get("type"))
-    if kind not in ("dynamic", "longrope"):
+        return False
+    return (rope.scaling or {}).get("rope_type", (rope.scaling or {}).get("type")) in ("dynamic", "longrope")
+
+
+def _pack_rope(rope, D, cu_q, cu_k, q_pos, k_pos):
+    """A dynamic RoPE gets its frequencies fixed by the largest position in the whole pack
+    (the prefix sums ``cu_q`` / ``cu_k`` as host lists), so every sequence uses the same."""
+    if not _dynamic_rope(rope):
         return rope
     largest = -1
     for i in range(len(cu_q) - 1):

@@ -80,10 +80,11 @@ def _visible_tiles(own_lo, own_hi, full, offset, window_left, window_right, N, B
 
 
 @triton.jit
-def _varlen_tile(TILE_MAP, CU_Q, CU_K, slot):
+def _varlen_tile(TILE_MAP, CU_Q, CU_K, slot, q_offset, Q_POS_TENSOR: tl.constexpr):
     """A packed batch's program ``slot``: its sequence (−1 for a spare program past the last
-    tile), its tile index inside the sequence, and the sequence's first query / key rows and
-    lengths. TILE_MAP [2, slots] is computed on the device by the launcher (no search here)."""
+    tile), its tile index inside the sequence, the sequence's first query / key rows, its
+    lengths, and its query offset (bottom-right by default: the last query sits at the last
+    key's position). TILE_MAP [2, slots] is computed on the device by the launcher."""
     b = tl.load(TILE_MAP + slot)
     tile = tl.load(TILE_MAP + tl.num_programs(0) + slot)
     seq = tl.maximum(b, 0)
@@ -91,7 +92,19 @@ def _varlen_tile(TILE_MAP, CU_Q, CU_K, slot):
     k_start = tl.load(CU_K + seq)
     L = tl.load(CU_Q + seq + 1) - q_start
     S = tl.load(CU_K + seq + 1) - k_start
-    return b, tile, q_start.to(tl.int64), k_start.to(tl.int64), L, S
+    if not Q_POS_TENSOR:
+        q_offset += S - L
+    return b, tile, q_start.to(tl.int64), k_start.to(tl.int64), L, S, q_offset
+
+
+@triton.jit
+def _varlen_inputs(q_start, k_start, Q, QPOS, QANG, K, V, KPOS, KANG, stride_q_l, stride_qpos_l, stride_qang_l,
+                   stride_k_s, stride_v_s, stride_kpos_l, stride_kang_s):
+    """The shared inputs' pointers moved to a sequence's first query / key rows (the launcher
+    passes batch strides of 0 for a packed batch)."""
+    return (Q + q_start * stride_q_l, QPOS + q_start * stride_qpos_l, QANG + q_start * stride_qang_l,
+            K + k_start * stride_k_s, V + k_start * stride_v_s, KPOS + k_start * stride_kpos_l,
+            KANG + k_start * stride_kang_s)
 
 
 @triton.jit
@@ -259,7 +272,8 @@ def _attn_fwd_kernel(
         # A packed batch: the program's sequence b and query tile from the tile map, its rows
         # addressed from the sequence's first rows (the launcher passes batch strides of 0);
         # per-row buffers (lse, V's flags) are [heads, total rows]. No tile spans two sequences.
-        b, start_m, q_start, k_start, L_seq, S_seq = _varlen_tile(TILE_MAP, CU_Q, CU_K, start_m)
+        b, start_m, q_start, k_start, L_seq, S_seq, q_offset = _varlen_tile(TILE_MAP, CU_Q, CU_K, start_m, q_offset,
+                                                                            Q_POS_TENSOR)
         if b < 0:
             return
         h = bh
@@ -267,16 +281,10 @@ def _attn_fwd_kernel(
         q_row = h * L + q_start
         k_row = (h // (H // HKV)) * S + k_start
         L, S = L_seq, S_seq
-        if not Q_POS_TENSOR:
-            q_offset += S - L  # bottom-right: the last query sits at the last key's position
-        Q += q_start * stride_q_l
+        Q, QPOS, QANG, K, V, KPOS, KANG = _varlen_inputs(q_start, k_start, Q, QPOS, QANG, K, V, KPOS, KANG,
+                                                         stride_q_l, stride_qpos_l, stride_qang_l, stride_k_s,
+                                                         stride_v_s, stride_kpos_l, stride_kang_s)
         O += q_start * stride_o_l
-        QPOS += q_start * stride_qpos_l
-        QANG += q_start * stride_qang_l
-        K += k_start * stride_k_s
-        V += k_start * stride_v_s
-        KPOS += k_start * stride_kpos_l
-        KANG += k_start * stride_kang_s
     else:
         q_row = bh * L
     hkv = h // (H // HKV)
@@ -496,26 +504,21 @@ def _attn_bwd_dkdv_kernel(
     hkv = bhkv % HKV
     L_rows = L  # rows of the lse / delta buffers: [B·H, L], or [H, total queries] for a packed batch
     if VARLEN:  # as in the forward kernel, over key tiles
-        b, start_n, q_start, k_start, L_seq, S_seq = _varlen_tile(TILE_MAP, CU_Q, CU_K, start_n)
+        b, start_n, q_start, k_start, L_seq, S_seq, q_offset = _varlen_tile(TILE_MAP, CU_Q, CU_K, start_n, q_offset,
+                                                                            Q_POS_TENSOR)
         if b < 0:
             return
         hkv = bhkv
         k_row = hkv * S + k_start
         L, S = L_seq, S_seq
-        if not Q_POS_TENSOR:
-            q_offset += S - L
-        Q += q_start * stride_q_l
+        Q, QPOS, QANG, K, V, KPOS, KANG = _varlen_inputs(q_start, k_start, Q, QPOS, QANG, K, V, KPOS, KANG,
+                                                         stride_q_l, stride_qpos_l, stride_qang_l, stride_k_s,
+                                                         stride_v_s, stride_kpos_l, stride_kang_s)
         DO += q_start * stride_do_l
-        QPOS += q_start * stride_qpos_l
-        QANG += q_start * stride_qang_l
         LSE += q_start
         DELTA += q_start
-        K += k_start * stride_k_s
-        V += k_start * stride_v_s
         DK += k_start * stride_dk_s
         DV_OUT += k_start * stride_dv_s
-        KPOS += k_start * stride_kpos_l
-        KANG += k_start * stride_kang_s
     else:
         k_row = bhkv * S
 
@@ -683,24 +686,19 @@ def _attn_bwd_dq_kernel(
     h = bh % H
     slot = start_m  # the program's row of per-program partial sums
     if VARLEN:  # as in the forward kernel
-        b, start_m, q_start, k_start, L_seq, S_seq = _varlen_tile(TILE_MAP, CU_Q, CU_K, start_m)
+        b, start_m, q_start, k_start, L_seq, S_seq, q_offset = _varlen_tile(TILE_MAP, CU_Q, CU_K, start_m, q_offset,
+                                                                            Q_POS_TENSOR)
         if b < 0:
             return
         h = bh
         bh = b * H + h
         q_row = h * L + q_start
         L, S = L_seq, S_seq
-        if not Q_POS_TENSOR:
-            q_offset += S - L
-        Q += q_start * stride_q_l
+        Q, QPOS, QANG, K, V, KPOS, KANG = _varlen_inputs(q_start, k_start, Q, QPOS, QANG, K, V, KPOS, KANG,
+                                                         stride_q_l, stride_qpos_l, stride_qang_l, stride_k_s,
+                                                         stride_v_s, stride_kpos_l, stride_kang_s)
         DO += q_start * stride_do_l
         DQ += q_start * stride_dq_l
-        QPOS += q_start * stride_qpos_l
-        QANG += q_start * stride_qang_l
-        K += k_start * stride_k_s
-        V += k_start * stride_v_s
-        KPOS += k_start * stride_kpos_l
-        KANG += k_start * stride_kang_s
     else:
         q_row = bh * L
     hkv = h // (H // HKV)

@@ -135,12 +135,17 @@ def triton_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
         dout, q, k, v, out, lse, dlse, attn_mask, _pos(q_pos, q_offset), _pos(k_pos, k_offset), causal,
         _window(window_left, window_right), softcap or None, dropout_p, 0 if seed is None else int(seed), scale,
         mask_grad, kp, (angle_grad, bias_grad, urpe_grad), deterministic)
+    return _grad_list(grads, q, q_angles, k_angles)
+
+
+def _grad_list(grads, q, q_angles, k_angles):
+    """The launcher's gradients as the backward ops return them: angle gradients in the angles'
+    dtype, and (custom ops cannot return None) an empty tensor for "no gradient"."""
     dq, dk, dv, dmask, dq_angles, dk_angles, dbias, durpe = grads
     if dq_angles is not None:
         dq_angles = dq_angles.to(q_angles.dtype)
     if dk_angles is not None:
         dk_angles = dk_angles.to(k_angles.dtype)
-    # custom ops cannot return None: an empty tensor stands for "no gradient"
     return [dq, dk, dv, *(g if g is not None else q.new_empty(0) for g in (dmask, dq_angles, dk_angles, dbias, durpe))]
 
 
@@ -249,12 +254,7 @@ def triton_attention_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o
         dout, q, k, v, out, lse, dlse, None, _pos(q_pos, q_offset), _pos(k_pos, k_offset), causal,
         _window(window_left, window_right), softcap or None, dropout_p, 0 if seed is None else int(seed), scale,
         False, kp, (angle_grad, bias_grad, urpe_grad), deterministic, varlen=(cu_seqlens_q, cu_seqlens_k))
-    dq, dk, dv, _, dq_angles, dk_angles, dbias, durpe = grads
-    if dq_angles is not None:
-        dq_angles = dq_angles.to(q_angles.dtype)
-    if dk_angles is not None:
-        dk_angles = dk_angles.to(k_angles.dtype)
-    return [dq, dk, dv, *(g if g is not None else q.new_empty(0) for g in (None, dq_angles, dk_angles, dbias, durpe))]
+    return _grad_list(grads, q, q_angles, k_angles)
 
 
 @triton_attention_varlen_bwd.register_fake

@@ -488,3 +488,25 @@ def test_kernel_dropout_with_kernel_mask(backend):
     got = run_varlen(*args, varlen_fn(backend), dtype=torch.float32)
     for name in ref:
         assert_close(f"dropout-{name}", got[name], ref[name], low[name])
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernel_edge_packs(backend):
+    """An empty pack, a pack without keys (output 0, lse −inf, zero gradients) and int64 prefix
+    sums (the same result as int32)."""
+    q = torch.randn(0, 2, 16, device=DEVICE, requires_grad=True)
+    cu0 = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out, lse = posattn.attention_varlen(q, q, q, cu0, cu0, return_lse=True, backend=backend)
+    assert out.shape == (0, 2, 16) and lse.shape == (2, 0)
+    q = torch.randn(5, 2, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(0, 1, 16, device=DEVICE, requires_grad=True)
+    out, lse = posattn.attention_varlen(q, k, k, cu_seqlens((2, 3), DEVICE), cu_seqlens((0, 0), DEVICE),
+                                        return_lse=True, backend=backend)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+    c = Case(lq=(7, 0, 63), lk=(9, 5, 63), kw={"causal": True})
+    q, k, v, cu_q, cu_k, _ = make_pack(c, dtype=torch.float32, device=DEVICE)
+    a = posattn.attention_varlen(q, k, v, cu_q, cu_k, causal=True, backend=backend)
+    b = posattn.attention_varlen(q, k, v, cu_q.long(), cu_k.long(), causal=True, backend=backend)
+    assert torch.equal(a, b)

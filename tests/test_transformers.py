@@ -1,0 +1,293 @@
+"""posattn.integrations.transformers: tiny random-config HF models, offline, fp32 on CPU.
+
+Every comparison runs three twins with one state dict: the model with
+attn_implementation="posattn" (and fuse_positions where named) in float32, the stock model
+(eager or sdpa) in float64 as the reference, and the stock model in float32 for the rounding
+the tolerance allows (tests/tolerance.py). Logits are compared at the real (unpadded) tokens,
+and every parameter gradient of a loss over those tokens.
+"""
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import posattn
+from conftest import requires_ext
+from tolerance import assert_close
+
+transformers = pytest.importorskip("transformers")
+from transformers import (BloomConfig, BloomForCausalLM, DynamicCache, Gemma2Config,  # noqa: E402
+                          Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config,
+                          T5ForConditionalGeneration)
+
+from posattn.integrations.transformers import fuse_positions, register, unfuse_positions  # noqa: E402
+
+pytestmark = requires_ext
+needs_varlen = pytest.mark.skipif(not hasattr(posattn, "attention_varlen"),
+                                  reason="packed sequences need posattn.attention_varlen (the varlen issue)")
+
+VOCAB = 61
+
+
+def llama_config(**kw):
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+    return LlamaConfig(**{**base, **kw})
+
+
+def twins(cls, config, stock="eager", fuse=False):
+    """(posattn model fp32, stock fp64, stock fp32), one state dict, eval mode (no dropout)."""
+    register()
+    torch.manual_seed(0)
+    ours = cls(copy.deepcopy(config)).eval()
+    stock32 = cls(copy.deepcopy(config)).eval()
+    stock32.load_state_dict(ours.state_dict())
+    if hasattr(stock32, "set_attn_implementation") and cls is not BloomForCausalLM:
+        stock32.set_attn_implementation(stock)
+        ours.set_attn_implementation("posattn")
+    stock64 = copy.deepcopy(stock32).double()
+    if fuse:
+        fuse_positions(ours)
+    return ours, stock64, stock32
+
+
+def padded_batch(B, L, side, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    if side == "left":
+        mask[0, :3] = 0
+        mask[1, :1] = 0
+    elif side == "right":
+        mask[0, -4:] = 0
+    elif side == "middle":  # a hole: HF's ALiBi positions (mask.cumsum) skip it, token indices do not
+        mask[0, 4:7] = 0
+        mask[1, :2] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def run(model, weights, **inputs):
+    """Logits, and the gradients of Σ weights·logits (weights zero at padded tokens)."""
+    model.zero_grad()
+    logits = model(**inputs).logits
+    (logits.double() * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+def softmax_keeps_float64(input, dim=None, _stacklevel=3, dtype=None):
+    """HF's eager attention takes its softmax in float32 (dtype=torch.float32), which would cut the
+    float64 reference down to float32 and turn its fully masked (padded) rows into NaN."""
+    return _SOFTMAX(input, dim=dim, dtype=None if input.dtype == torch.float64 else dtype)
+
+
+_SOFTMAX = torch.nn.functional.softmax
+
+
+def compare(models, valid, **inputs):
+    """Logits at the valid tokens and every parameter gradient: posattn vs the stock twins."""
+    ours, stock64, stock32 = models
+    g = torch.Generator().manual_seed(2)
+    weights = torch.randn(*valid.shape, VOCAB, generator=g, dtype=torch.float64) * valid[..., None]
+    cast = {k: (v.double() if torch.is_floating_point(v) else v) for k, v in inputs.items()}
+    got, got_g = run(ours, weights, **inputs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "softmax", softmax_keeps_float64)
+        ref, ref_g = run(stock64, weights, **cast)
+    same, same_g = run(stock32, weights, **inputs)
+    v = valid.bool()
+    assert_close("logits", got[v], ref[v], same[v])
+    assert ref_g.keys() == got_g.keys(), sorted(set(ref_g) ^ set(got_g))
+    for name in ref_g:
+        assert_close(f"grad {name}", got_g[name], ref_g[name], same_g[name])
+    return got_g
+
+
+# --------------------------------------------------------------------------------------------------
+# register(): attn_implementation="posattn"
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("side", ["none", "left", "right"])
+@pytest.mark.parametrize("fuse", [False, True], ids=["interface", "fused"])
+def test_llama_gqa_padding(side, fuse):
+    models = twins(LlamaForCausalLM, llama_config(), stock="sdpa", fuse=fuse)
+    ids, mask = padded_batch(2, 11, side)
+    compare(models, mask, input_ids=ids, attention_mask=mask)
+
+
+def test_register_is_idempotent_and_masks_stay_2d(monkeypatch):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from posattn.integrations import transformers as integ
+    register()
+    register()
+    assert AttentionInterface._global_mapping["posattn"] is integ.attention_forward
+    assert AttentionMaskInterface._global_mapping["posattn"] is integ.mask_function
+    seen = []
+    original = integ.attention_forward
+
+    def spy(module, q, k, v, attention_mask, **kw):
+        seen.append(None if attention_mask is None else tuple(attention_mask.shape))
+        return original(module, q, k, v, attention_mask, **kw)
+
+    ours = twins(LlamaForCausalLM, llama_config())[0]
+    monkeypatch.setitem(AttentionInterface._global_mapping, "posattn", spy)
+    ids, mask = padded_batch(2, 11, "left")
+    ours(input_ids=ids, attention_mask=mask)
+    ours(input_ids=ids)
+    assert seen == [(2, 11)] * 2 + [None] * 2  # the padding mask (B, S), never (B, 1, L, S)
+
+
+def test_rope_types_fused():
+    """The model's own inv_freq and attention_scaling: linear, llama3 and yarn scalings."""
+    for rope in ({"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+                 {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64, "rope_theta": 500000.0},
+                 {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}):
+        models = twins(LlamaForCausalLM, llama_config(num_hidden_layers=1, rope_parameters=rope), fuse=True)
+        ids, mask = padded_batch(2, 9, "none")
+        compare(models, mask, input_ids=ids)
+
+
+def test_generate_greedy_identical_tokens():
+    ours, _, stock = twins(LlamaForCausalLM, llama_config(), stock="sdpa")
+    ids, mask = padded_batch(2, 7, "left")
+    kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    want = stock.generate(ids, **kw)
+    assert torch.equal(ours.generate(ids, **kw), want)
+    fuse_positions(ours)  # the cache now holds un-rotated keys; the kernel rotates them at their positions
+    assert torch.equal(ours.generate(ids, **kw), want)
+
+
+def test_decode_with_dynamic_cache_matches_full_forward():
+    ours, stock64, stock32 = twins(LlamaForCausalLM, llama_config(), fuse=True)
+    ids, mask = padded_batch(2, 12, "left")
+    cache = DynamicCache(config=ours.config)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    first = ours(input_ids=ids[:, :9], attention_mask=mask[:, :9], position_ids=pos[:, :9], past_key_values=cache,
+                 use_cache=True).logits
+    steps = [ours(input_ids=ids[:, i:i + 1], attention_mask=mask[:, :i + 1], position_ids=pos[:, i:i + 1],
+                  past_key_values=cache, use_cache=True).logits for i in range(9, 12)]
+    got = torch.cat([first] + steps, dim=1).detach()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "softmax", softmax_keeps_float64)
+        ref = stock64(input_ids=ids, attention_mask=mask, position_ids=pos).logits.detach()
+    same = stock32(input_ids=ids, attention_mask=mask, position_ids=pos).logits.detach()
+    v = mask.bool()
+    assert_close("logits", got[v], ref[v], same[v])
+
+
+@needs_varlen
+@pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "cache"])
+def test_llama_packed_position_ids(cache):
+    """Three sequences packed in one row, told apart by position_ids restarting; with a cache HF
+    skips its own packing detection, posattn does not. The reference is the stock model without
+    a cache (HF builds the block-diagonal mask itself then)."""
+    ours, stock64, stock32 = twins(LlamaForCausalLM, llama_config())
+    ids = torch.randint(1, VOCAB, (1, 13))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4]])
+    valid = torch.ones(1, 13)
+    if cache:
+        ours = _with_cache(ours)
+    compare((ours, stock64, stock32), valid, input_ids=ids, position_ids=pos)
+
+
+@needs_varlen
+def test_llama_cu_seq_lens_kwargs():
+    ours, stock64, stock32 = twins(LlamaForCausalLM, llama_config(), fuse=True)
+    ids = torch.randint(1, VOCAB, (1, 10))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    ours = _with_kwargs(ours, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6)
+    compare((ours, stock64, stock32), torch.ones(1, 10), input_ids=ids, position_ids=pos)
+
+
+def _with_cache(model):
+    original = model.forward
+
+    def forward(**kw):
+        return original(past_key_values=DynamicCache(config=model.config), use_cache=True, **kw)
+
+    model.forward = forward
+    return model
+
+
+def _with_kwargs(model, **extra):
+    original = model.forward
+    model.forward = lambda **kw: original(**kw, **extra)
+    return model
+
+
+def test_gemma2_softcap_and_sliding_window():
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                          attn_logit_softcapping=5.0, final_logit_softcapping=None, query_pre_attn_scalar=12,
+                          max_position_embeddings=64, pad_token_id=0)
+    assert config.layer_types[0] == "sliding_attention"
+    ids, mask = padded_batch(2, 12, "left")
+    compare(twins(Gemma2ForCausalLM, config), mask, input_ids=ids, attention_mask=mask)
+    compare(twins(Gemma2ForCausalLM, config, fuse=True), mask, input_ids=ids, attention_mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# fuse_positions: T5 (in-kernel T5Bias) and Bloom (in-kernel ALiBi)
+# --------------------------------------------------------------------------------------------------
+
+def t5_config():
+    return T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+                    relative_attention_num_buckets=8, relative_attention_max_distance=12, dropout_rate=0.0,
+                    decoder_start_token_id=0, pad_token_id=0)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["position_bias-as-mask", "fused"])
+def test_t5_encoder_decoder(fuse):
+    models = twins(T5ForConditionalGeneration, t5_config(), fuse=fuse)
+    src, src_mask = padded_batch(2, 14, "right")
+    tgt = torch.randint(1, VOCAB, (2, 16))
+    grads = compare(models, torch.ones(2, 16), input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt)
+    for stack in ("encoder", "decoder"):
+        g = grads[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        assert g.abs().sum() > 0  # the bias table is learned through the kernel
+
+
+def test_t5_generate_fused():
+    ours, _, stock = twins(T5ForConditionalGeneration, t5_config(), fuse=True)
+    src, src_mask = padded_batch(2, 9, "right")
+    kw = dict(attention_mask=src_mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours.generate(src, **kw), stock.generate(src, **kw))
+
+
+@pytest.mark.parametrize("side", ["none", "left", "middle"])
+def test_bloom_alibi_fused(side):
+    config = BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, hidden_dropout=0.0,
+                         attention_dropout=0.0, pad_token_id=0)
+    ids, mask = padded_batch(2, 11, side)
+    compare(twins(BloomForCausalLM, config, fuse=True), mask, input_ids=ids, attention_mask=mask)
+
+
+def test_unfuse_restores_the_stock_model():
+    ours, _, stock = twins(LlamaForCausalLM, llama_config(), stock="sdpa", fuse=True)
+    assert "forward" in ours.model.layers[0].self_attn.__dict__
+    unfuse_positions(ours)
+    assert "forward" not in ours.model.layers[0].self_attn.__dict__
+    assert ours.config._attn_implementation == "posattn"
+    ids, _ = padded_batch(2, 8, "none")
+    torch.testing.assert_close(ours(input_ids=ids).logits, stock(input_ids=ids).logits)
+
+
+def test_unsupported_model_and_arguments_raise():
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4))
+    with pytest.raises(NotImplementedError, match="GPT2LMHeadModel"):
+        fuse_positions(gpt2)
+    ours = twins(LlamaForCausalLM, llama_config())[0]
+    ids, _ = padded_batch(2, 8, "none")
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        ours(input_ids=ids, output_attentions=True)
+
+
+def test_importing_posattn_does_not_import_transformers():
+    code = "import sys, posattn, posattn.nn, posattn.integrations; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

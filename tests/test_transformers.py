@@ -182,40 +182,38 @@ def test_decode_with_dynamic_cache_matches_full_forward():
 
 @needs_varlen
 @pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "cache"])
-def test_llama_packed_position_ids(cache):
-    """Three sequences packed in one row, told apart by position_ids restarting; with a cache HF
-    skips its own packing detection, posattn does not. The reference is the stock model without
-    a cache (HF builds the block-diagonal mask itself then)."""
-    ours, stock64, stock32 = twins(LlamaForCausalLM, llama_config())
+@pytest.mark.parametrize("fuse", [False, True], ids=["interface", "fused"])
+def test_llama_packed_position_ids(cache, fuse):
+    """Three sequences packed in one row, told apart by position_ids restarting. With a cache
+    (the default use_cache=True makes one) HF skips its own packing detection, and the stock
+    model lets the sequences see each other; posattn detects the packing either way. The
+    reference is the stock model with use_cache=False (HF builds the block-diagonal mask then)."""
+    ours, stock64, stock32 = twins(LlamaForCausalLM, llama_config(), fuse=fuse)
     ids = torch.randint(1, VOCAB, (1, 13))
     pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4]])
-    valid = torch.ones(1, 13)
-    if cache:
-        ours = _with_cache(ours)
-    compare((ours, stock64, stock32), valid, input_ids=ids, position_ids=pos)
+    ours = _with_kwargs(ours, use_cache=cache)
+    stock64, stock32 = (_with_kwargs(m, use_cache=False) for m in (stock64, stock32))
+    compare((ours, stock64, stock32), torch.ones(1, 13), input_ids=ids, position_ids=pos)
 
 
 @needs_varlen
-def test_llama_cu_seq_lens_kwargs():
-    ours, stock64, stock32 = twins(LlamaForCausalLM, llama_config(), fuse=True)
+@pytest.mark.parametrize("fuse", [False, True], ids=["interface", "fused"])
+def test_llama_cu_seq_lens_kwargs(fuse):
+    """FlashAttention-style kwargs name the sequences (position_ids here do not restart, so only
+    cu_seq_lens_* can split them); the reference runs each sequence alone."""
+    ours, stock64, stock32 = twins(LlamaForCausalLM, llama_config(), fuse=fuse)
     ids = torch.randint(1, VOCAB, (1, 10))
-    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]])
+    pos = torch.arange(10)[None]
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
-    ours = _with_kwargs(ours, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6)
-    compare((ours, stock64, stock32), torch.ones(1, 10), input_ids=ids, position_ids=pos)
-
-
-def _with_cache(model):
-    original = model.forward
-
-    def forward(**kw):
-        return original(past_key_values=DynamicCache(config=model.config), use_cache=True, **kw)
-
-    model.forward = forward
-    return model
+    got = ours(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6,
+               max_length_k=6).logits.detach()
+    ref, same = (torch.cat([m(input_ids=ids[:, a:b], position_ids=pos[:, a:b]).logits.detach() for a, b in
+                            ((0, 4), (4, 10))], dim=1) for m in (stock64, stock32))
+    assert_close("logits", got, ref, same)
 
 
 def _with_kwargs(model, **extra):
+    """The model, its forward called with extra keyword arguments."""
     original = model.forward
     model.forward = lambda **kw: original(**kw, **extra)
     return model

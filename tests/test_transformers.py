@@ -230,6 +230,28 @@ def test_gemma2_softcap_and_sliding_window():
     compare(twins(Gemma2ForCausalLM, config, fuse=True), mask, input_ids=ids, attention_mask=mask)
 
 
+def family_config(name):
+    small = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    if name == "mistral":
+        return transformers.MistralForCausalLM, transformers.MistralConfig(**small, sliding_window=5)
+    if name == "qwen2":
+        return transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**small)
+    if name == "qwen3":  # q_norm / k_norm before the rotation
+        return transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**small, head_dim=8)
+    # Gemma3: sliding layers rotate with their own (local) base
+    return transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
+        **small, head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=8)
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3", "gemma3"])
+def test_llama_family_fused(name):
+    cls, config = family_config(name)
+    ids, mask = padded_batch(2, 11, "left")
+    compare(twins(cls, config, fuse=True), mask, input_ids=ids, attention_mask=mask)
+
+
 # --------------------------------------------------------------------------------------------------
 # fuse_positions: T5 (in-kernel T5Bias) and Bloom (in-kernel ALiBi)
 # --------------------------------------------------------------------------------------------------

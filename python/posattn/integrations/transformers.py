@@ -367,7 +367,9 @@ def _patch_bloom_attention(module, undo):
             pad = attention_mask[:, -S:].to(torch.bool)
             pos = (pad.long().cumsum(-1) - 1) * pad  # HF's ALiBi positions (build_alibi_tensor)
             attn_mask, q_pos, k_pos = pad[:, None, None, :], pos[:, -L:], pos
-        slopes = modeling_bloom._get_alibi_slopes(module.num_heads, hidden_states.device)
+        # HF's own slopes, from HF's own function (its API differs across versions): positions 0, 1
+        slopes = modeling_bloom.build_alibi_tensor(hidden_states.new_ones(1, 2), module.num_heads,
+                                                   torch.float32)[:, 0, 1]
         out = functional.attention(q, k, v, causal=True, attn_mask=attn_mask, bias=ALiBi(slopes),
                                    scale=module.inv_norm_factor, q_pos=q_pos, k_pos=k_pos,
                                    dropout_p=module.attention_dropout.p if module.training else 0.0)

@@ -162,6 +162,20 @@ def test_generate_greedy_identical_tokens():
     assert torch.equal(ours.generate(ids, **kw), want)
 
 
+@pytest.mark.parametrize("name", ["mistral", "gemma3"])
+def test_generate_sliding_window_cache(name):
+    """Decoding past the window: the sliding layers' DynamicCache drops old keys, posattn's key
+    positions follow (interface and fused)."""
+    cls, config = family_config(name)
+    ours, _, stock = twins(cls, config, stock="sdpa" if name == "mistral" else "eager")
+    ids, mask = padded_batch(2, 7, "left")
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    want = stock.generate(ids, **kw)
+    assert torch.equal(ours.generate(ids, **kw), want)
+    fuse_positions(ours)
+    assert torch.equal(ours.generate(ids, **kw), want)
+
+
 def test_decode_with_dynamic_cache_matches_full_forward():
     ours, stock64, stock32 = twins(LlamaForCausalLM, llama_config(), fuse=True)
     ids, mask = padded_batch(2, 12, "left")

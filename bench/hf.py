@@ -28,7 +28,7 @@ import torch
 from ._common import ROOT, machine, reset_hwm, status_kib
 
 IMPLS = ("sdpa", "posattn", "posattn+fused")
-LLAMA = dict(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+LLAMA = dict(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=1024)
 LLAMA_BATCH, LLAMA_LEN, LLAMA_STEPS = 4, 256, 50
 T5 = dict(vocab_size=256, d_model=256, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=8,
@@ -66,7 +66,7 @@ def _task_batch(gen):
 
 def llama_train(impl):
     model = _model("llama", impl).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1)
     losses, times, reset = [], [], False
     for step in range(LLAMA_STEPS):

@@ -72,3 +72,22 @@ def test_tiny_run_rows_ratios_memory_and_plot(tmp_path):
         assert sdpa["status"] == "n/a" and "sdpa+bias" in sdpa["note"] and sdpa["median_ms"] == ""
     png = tmp_path / "relbias.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@requires_ext
+def test_hf_section_tiny(monkeypatch, tmp_path):
+    """bench/hf.py (the demo's Hugging Face section) on tiny settings: the same losses for every
+    attention implementation, its measurements, the plot."""
+    pytest.importorskip("transformers")
+    from bench import hf
+    monkeypatch.setattr(hf, "LLAMA_LEN", 16)
+    monkeypatch.setattr(hf, "LLAMA_STEPS", 3)
+    monkeypatch.setattr(hf, "T5_LEN", 24)
+    monkeypatch.setattr(hf, "T5_REPS", 1)
+    runs = {impl: hf.llama_train(impl) for impl in hf.IMPLS}
+    for r in runs.values():
+        assert r["tokens_per_s"] > 0 and r["peak_mib"] >= 0 and len(r["losses"]) == 3
+        assert max(abs(a - b) for a, b in zip(r["losses"], runs["sdpa"]["losses"])) < 1e-4
+    assert hf.t5_step("posattn+fused")["step_ms"] > 0
+    png = hf._plot({k: v["losses"] for k, v in runs.items()}, str(tmp_path / "loss.png"))
+    assert pathlib.Path(png).stat().st_size > 0

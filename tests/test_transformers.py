@@ -316,10 +316,17 @@ def test_unsupported_model_and_arguments_raise():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4))
     with pytest.raises(NotImplementedError, match="GPT2LMHeadModel"):
         fuse_positions(gpt2)
+    falcon = transformers.FalconForCausalLM(transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32,
+                                                                       num_hidden_layers=1, num_attention_heads=4,
+                                                                       alibi=True))
+    with pytest.raises(NotImplementedError, match="FalconForCausalLM: transformers computes Falcon's ALiBi"):
+        fuse_positions(falcon)
     ours = twins(LlamaForCausalLM, llama_config())[0]
     ids, _ = padded_batch(2, 8, "none")
     with pytest.raises(NotImplementedError, match="output_attentions"):
         ours(input_ids=ids, output_attentions=True)
+    with pytest.raises(NotImplementedError, match="StaticCache"):
+        ours.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static")
 
 
 def test_importing_posattn_does_not_import_transformers():

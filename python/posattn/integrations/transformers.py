@@ -240,7 +240,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         out = _varlen(query, key, value, cu_q.to(torch.int32), cu_k.to(torch.int32), kwargs.get("max_length_q"),
                       kwargs.get("max_length_k"), **common, **flat)
         return out, None
-    if position_ids is not None and attn_mask is None and L > 1:
+    if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] == L and attn_mask is None \
+            and L > 1:
         cu, longest = _packed_cu_seqlens(position_ids, B, L)
         if cu is not None:
             if S != L:
@@ -423,6 +424,11 @@ def fuse_positions(model):
         for m in model.modules():
             if type(m).__name__ in _ALIBI_ATTENTION:
                 _patch_bloom_attention(m, undo)
+    elif "FalconAttention" in names:
+        raise NotImplementedError(
+            f"fuse_positions does not support {type(model).__name__}: transformers computes Falcon's ALiBi in "
+            f"bfloat16 (slopes.bfloat16() * positions), which an in-kernel fp32 ALiBi does not reproduce up to "
+            f"rounding, and Falcon's attention does not go through the AttentionInterface; run it as it is")
     else:
         raise NotImplementedError(
             f"fuse_positions does not support {type(model).__name__}: it fuses Llama, Mistral, Qwen2, Qwen3, "

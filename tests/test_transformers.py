@@ -276,9 +276,16 @@ def t5_config():
                     decoder_start_token_id=0, pad_token_id=0)
 
 
-@pytest.mark.parametrize("fuse", [False, True], ids=["position_bias-as-mask", "fused"])
-def test_t5_encoder_decoder(fuse):
-    models = twins(T5ForConditionalGeneration, t5_config(), fuse=fuse)
+@pytest.mark.parametrize("arch, fuse", [("t5", False), ("t5", True), ("mt5", True)],
+                         ids=["t5-position_bias-as-mask", "t5-fused", "mt5-fused"])
+def test_t5_encoder_decoder(arch, fuse):
+    if arch == "t5":
+        cls, config = T5ForConditionalGeneration, t5_config()
+    else:
+        cls, config = transformers.MT5ForConditionalGeneration, transformers.MT5Config(**t5_config().to_dict())
+    models = twins(cls, config, fuse=fuse)
+    for stack in (models[0].encoder, models[0].decoder):
+        assert hasattr(stack.block[1].layer[0].SelfAttention, "_posattn_fusion") == fuse
     src, src_mask = padded_batch(2, 14, "right")
     tgt = torch.randint(1, VOCAB, (2, 16))
     grads = compare(models, torch.ones(2, 16), input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt)

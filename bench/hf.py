@@ -7,8 +7,10 @@
    ``"sdpa"`` (T5's dense (1, H, L, L) position bias, which needs a gradient, so SDPA takes its math
    path) against ``fuse_positions`` (the bias inside the kernel): median time and peak memory.
 
-Each configuration runs in its own subprocess (``python -m bench.hf --child JOB IMPL``) so the
-peak memory is its own: on CPU the resident-set high-water mark (VmHWM), reset after the
+Timing: the implementations run in lockstep in one subprocess (``python -m bench.hf --child
+llama-time all``), their order rotating, so that a busy machine slows them alike; the ratios are
+within that run. Peak memory: each implementation in its own subprocess (``--child llama-memory
+IMPL``): on CPU the resident-set high-water mark (VmHWM), reset after the
 warm-up where the kernel allows (``/proc/self/clear_refs``), minus the resident set before the
 measured steps (the model, its optimizer state and the inputs). The loss curves go to
 bench/results/hf_llama_loss.png (``--out DIR`` elsewhere).
@@ -28,6 +30,8 @@ import torch
 from ._common import ROOT, machine, reset_hwm, status_kib
 
 IMPLS = ("sdpa", "posattn", "posattn+fused")
+T5_IMPLS = ("sdpa", "posattn+fused")
+MEMORY_STEPS = 3
 LLAMA = dict(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=1024)
 LLAMA_BATCH, LLAMA_LEN, LLAMA_STEPS = 4, 256, 50
@@ -64,29 +68,50 @@ def _task_batch(gen):
     return ids
 
 
-def llama_train(impl):
+def _llama_step(model, opt, ids):
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _llama(impl):
     model = _model("llama", impl).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def llama_time(impls=IMPLS):
+    """The implementations trained in lockstep in one process (the same batch for each, their
+    order rotating every step), so that a busy machine slows them alike: losses and median step."""
+    runs = {impl: _llama(impl) for impl in impls}
     gen = torch.Generator().manual_seed(1)
-    losses, times, reset = [], [], False
+    losses = {impl: [] for impl in impls}
+    times = {impl: [] for impl in impls}
     for step in range(LLAMA_STEPS):
         ids = _task_batch(gen)
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-        if step == 0:  # the optimizer state exists from here on: the baseline of the measured steps
-            reset = reset_hwm()
-            base = status_kib("VmRSS")
-    med = statistics.median(times[1:])
-    return dict(losses=losses, step_ms=1e3 * med, tokens_per_s=LLAMA_BATCH * LLAMA_LEN / med,
-                peak_mib=(status_kib("VmHWM") - base) / 1024, peak_reset=reset)
+        for impl in impls[step % len(impls):] + impls[:step % len(impls)]:
+            t0 = time.perf_counter()
+            losses[impl].append(_llama_step(*runs[impl], ids))
+            times[impl].append(time.perf_counter() - t0)
+    med = {impl: statistics.median(t[1:]) for impl, t in times.items()}
+    return {impl: dict(losses=losses[impl], step_ms=1e3 * med[impl], tokens_per_s=LLAMA_BATCH * LLAMA_LEN / med[impl])
+            for impl in impls}
 
 
-def t5_step(impl):
+def llama_memory(impl):
+    """Peak memory of training steps of one implementation, above the model and its optimizer state."""
+    model, opt = _llama(impl)
+    gen = torch.Generator().manual_seed(1)
+    _llama_step(model, opt, _task_batch(gen))  # the optimizer state exists from here on
+    reset = reset_hwm()
+    base = status_kib("VmRSS")
+    for _ in range(MEMORY_STEPS):
+        _llama_step(model, opt, _task_batch(gen))
+    return dict(peak_mib=(status_kib("VmHWM") - base) / 1024, peak_reset=reset)
+
+
+def _t5(impl):
     model = _model("t5", impl).train()
     gen = torch.Generator().manual_seed(1)
     src = torch.randint(1, T5["vocab_size"], (1, T5_LEN), generator=gen)
@@ -97,19 +122,34 @@ def t5_step(impl):
         model.zero_grad(set_to_none=False)
 
     step()  # warm-up; the gradients' storage exists from here on
+    return step
+
+
+def t5_time(impls=T5_IMPLS):
+    """Forward + backward of each implementation, alternating in one process: median."""
+    steps = {impl: _t5(impl) for impl in impls}
+    times = {impl: [] for impl in impls}
+    for _ in range(T5_REPS):
+        for impl in impls:
+            t0 = time.perf_counter()
+            steps[impl]()
+            times[impl].append(time.perf_counter() - t0)
+    return {impl: dict(step_ms=1e3 * statistics.median(t)) for impl, t in times.items()}
+
+
+def t5_memory(impl):
+    step = _t5(impl)
     reset = reset_hwm()
     base = status_kib("VmRSS")
-    times = []
-    for _ in range(T5_REPS):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return dict(step_ms=1e3 * statistics.median(times), peak_mib=(status_kib("VmHWM") - base) / 1024,
-                peak_reset=reset)
+    step()
+    return dict(peak_mib=(status_kib("VmHWM") - base) / 1024, peak_reset=reset)
+
+
+JOBS = {"llama-time": llama_time, "llama-memory": llama_memory, "t5-time": t5_time, "t5-memory": t5_memory}
 
 
 def child(job, impl):
-    result = llama_train(impl) if job == "llama" else t5_step(impl)
+    result = JOBS[job]() if impl == "all" else JOBS[job](impl)
     print(json.dumps(result), flush=True)
 
 
@@ -161,45 +201,51 @@ def print_section(out_dir):
     cfg = LLAMA
     print(f"\n1. Llama ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, {cfg['num_attention_heads']} "
           f"heads / {cfg['num_key_value_heads']} KV heads), {LLAMA_STEPS} AdamW steps, batch {LLAMA_BATCH} x "
-          f"{LLAMA_LEN} tokens, same seed")
-    results = {}
+          f"{LLAMA_LEN} tokens, same seed and batches; trained in lockstep in one process (timing), peak memory "
+          f"of {MEMORY_STEPS} steps in a process each")
+    timed, err = _run_child("llama-time", "all")
+    if err:
+        print(f"  failed: {err}")
+        return
     for impl in IMPLS:
-        results[impl], err = _run_child("llama", impl)
+        mem, err = _run_child("llama-memory", impl)
+        timed[impl]["peak_mib"] = mem["peak_mib"] if mem else float("nan")
         if err:
-            print(f"  {impl}: failed: {err}")
-    ok = {k: v for k, v in results.items() if v}
-    if "sdpa" in ok:
-        ref = ok["sdpa"]
-        print(f"  {'attn_implementation':<22} {'tokens/s':>9} {'step ms':>8} {'vs sdpa':>8} {'peak MiB':>9} "
-              f"{'loss@1':>7} {'loss@50':>8} {'max |Δloss| vs sdpa':>20}")
-        for impl, r in ok.items():
-            diff = max(abs(a - b) for a, b in zip(r["losses"], ref["losses"]))
-            print(f"  {impl:<22} {r['tokens_per_s']:9.0f} {r['step_ms']:8.1f} {r['step_ms'] / ref['step_ms']:7.2f}x "
-                  f"{r['peak_mib']:9.0f} {r['losses'][0]:7.3f} {r['losses'][-1]:8.3f} {diff:20.2e}")
-        png = _plot({k: v["losses"] for k, v in ok.items()}, os.path.join(out_dir, "hf_llama_loss.png"))
-        if png:
-            print(f"  loss curves: {png}")
+            print(f"  {impl} memory: failed: {err}")
+    ref = timed["sdpa"]
+    print(f"  {'attn_implementation':<22} {'tokens/s':>9} {'step ms':>8} {'vs sdpa':>8} {'peak MiB':>9} "
+          f"{'loss@1':>7} {'loss@50':>8} {'max |Δloss| vs sdpa':>20}")
+    for impl, r in timed.items():
+        diff = max(abs(a - b) for a, b in zip(r["losses"], ref["losses"]))
+        print(f"  {impl:<22} {r['tokens_per_s']:9.0f} {r['step_ms']:8.1f} {r['step_ms'] / ref['step_ms']:7.2f}x "
+              f"{r['peak_mib']:9.0f} {r['losses'][0]:7.3f} {r['losses'][-1]:8.3f} {diff:20.2e}")
+    png = _plot({k: v["losses"] for k, v in timed.items()}, os.path.join(out_dir, "hf_llama_loss.png"))
+    if png:
+        print(f"  loss curves: {png}")
     c = T5
     print(f"\n2. T5 ({c['num_layers']}+{c['num_decoder_layers']} layers, d_model {c['d_model']}, {c['num_heads']} "
           f"heads), encoder and decoder L={T5_LEN}, batch 1: forward + backward of the whole model (loss.backward), "
-          f"median of {T5_REPS}")
-    rows = {}
-    for impl in ("sdpa", "posattn+fused"):
-        rows[impl], err = _run_child("t5", impl)
+          f"median of {T5_REPS}, the two alternating in one process")
+    rows, err = _run_child("t5-time", "all")
+    if err:
+        print(f"  failed: {err}")
+        return
+    for impl in T5_IMPLS:
+        mem, err = _run_child("t5-memory", impl)
+        rows[impl]["peak_mib"] = mem["peak_mib"] if mem else float("nan")
         if err:
-            print(f"  {impl}: failed: {err}")
-    if rows.get("sdpa") and rows.get("posattn+fused"):
-        ref = rows["sdpa"]
-        print(f"  {'attn_implementation':<22} {'fwd+bwd ms':>11} {'vs sdpa':>8} {'peak MiB':>9} {'vs sdpa':>8}")
-        for impl, r in rows.items():
-            print(f"  {impl:<22} {r['step_ms']:11.0f} {r['step_ms'] / ref['step_ms']:7.2f}x {r['peak_mib']:9.0f} "
-                  f"{r['peak_mib'] / ref['peak_mib']:7.2f}x")
-
+            print(f"  {impl} memory: failed: {err}")
+    ref = rows["sdpa"]
+    print(f"  {'attn_implementation':<22} {'fwd+bwd ms':>11} {'vs sdpa':>8} {'peak MiB':>9} {'vs sdpa':>8}")
+    for impl, r in rows.items():
+        print(f"  {impl:<22} {r['step_ms']:11.0f} {r['step_ms'] / ref['step_ms']:7.2f}x {r['peak_mib']:9.0f} "
+              f"{r['peak_mib'] / ref['peak_mib']:7.2f}x")
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.hf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", nargs=2, metavar=("JOB", "IMPL"),
-                        help="run one configuration (llama|t5, sdpa|posattn|posattn+fused), print it as JSON")
+                        help="run one job (llama-time|llama-memory|t5-time|t5-memory) for IMPL (sdpa|posattn|"
+                             "posattn+fused, or all for the *-time jobs), print it as JSON")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where the PNG goes")
     args = parser.parse_args(argv)
     if args.child:

@@ -164,6 +164,20 @@ def _run_child(job, impl):
     return json.loads(proc.stdout.strip().splitlines()[-1]), None
 
 
+def _measure(model, impls):
+    """{impl: timing + peak_mib}: the timing child (all implementations), then a memory child each."""
+    rows, err = _run_child(f"{model}-time", "all")
+    if err:
+        print(f"  failed: {err}")
+        return None
+    for impl in impls:
+        mem, err = _run_child(f"{model}-memory", impl)
+        rows[impl]["peak_mib"] = mem["peak_mib"] if mem else float("nan")
+        if err:
+            print(f"  {impl} memory: failed: {err}")
+    return rows
+
+
 def _plot(curves, path):
     try:
         import matplotlib
@@ -195,23 +209,17 @@ def print_section(out_dir):
     if not ops.cpu_available():
         print(f"the C++ CPU backend is not available ({ops._C_ERROR}): section skipped")
         return
-    print(f"transformers {transformers.__version__}; {machine()[0]}, {torch.get_num_threads()} threads; every "
-          f"configuration in its own process; peak = resident-set high-water mark above the resident set before "
+    print(f"transformers {transformers.__version__}; {machine()[0]}, {torch.get_num_threads()} threads; "
+          f"peak = resident-set high-water mark above the resident set before "
           f"the measured steps")
     cfg = LLAMA
     print(f"\n1. Llama ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, {cfg['num_attention_heads']} "
           f"heads / {cfg['num_key_value_heads']} KV heads), {LLAMA_STEPS} AdamW steps, batch {LLAMA_BATCH} x "
           f"{LLAMA_LEN} tokens, same seed and batches; trained in lockstep in one process (timing), peak memory "
           f"of {MEMORY_STEPS} steps in a process each")
-    timed, err = _run_child("llama-time", "all")
-    if err:
-        print(f"  failed: {err}")
+    timed = _measure("llama", IMPLS)
+    if timed is None:
         return
-    for impl in IMPLS:
-        mem, err = _run_child("llama-memory", impl)
-        timed[impl]["peak_mib"] = mem["peak_mib"] if mem else float("nan")
-        if err:
-            print(f"  {impl} memory: failed: {err}")
     ref = timed["sdpa"]
     print(f"  {'attn_implementation':<22} {'tokens/s':>9} {'step ms':>8} {'vs sdpa':>8} {'peak MiB':>9} "
           f"{'loss@1':>7} {'loss@50':>8} {'max |Δloss| vs sdpa':>20}")
@@ -226,15 +234,9 @@ def print_section(out_dir):
     print(f"\n2. T5 ({c['num_layers']}+{c['num_decoder_layers']} layers, d_model {c['d_model']}, {c['num_heads']} "
           f"heads), encoder and decoder L={T5_LEN}, batch 1: forward + backward of the whole model (loss.backward), "
           f"median of {T5_REPS}, the two alternating in one process")
-    rows, err = _run_child("t5-time", "all")
-    if err:
-        print(f"  failed: {err}")
+    rows = _measure("t5", T5_IMPLS)
+    if rows is None:
         return
-    for impl in T5_IMPLS:
-        mem, err = _run_child("t5-memory", impl)
-        rows[impl]["peak_mib"] = mem["peak_mib"] if mem else float("nan")
-        if err:
-            print(f"  {impl} memory: failed: {err}")
     ref = rows["sdpa"]
     print(f"  {'attn_implementation':<22} {'fwd+bwd ms':>11} {'vs sdpa':>8} {'peak MiB':>9} {'vs sdpa':>8}")
     for impl, r in rows.items():

@@ -142,9 +142,23 @@ def _reject_unsupported(kwargs):
                                   f"cache ({type(cache).__name__}); use generate() with a DynamicCache")
 
 
+# The last position_ids looked at and what was found: every layer of a forward receives the same
+# tensor, so the scan (and its device sync) runs once per forward, not once per layer.
+_LAST_PACKING = [None, None, None]
+
+
 def _packed_cu_seqlens(position_ids, B, L):
     """Sequence starts where position_ids do not step by one (and at every row start), as int32
     cu_seqlens over the B·L tokens, with the longest sequence; None when nothing restarts."""
+    seen, version, found = _LAST_PACKING
+    if seen is position_ids and version == (position_ids._version, B):
+        return found
+    found = _scan_packing(position_ids, B, L)
+    _LAST_PACKING[:] = [position_ids, (position_ids._version, B), found]
+    return found
+
+
+def _scan_packing(position_ids, B, L):
     pid = position_ids.expand(B, L)
     restart = torch.ones(B, L, dtype=torch.bool, device=pid.device)
     restart[:, 1:] = pid[:, 1:] != pid[:, :-1] + 1

@@ -274,3 +274,13 @@ def forward_op(backend: str):
         require_cpu_extension()
         return torch.ops.posattn.cpu_attention_fwd.default
     return triton_attention_fwd
+
+
+def backward_op(backend: str):
+    """The backward custom op of a kernel backend: one call computes the gradients of one
+    (q rows, key block) pair given the final out and lse, which is how a ring of blocks
+    (:mod:`posattn.distributed`) recomputes its blocks."""
+    if backend == "cpu":
+        require_cpu_extension()
+        return torch.ops.posattn.cpu_attention_bwd.default
+    return triton_attention_bwd

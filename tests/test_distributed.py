@@ -296,3 +296,30 @@ def test_import_posattn_does_not_import_distributed():
     code = "import sys, posattn; print('posattn.distributed' in sys.modules); import posattn.distributed"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_block_plan_covers_exactly_the_visible_chunk_pairs(causal):
+    """The ring's kernel calls touch every (query chunk, key chunk) pair with a visible
+    (query, key) position pair, and no other, for both layouts, windows at every edge, and
+    chunks of 1 to 3 rows."""
+    from posattn.distributed import _block_plan, _chunks
+    for world in (1, 2, 3, 4):
+        for layout in ("contiguous", "zigzag"):
+            for m in (1, 2, 3):
+                for window in [(-1, -1), (0, 0), (1, -1), (-1, 2), (m, 0), (m - 1, m + 1), (2 * m, 1)]:
+                    for rank in range(world):
+                        for src in range(world):
+                            qc, kc = _chunks(layout, world, rank)[0], _chunks(layout, world, src)[0]
+                            want = {(i, j) for i, a in enumerate(qc) for j, b in enumerate(kc)
+                                    if any(_sees(p, s, causal, window) for p in range(a * m, a * m + m)
+                                           for s in range(b * m, b * m + m))}
+                            got = {(i, j) for qr, kr in _block_plan(qc, m, kc, m, causal, *window)
+                                   for i in range(qr.start // m, qr.stop // m)
+                                   for j in range(kr.start // m, kr.stop // m)}
+                            assert got == want, (world, layout, m, window, rank, src, got, want)
+
+
+def _sees(p, s, causal, window):
+    left, right = window
+    return (not causal or s <= p) and (left < 0 or s >= p - left) and (right < 0 or s <= p + right)

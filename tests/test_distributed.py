@@ -22,6 +22,7 @@ from tolerance import assert_close, max_err
 
 WORLDS = (2, 4)
 SPAWN_TIMEOUT_S = 240
+DROPOUT_SEED = 99
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,6 +75,12 @@ CASES = {
         rope=posattn.RoPE())),
     "ring-zigzag-causal-rope-triton": _case(kw=dict(causal=True), chunk=4, backend="triton", specs=lambda p: dict(
         rope=posattn.RoPE())),
+    "ring-zigzag-causal-dropout-rope": _case(kw=dict(causal=True, dropout_p=0.3), specs=lambda p: dict(
+        rope=posattn.RoPE())),
+    "ring-contiguous-dropout-alibi-LneS": _case(layout="contiguous", s_chunk=3, kw=dict(dropout_p=0.4), params=lambda
+                                                H, W, N: {"slopes": ("shared", posattn.alibi_slopes(
+                                                    H, dtype=torch.float64))},
+                                                specs=lambda p: dict(bias=posattn.ALiBi(p["slopes"]))),
     "ulysses-zigzag-causal-rope-llama3": _case(fn="ulysses", H=8, Hkv=4, kw=dict(causal=True), specs=lambda p: dict(
         rope=posattn.RoPE(theta=500.0, scaling=LLAMA3))),
     "ulysses-contiguous-alibi-LneS": _case(fn="ulysses", layout="contiguous", H=8, Hkv=4, s_chunk=3,
@@ -118,11 +125,17 @@ def _run_case(case, world):
     dout = torch.randn(B, H, N, Dv, dtype=torch.float64)
     dlse = torch.randn(B, H, N, dtype=torch.float64)
     params = case["params"](H, world, N)
+    p = case["kw"].get("dropout_p", 0.0)
+    # dropout: the reference takes the mask that one process's kernels draw for the seed that
+    # torch.manual_seed(DROPOUT_SEED) gives posattn.attention
+    torch.manual_seed(DROPOUT_SEED)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    keep = {"dropout_mask": posattn.ops.cpu_dropout_mask(seed, B, H, N, S, p)} if p else {}
 
     def reference(dt):
         leaves = {n: _leaf(t, dt) for n, t in full.items()}
         ps = {n: _leaf(t, dt) for n, (_, t) in params.items()}
-        out, lse = posattn.reference.attention(**leaves, **case["kw"], **case["specs"](ps), return_lse=True)
+        out, lse = posattn.reference.attention(**leaves, **case["kw"], **case["specs"](ps), **keep, return_lse=True)
         torch.autograd.backward((out, lse), (dout.to(dt), dlse.to(dt)))
         return {"out": out, "lse": lse, **{f"d{n}": t.grad for n, t in {**leaves, **ps}.items()}}
 
@@ -135,6 +148,7 @@ def _run_case(case, world):
     leaves = {n: _leaf(cut(t), dtype) for n, t in full.items()}
     ps = {n: _leaf(cut(t) if kind == "rows" else t, dtype) for n, (kind, t) in params.items()}
     fn = sp.ring_attention if case["fn"] == "ring" else sp.ulysses_attention
+    torch.manual_seed(DROPOUT_SEED)
     out, lse = fn(leaves["q"], leaves["k"], leaves["v"], layout=layout, **case["kw"], **case["specs"](ps),
                   backend=case["backend"], return_lse=True)
     torch.autograd.backward((out, lse), (cut(dout).to(dtype), cut(dlse).float() if dtype != torch.float64
@@ -190,7 +204,6 @@ def _errors_case(world):
     fails += _expect(ValueError, "q has 2 heads and k/v 2", sp.ulysses_attention, q, k, k) if world == 4 else []
     fails += _expect(ValueError, "q has 6 heads and k/v 3", sp.ulysses_attention, torch.randn(1, 6, 4, 8),
                      torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 8)) if world == 2 else []
-    fails += _expect(NotImplementedError, "dropout_p=0.1", sp.ring_attention, q, k, k, dropout_p=0.1)
     fails += _expect(NotImplementedError, "dropout_p=0.1", sp.ulysses_attention, q, k, k, dropout_p=0.1)
     fails += _expect(ValueError, "kernel backends", sp.ring_attention, q.double(), k.double(), k.double())
     fails += _expect(ValueError, "window=", sp.ring_attention, q, k, k, window=(2,))

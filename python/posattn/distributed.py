@@ -151,15 +151,20 @@ def _visible(q_lo, q_hi, k_lo, k_hi, causal, left, right):
     return k_lo <= q_hi + hi and k_hi >= q_lo + lo
 
 
-def _block_plan(q_chunks, mq, k_chunks, mk, causal, left, right):
+def _block_plan(q_chunks, mq, k_chunks, mk, causal, left, right, split=False):
     """The kernel calls for one (local queries, key block) pair: a list of (query rows, key rows)
-    slices that together cover every visible (query chunk, key chunk) pair and no empty one."""
+    slices that together cover every visible (query chunk, key chunk) pair and no empty one.
+    ``split``: one call per visible chunk pair (each call's rows and keys then lie contiguous
+    in the global sequence, as dropout's global (row, key) counter needs)."""
     live = [[_visible(qc * mq, qc * mq + mq - 1, kc * mk, kc * mk + mk - 1, causal, left, right) for kc in k_chunks]
             for qc in q_chunks]
     rows_q = [i for i, row in enumerate(live) if any(row)]
     rows_k = [j for j in range(len(k_chunks)) if any(row[j] for row in live)]
     if not rows_q:
         return []
+    if split:
+        return [(slice(i * mq, (i + 1) * mq), slice(j * mk, (j + 1) * mk)) for i in rows_q for j in rows_k
+                if live[i][j]]
 
     def span(idx, m):  # with at most two chunks every subset is one slice of the local rows
         return slice(idx[0] * m, (idx[-1] + 1) * m)
@@ -196,7 +201,8 @@ class _Ring:
         self.causal = bool(causal)
         self.left, self.right = window if window is not None else (-1, -1)
         self.softcap, self.dropout_p, self.scale = float(softcap or 0.0), float(dropout_p), float(scale)
-        self.seed = None
+        self.seed = _shared_seed(group, device) if self.dropout_p > 0 else None
+        self.q_chunks = _chunks(layout, self.world, self.rank)[0]
         self.rope_table, self.bias_lut = kp.rope_table, kp.bias_lut
         self.spec_ints, self.rope_scale = ops.spec_ints(kp), float(kp.rope_scale)
         self.deterministic = bool(deterministic)
@@ -204,9 +210,19 @@ class _Ring:
     def plan(self, src):
         """(key positions, kernel calls) of the block that rank ``src`` owns."""
         k_pos = shard_positions(self.S, self.group, self.layout, rank=src, device=self.device)
-        q_chunks = _chunks(self.layout, self.world, self.rank)[0]
         k_chunks = _chunks(self.layout, self.world, src)[0]
-        return k_pos, _block_plan(q_chunks, self.mq, k_chunks, self.mk, self.causal, self.left, self.right)
+        calls = _block_plan(self.q_chunks, self.mq, k_chunks, self.mk, self.causal, self.left, self.right,
+                            split=self.seed is not None)
+        return k_pos, [(qr, kr, self.seed_tensor(qr, kr, k_chunks)) for qr, kr in calls]
+
+    def seed_tensor(self, q_rows, k_rows, k_chunks):
+        """The dropout state of one call: (seed, global row, global key) of its first element,
+        so that the kernels draw the single-process mask (None without dropout)."""
+        if self.seed is None:
+            return None
+        row = self.q_chunks[q_rows.start // self.mq] * self.mq
+        key = k_chunks[k_rows.start // self.mk] * self.mk
+        return torch.tensor([self.seed, row, key], dtype=torch.int64)
 
     def exchange(self, tensors, tag):
         """Send ``tensors`` to the next rank and receive the previous rank's into new buffers
@@ -216,9 +232,9 @@ class _Ring:
         p2p += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag) for t in recv]
         return recv, dist.batch_isend_irecv(p2p)
 
-    def kernel_args(self, q_rows, k_rows, k_pos):
+    def kernel_args(self, q_rows, k_rows, k_pos, seed):
         return (self.q_pos[q_rows], k_pos[k_rows], 0, 0, self.causal, self.left, self.right, self.softcap,
-                self.dropout_p, self.seed, self.scale)
+                self.dropout_p, seed, self.scale)
 
     def forward(self, q, k, v, q_angles, k_angles, bias_tensor, urpe_table):
         B, H, L, _ = q.shape
@@ -230,8 +246,9 @@ class _Ring:
                 incoming, works = self.exchange(block, tag=0)
             k_pos, calls = self.plan((self.rank - step) % self.world)
             kb, vb, kab = block[0], block[1], block[2] if k_angles is not None else None
-            for qr, kr in calls:
-                out, lse = self.fwd(q[:, :, qr], kb[:, :, kr], vb[:, :, kr], None, *self.kernel_args(qr, kr, k_pos),
+            for qr, kr, seed in calls:
+                out, lse = self.fwd(q[:, :, qr], kb[:, :, kr], vb[:, :, kr], None,
+                                    *self.kernel_args(qr, kr, k_pos, seed),
                                     self.rope_table, _rows(q_angles, qr), _rows(kab, kr), bias_tensor, self.bias_lut,
                                     urpe_table, self.spec_ints, self.rope_scale, self.deterministic)
                 _merge(acc, acc_lse, qr, out, lse)
@@ -260,10 +277,11 @@ class _Ring:
             k_pos, calls = self.plan((self.rank - step) % self.world)
             kb, vb, kab = block[0], block[1], block[2] if k_angles is not None else None
             partial = [torch.zeros_like(t, **f32) for t in block]
-            for qr, kr in calls:
+            for qr, kr, seed in calls:
                 # lse rows as a contiguous copy: the Triton backward indexes lse [B, H, L] densely
                 g = self.bwd(dout[:, :, qr], q[:, :, qr], kb[:, :, kr], vb[:, :, kr], out[:, :, qr],
-                             lse[:, :, qr].contiguous(), None if dlse is None else dlse[:, :, qr].contiguous(), None, *self.kernel_args(qr, kr, k_pos),
+                             lse[:, :, qr].contiguous(), None if dlse is None else dlse[:, :, qr].contiguous(), None,
+                             *self.kernel_args(qr, kr, k_pos, seed),
                              self.rope_table, _rows(q_angles, qr), _rows(kab, kr), bias_tensor, self.bias_lut,
                              urpe_table, self.spec_ints, self.rope_scale, self.deterministic, False, angle_grad,
                              bias_grad, urpe_grad)
@@ -304,6 +322,14 @@ class _Ring:
                 None if durpe is None else durpe.to(urpe_table.dtype))
 
 
+def _shared_seed(group, device):
+    """The dropout seed, drawn as posattn.attention draws it and broadcast from the group's first
+    rank, so every rank keys its blocks' masks by the same seed."""
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64).to(device)
+    dist.broadcast(seed, src=_global_rank(group, 0), group=group)
+    return int(seed)
+
+
 def _merge(acc, acc_lse, rows, out, lse):
     """acc, acc_lse[rows] ← the softmax-weighted merge of (acc, acc_lse) and (out, lse), in fp32.
     Rows that see no key yet keep lse −inf and output 0."""
@@ -331,14 +357,10 @@ class _RingAttention(torch.autograd.Function):
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None)
 
 
-def _check_common(what, q, k, v, layout, window, softcap, dropout_p, scale, rope, bias, urpe):
+def _check_common(q, k, v, layout, window, softcap, dropout_p, scale, rope, bias, urpe):
     _check_layout(layout)
     check_specs(rope, bias, urpe)
     check_attention_inputs(q, k, v, window=window, softcap=softcap, dropout_p=dropout_p, scale=scale)
-    if dropout_p:
-        raise NotImplementedError(f"{what}: dropout_p={dropout_p} is not supported yet (the kernels key their "
-                                  f"dropout mask by local row indices, so a sharded run would drop other elements "
-                                  f"than a single process); use dropout_p=0.0")
 
 
 def _global_rope(rope, D, n_q, n_k):
@@ -372,11 +394,18 @@ def ring_attention(q, k, v, *, group=None, layout="zigzag", causal=False, window
     rows (k_angles travel with their keys). Gradients of spec tensors (slopes, tables,
     log-decays) are per-rank partial sums.
 
-    Runs on the kernel backends ("cpu" for CPU tensors, "triton" for CUDA tensors);
-    ``dropout_p > 0`` raises NotImplementedError for now.
+    ``dropout_p``: the keep-mask is keyed by the global (batch·head, row, key) and one seed,
+    drawn as :func:`posattn.attention` draws it (the first rank's draw is broadcast), so a ring
+    run drops exactly the elements that one process with the same torch seed drops.
+
+    Runs on the kernel backends ("cpu" for CPU tensors, "triton" for CUDA tensors).
     """
-    _check_common("ring_attention", q, k, v, layout, window, softcap, dropout_p, scale, rope, bias, urpe)
+    _check_common(q, k, v, layout, window, softcap, dropout_p, scale, rope, bias, urpe)
     backend = select_backend(backend, q)
+    if backend == "triton" and dropout_p:
+        raise NotImplementedError("ring_attention: dropout_p > 0 runs on backend='cpu' for now (the Triton kernels "
+                                  "do not take the dropout counter's (row, key) offset yet); use dropout_p=0.0 on "
+                                  "CUDA tensors")
     if backend == "reference":
         raise ValueError(f"ring_attention runs on the kernel backends ('cpu', 'triton'), got backend='reference' "
                          f"(q is {q.dtype}); pass float32 / bfloat16 / float16 tensors, or use ulysses_attention, "
@@ -473,9 +502,14 @@ def ulysses_attention(q, k, v, *, group=None, layout="zigzag", causal=False, win
     sliced to the rank's heads, so their gradients are per-rank partial sums. The full
     sequence keeps the layout's row order, its rows carrying their global positions. Runs on
     every backend of :func:`posattn.attention` (float64 on the reference). ``dropout_p > 0``
-    raises NotImplementedError for now.
+    raises NotImplementedError (use ring_attention).
     """
-    _check_common("ulysses_attention", q, k, v, layout, window, softcap, dropout_p, scale, rope, bias, urpe)
+    _check_common(q, k, v, layout, window, softcap, dropout_p, scale, rope, bias, urpe)
+    if dropout_p:
+        raise NotImplementedError(f"ulysses_attention: dropout_p={dropout_p} is not supported: the kernels key the "
+                                  f"dropout mask by (batch·head, row, key) of their call, and a rank's call holds "
+                                  f"a slice of the heads, so it would drop other elements than one process; use "
+                                  f"ring_attention, whose dropout equals the single-process mask")
     world, rank = _group(group, "ulysses_attention")
     B, H, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]

@@ -14,8 +14,11 @@ float32 unless --dtype):
 * ``ulysses``: W gloo processes, ``posattn.distributed.ulysses_attention``.
 
 Time: the median over reps of the slowest rank (the ranks start each rep together). Peak
-memory: per rank, the RSS high-water mark (reset after the inputs are built) minus the RSS
-before the timed calls. The table goes to stdout, CSV rows to bench/results/ring.csv.
+memory: per rank, the RSS high-water mark over the timed calls (reset after a warm-up call)
+minus the RSS before the inputs were made, so the inputs (the whole sequence for ``single``,
+a shard for the others; each rank builds the full inputs and keeps its shard), outputs,
+gradients, transfer buffers and kernel scratch all count; glibc returns freed memory at once
+(MALLOC_MMAP_THRESHOLD_). The table goes to stdout, CSV rows to bench/results/ring.csv.
 """
 import argparse
 import datetime
@@ -57,6 +60,7 @@ def _rank(rank, world, provider, n, mode, dtype, heads, dim, reps, init, out):
     if provider != "single":
         torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world,
                                              timeout=datetime.timedelta(seconds=600))
+    before = status_kib("VmRSS")             # the inputs, the shards and the results count
     q, k, v, dout = _inputs(n, dtype, heads, dim)
     rope = posattn.RoPE()
     if provider == "single":
@@ -84,7 +88,6 @@ def _rank(rank, world, provider, n, mode, dtype, heads, dim, reps, init, out):
             torch.distributed.barrier()
 
     step()                                   # warm-up
-    base = status_kib("VmRSS")
     reset_hwm()
     times = []
     for _ in range(reps):
@@ -95,7 +98,7 @@ def _rank(rank, world, provider, n, mode, dtype, heads, dim, reps, init, out):
         if provider != "single":
             torch.distributed.all_reduce(dt, op=torch.distributed.ReduceOp.MAX)
         times.append(float(dt))
-    peak = (status_kib("VmHWM") - base) / 1024
+    peak = (status_kib("VmHWM") - before) / 1024
     pathlib.Path(out, f"{rank}.txt").write_text(f"{statistics.median(times)} {peak}")
     if provider != "single":
         torch.distributed.destroy_process_group()
@@ -104,6 +107,7 @@ def _rank(rank, world, provider, n, mode, dtype, heads, dim, reps, init, out):
 def run_one(provider, n, mode, world, dtype, heads, dim, reps):
     """(median seconds, largest per-rank peak MiB) of one provider in fresh processes."""
     import torch.multiprocessing as mp
+    os.environ.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")   # read by the children
     with tempfile.TemporaryDirectory() as tmp:
         procs = 1 if provider == "single" else world
         mp.start_processes(_rank, args=(world, provider, n, mode, dtype, heads, dim, reps, f"{tmp}/init", tmp),

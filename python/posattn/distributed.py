@@ -336,7 +336,7 @@ def _merge(acc, acc_lse, rows, out, lse):
     a, la = acc[:, :, rows], acc_lse[:, :, rows]
     new = torch.logaddexp(la, lse)
     ref = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
-    a.mul_(torch.exp(la - ref)[..., None]).add_(out.float() * torch.exp(lse - ref)[..., None])
+    a.mul_(torch.exp(la - ref)[..., None]).addcmul_(out, torch.exp(lse - ref)[..., None])  # in fp32, no copy of out
     la.copy_(new)
 
 

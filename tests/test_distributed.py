@@ -73,8 +73,8 @@ CASES = {
         specs=lambda p: dict(rope=posattn.RotaryAngles(p["angles"]))),
     "ring-zigzag-causal-rope-bf16": _case(kw=dict(causal=True), dtype=torch.bfloat16, n=80, specs=lambda p: dict(
         rope=posattn.RoPE())),
-    "ring-zigzag-causal-rope-triton": _case(kw=dict(causal=True), chunk=4, backend="triton", specs=lambda p: dict(
-        rope=posattn.RoPE())),
+    "ring-zigzag-causal-rope-dropout-triton": _case(kw=dict(causal=True, dropout_p=0.3), chunk=4, backend="triton",
+                                                    specs=lambda p: dict(rope=posattn.RoPE())),
     "ring-zigzag-causal-dropout-rope": _case(kw=dict(causal=True, dropout_p=0.3), specs=lambda p: dict(
         rope=posattn.RoPE())),
     "ring-contiguous-dropout-alibi-LneS": _case(layout="contiguous", s_chunk=3, kw=dict(dropout_p=0.4), params=lambda

@@ -402,10 +402,6 @@ def ring_attention(q, k, v, *, group=None, layout="zigzag", causal=False, window
     """
     _check_common(q, k, v, layout, window, softcap, dropout_p, scale, rope, bias, urpe)
     backend = select_backend(backend, q)
-    if backend == "triton" and dropout_p:
-        raise NotImplementedError("ring_attention: dropout_p > 0 runs on backend='cpu' for now (the Triton kernels "
-                                  "do not take the dropout counter's (row, key) offset yet); use dropout_p=0.0 on "
-                                  "CUDA tensors")
     if backend == "reference":
         raise ValueError(f"ring_attention runs on the kernel backends ('cpu', 'triton'), got backend='reference' "
                          f"(q is {q.dtype}); pass float32 / bfloat16 / float16 tensors, or use ulysses_attention, "

@@ -194,9 +194,6 @@ class _Ring:
         self.layout = layout
         self.mq = _chunk_len(L, layout, "ring_attention", "q")
         self.mk = _chunk_len(S, layout, "ring_attention", "k")
-        self.S = S
-        self.device = device
-        self.q_pos = shard_positions(L, group, layout, device=device)
         self.fwd, self.bwd = ops.forward_op(backend), ops.backward_op(backend)
         self.causal = bool(causal)
         self.left, self.right = window if window is not None else (-1, -1)
@@ -208,21 +205,22 @@ class _Ring:
         self.deterministic = bool(deterministic)
 
     def plan(self, src):
-        """(key positions, kernel calls) of the block that rank ``src`` owns."""
-        k_pos = shard_positions(self.S, self.group, self.layout, rank=src, device=self.device)
+        """The kernel calls of the block that rank ``src`` owns."""
         k_chunks = _chunks(self.layout, self.world, src)[0]
-        calls = _block_plan(self.q_chunks, self.mq, k_chunks, self.mk, self.causal, self.left, self.right,
-                            split=self.seed is not None)
-        return k_pos, [(qr, kr, self.seed_tensor(qr, kr, k_chunks)) for qr, kr in calls]
+        # One call per visible chunk pair: its queries and keys are contiguous in the global
+        # sequence, so the kernels get position offsets (analytic tile skipping and mask-free
+        # interior tiles) rather than position tensors (every tile a candidate, every tile masked).
+        calls = _block_plan(self.q_chunks, self.mq, k_chunks, self.mk, self.causal, self.left, self.right, split=True)
+        return [(qr, kr, self.offsets(qr, kr, k_chunks)) for qr, kr in calls]
 
-    def seed_tensor(self, q_rows, k_rows, k_chunks):
-        """The dropout state of one call: (seed, global row, global key) of its first element,
-        so that the kernels draw the single-process mask (None without dropout)."""
-        if self.seed is None:
-            return None
+    def offsets(self, q_rows, k_rows, k_chunks):
+        """The global positions of the first query and key of one call, and its dropout state
+        (seed, global row, global key of its first element, so that the kernels draw the
+        single-process mask; None without dropout)."""
         row = self.q_chunks[q_rows.start // self.mq] * self.mq
         key = k_chunks[k_rows.start // self.mk] * self.mk
-        return torch.tensor([self.seed, row, key], dtype=torch.int64)
+        seed = None if self.seed is None else torch.tensor([self.seed, row, key], dtype=torch.int64)
+        return row, key, seed
 
     def exchange(self, tensors, tag):
         """Send ``tensors`` to the next rank and receive the previous rank's into new buffers
@@ -232,9 +230,10 @@ class _Ring:
         p2p += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag) for t in recv]
         return recv, dist.batch_isend_irecv(p2p)
 
-    def kernel_args(self, q_rows, k_rows, k_pos, seed):
-        return (self.q_pos[q_rows], k_pos[k_rows], 0, 0, self.causal, self.left, self.right, self.softcap,
-                self.dropout_p, seed, self.scale)
+    def kernel_args(self, offsets):
+        row, key, seed = offsets
+        return (None, None, row, key, self.causal, self.left, self.right, self.softcap, self.dropout_p, seed,
+                self.scale)
 
     def forward(self, q, k, v, q_angles, k_angles, bias_tensor, urpe_table):
         B, H, L, _ = q.shape
@@ -244,11 +243,11 @@ class _Ring:
         for step in range(self.world):
             if step < self.world - 1:   # the next block travels while this one is computed
                 incoming, works = self.exchange(block, tag=0)
-            k_pos, calls = self.plan((self.rank - step) % self.world)
+            calls = self.plan((self.rank - step) % self.world)
             kb, vb, kab = block[0], block[1], block[2] if k_angles is not None else None
-            for qr, kr, seed in calls:
+            for qr, kr, offs in calls:
                 out, lse = self.fwd(q[:, :, qr], kb[:, :, kr], vb[:, :, kr], None,
-                                    *self.kernel_args(qr, kr, k_pos, seed),
+                                    *self.kernel_args(offs),
                                     self.rope_table, _rows(q_angles, qr), _rows(kab, kr), bias_tensor, self.bias_lut,
                                     urpe_table, self.spec_ints, self.rope_scale, self.deterministic)
                 _merge(acc, acc_lse, qr, out, lse)
@@ -274,14 +273,14 @@ class _Ring:
         for step in range(self.world):
             if step < self.world - 1:
                 incoming, works = self.exchange(block, tag=0)
-            k_pos, calls = self.plan((self.rank - step) % self.world)
+            calls = self.plan((self.rank - step) % self.world)
             kb, vb, kab = block[0], block[1], block[2] if k_angles is not None else None
             partial = [torch.zeros_like(t, **f32) for t in block]
-            for qr, kr, seed in calls:
+            for qr, kr, offs in calls:
                 # lse rows as a contiguous copy: the Triton backward indexes lse [B, H, L] densely
                 g = self.bwd(dout[:, :, qr], q[:, :, qr], kb[:, :, kr], vb[:, :, kr], out[:, :, qr],
                              lse[:, :, qr].contiguous(), None if dlse is None else dlse[:, :, qr].contiguous(), None,
-                             *self.kernel_args(qr, kr, k_pos, seed),
+                             *self.kernel_args(offs),
                              self.rope_table, _rows(q_angles, qr), _rows(kab, kr), bias_tensor, self.bias_lut,
                              urpe_table, self.spec_ints, self.rope_scale, self.deterministic, False, angle_grad,
                              bias_grad, urpe_grad)

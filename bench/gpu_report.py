@@ -10,9 +10,14 @@ tensors standing in for CUDA ones), bound the way ``JITFunction.run`` binds it, 
 with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)``. From the cubin, with the
 ``cuobjdump`` shipped in the Triton wheel: registers per thread, the spill stores / loads
 (STL / LDL instructions in the SASS) and the stack frame they use, shared memory and the
-tensor-core instructions (HMMA; HGMMA = wgmma on sm_90). A table goes to stdout, CSV rows
-(with machine, versions and git sha) to ``--out``; ``--check`` exits 1 when a kernel
-spills, overflows shared memory or (all but the preprocess kernel) lacks tensor cores.
+tensor-core instructions (HMMA; HGMMA = wgmma on sm_90); and the main loops (innermost SASS
+loops with tensor-core work): instructions per iteration of the interior (shortest) and
+boundary (longest) loop, the interior loop's MMA, EX2 and async-copy / TMA instructions
+(LDGSTS, UTMALDG), and "pipelined" when every main loop issues async copies or TMA. A table
+goes to stdout, CSV rows (with machine, versions and git sha) to ``--out``; ``--check``
+exits 1 when a kernel spills, overflows shared memory, (all but the preprocess kernel) lacks
+tensor cores, or when an attention kernel's main loop is not pipelined (no position spec,
+RoPE) or its interior loop misses LOOP_TARGETS (no position spec).
 
 Specs: none, rope (RoPE), xpos, angles (RotaryAngles, with their gradient), alibi,
 relative (RelativeBias), t5, manhattan (ManhattanDecay), urpe; the backward takes the
@@ -53,7 +58,18 @@ KERNELS = ("fwd", "pre", "dkdv", "dq")
 KZ_KERNELS = ("prf_q", "prf_kmax", "prf_k", "prf_bwd", "outer", "contract_f", "contract_e")
 NO_MMA = ("pre", *KZ_KERNELS)
 # Shared memory per block that each target allows (opt-in maximum): sm_80 163 KB, sm_90 227 KB.
+# The sm_80 tile table also serves sm_86 / sm_89 (99 KB), so the attention kernels are held to that.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+SM86_SHARED_LIMIT = 99 * 1024
+# Main-loop targets (issue #14), checked by --check and tests/test_gpu_report.py: the attention
+# kernels' main loops are software-pipelined (async copies or TMA in every one) for these specs,
+# and the interior loop of the plain kernels issues at most this many SASS instructions per
+# iteration, (kernel, arch, padded head dim) -> instructions (the FlashAttention-2 tutorial's
+# forward: 522 at sm_90 D=64, 364 at D=128).
+ATTENTION_KERNELS = ("fwd", "dkdv", "dq")
+PIPELINED_SPECS = ("none", "rope")
+LOOP_TARGETS = {("fwd", 90, 64): 560, ("fwd", 90, 128): 400, ("dq", 90, 64): 320, ("dq", 90, 128): 420,
+                ("dkdv", 90, 64): 380, ("dkdv", 90, 128): 520, ("fwd", 80, 64): 700, ("fwd", 80, 128): 530}
 # The shapes the launches are recorded with: no size is 1 and every stride is a multiple of
 # 16, so Triton specialises the arguments as it does for real training shapes.
 B, H, N = 2, 4, 1024
@@ -95,6 +111,17 @@ class Row:
     shared_limit: int
     hmma: int
     hgmma: int
+    # main loops (innermost SASS loops with tensor-core work): how many, the instructions per
+    # iteration of the shortest (the interior loop) and the longest (the boundary loop), the
+    # interior loop's MMA / EX2 / async-copy (LDGSTS) + TMA (UTMALDG) counts, and whether every
+    # main loop issues async copies or TMA (software-pipelined)
+    loops: int
+    loop_insts: int
+    boundary_insts: int
+    loop_mma: int
+    loop_ex2: int
+    loop_async: int
+    pipelined: bool
     compile_s: float
 
     @property
@@ -205,8 +232,50 @@ def compile_launch(kernel, args, kwargs, arch):
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_MMA = ("HMMA", "HGMMA")
+_ASYNC = ("LDGSTS", "UTMALDG")
+
+
+def sass_instructions(sass):
+    """[(address, opcode with modifiers, operands)] of a ``cuobjdump -sass`` listing."""
+    return [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _SASS_LINE.finditer(sass)]
+
+
+def main_loops(instructions):
+    """The main loops of one kernel: [(first, last) instruction index] of every innermost loop
+    with tensor-core work. A loop is a backward branch and the code it jumps back over (one
+    per target, its last back-edge); a loop is not innermost when it contains another loop
+    with tensor-core work (the dK/dV kernel's loop over the heads of a KV group). A jump back
+    over an EXIT is no loop: it returns from an out-of-line slow path (after BRA.DIV)."""
+    index = {addr: i for i, (addr, _, _) in enumerate(instructions)}
+    spans = {}
+    for i, (addr, op, operands) in enumerate(instructions):
+        m = re.search(r"(0x[0-9a-f]+)\s*$", operands)
+        if op.split(".")[0] == "BRA" and m and int(m.group(1), 16) < addr and int(m.group(1), 16) in index:
+            first = index[int(m.group(1), 16)]
+            if not any(instructions[j][1] == "EXIT" for j in range(first, i)):
+                spans[first] = max(spans.get(first, i), i)
+    with_mma = [(a, b) for a, b in spans.items()
+                if any(instructions[j][1].split(".")[0] in _MMA for j in range(a, b + 1))]
+    return sorted((a, b) for a, b in with_mma
+                  if not any((c, d) != (a, b) and a <= c and d <= b for c, d in with_mma))
+
+
+def loop_stats(instructions):
+    """Per main loop: instructions per iteration, MMA, EX2 and async-copy / TMA instructions."""
+    out = []
+    for a, b in main_loops(instructions):
+        ops = [op for _, op, _ in instructions[a:b + 1] if op != "NOP"]
+        base = [op.split(".")[0] for op in ops]
+        out.append(dict(insts=len(ops), mma=sum(o in _MMA for o in base), ex2=sum(o == "MUFU.EX2" for o in ops),
+                        async_=sum(o in _ASYNC for o in base)))
+    return out
+
+
 def sass_stats(cubin):
-    """Registers, stack bytes, STL / LDL / HMMA / HGMMA counts of a cubin (via cuobjdump)."""
+    """Registers, stack bytes, STL / LDL / HMMA / HGMMA counts of a cubin (via cuobjdump), and
+    its main loops (see :func:`main_loops`)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -217,14 +286,20 @@ def sass_stats(cubin):
     if not all(fields_.values()):
         raise RuntimeError(f"cuobjdump --dump-resource-usage printed no REG / STACK / LOCAL fields:\n{usage}")
     value = {key: int(m.group(1)) for key, m in fields_.items()}
-    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    instructions = sass_instructions(sass)
     count = {op: 0 for op in ("STL", "LDL", "HMMA", "HGMMA")}
-    for op in opcodes:
+    for _, op, _ in instructions:
+        op = op.split(".")[0]
         if op in count:
             count[op] += 1
+    loops = loop_stats(instructions)
+    inner = min(loops, key=lambda lp: lp["insts"], default=dict(insts=0, mma=0, ex2=0, async_=0))
     # Spilled registers live in the per-thread stack frame (local memory).
     return dict(registers=value["REG"], stack_bytes=value["STACK"] + value["LOCAL"], spill_stores=count["STL"],
-                spill_loads=count["LDL"], hmma=count["HMMA"], hgmma=count["HGMMA"])
+                spill_loads=count["LDL"], hmma=count["HMMA"], hgmma=count["HGMMA"], loops=len(loops),
+                loop_insts=inner["insts"], boundary_insts=max((lp["insts"] for lp in loops), default=0),
+                loop_mma=inner["mma"], loop_ex2=inner["ex2"], loop_async=inner["async_"],
+                pipelined=bool(loops) and all(lp["async_"] > 0 for lp in loops))
 
 
 def run_case(case: Case) -> Row:
@@ -263,22 +338,24 @@ def cases(archs, head_dims, dtypes, causals, specs, kernels):
 
 def _worker_init(cache_dir, env):
     os.environ.pop("TRITON_INTERPRET", None)
-    os.environ["TRITON_CACHE_DIR"] = cache_dir  # a fresh cache: compile seconds are real compiles
+    os.environ["TRITON_CACHE_DIR"] = cache_dir  # fresh unless the caller keeps one: real compile seconds
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
     os.environ.update(env)
 
 
-def measure(todo, jobs=2, progress=print, env=None):
+def measure(todo, jobs=2, progress=print, env=None, cache_dir=None):
     """Rows for the cases, in the order of ``todo``, compiled in ``jobs`` fresh worker
     processes whose environment lacks TRITON_INTERPRET (Triton reads it at import) and has
     ``env`` added (e.g. POSATTN_AUTOTUNE="0"). Callable from a process that runs the
-    interpreter, such as the test suite on a machine without a GPU."""
+    interpreter, such as the test suite on a machine without a GPU. ``cache_dir``: a Triton
+    cache kept between runs (the tests': kernels whose source and options did not change are
+    not compiled again; compile seconds are then cache hits); default a fresh one."""
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")
     rows = {}
-    with tempfile.TemporaryDirectory(prefix="posattn-aot-") as cache_dir, \
+    with tempfile.TemporaryDirectory(prefix="posattn-aot-") as fresh_dir, \
             ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                                initargs=(cache_dir, env or {})) as pool:
+                                initargs=(str(cache_dir or fresh_dir), env or {})) as pool:
         futures = {pool.submit(run_case, case): case for case in todo}
         for i, future in enumerate(as_completed(futures), 1):
             case = futures[future]
@@ -292,7 +369,10 @@ _COLUMNS = (("kernel", "kernel", "{}"), ("arch", "arch", "sm_{}"), ("head_dim", 
             ("causal", "causal", "{:d}"), ("spec", "spec", "{}"), ("block_m", "BM", "{}"), ("block_n", "BN", "{}"),
             ("num_warps", "warps", "{}"), ("num_stages", "stages", "{}"), ("registers", "regs", "{}"),
             ("spill_stores", "STL", "{}"), ("spill_loads", "LDL", "{}"), ("stack_bytes", "stack", "{}"),
-            ("shared_bytes", "smem", "{}"), ("hmma", "HMMA", "{}"), ("hgmma", "HGMMA", "{}"), ("compile_s", "s", "{}"))
+            ("shared_bytes", "smem", "{}"), ("hmma", "HMMA", "{}"), ("hgmma", "HGMMA", "{}"), ("loops", "loops", "{}"),
+            ("loop_insts", "insts/it", "{}"), ("boundary_insts", "bnd/it", "{}"), ("loop_mma", "MMA/it", "{}"),
+            ("loop_ex2", "EX2/it", "{}"), ("loop_async", "async/it", "{}"), ("pipelined", "pipelined", "{:d}"),
+            ("compile_s", "s", "{}"))
 
 
 def table(rows):
@@ -328,10 +408,19 @@ def write_csv(rows, path):
             writer.writerow({**asdict(row), **context})
 
 
-def problems(row):
+def problems(row, loops=True):
     """What the acceptance rule says about one row: no spills, shared memory within the
-    target, tensor cores in every kernel that multiplies tiles (all but NO_MMA's)."""
+    target (sm_80's attention kernels: within sm_86's 99 KB), tensor cores in every kernel
+    that multiplies tiles (all but NO_MMA's) and, with ``loops``, pipelined main loops
+    (PIPELINED_SPECS) and the interior-loop instruction targets (LOOP_TARGETS)."""
     out = []
+    if loops and row.kernel in ATTENTION_KERNELS and row.spec in PIPELINED_SPECS and not row.pipelined:
+        out.append(f"main loops not software-pipelined (no LDGSTS / UTMALDG in one of its {row.loops} loops)")
+    target = LOOP_TARGETS.get((row.kernel, row.arch, row.head_dim))
+    if loops and target is not None and row.spec == "none" and row.loop_insts > target:
+        out.append(f"interior loop {row.loop_insts} instructions per iteration > target {target}")
+    if row.arch == 80 and row.kernel in ATTENTION_KERNELS and row.shared_bytes > SM86_SHARED_LIMIT:
+        out.append(f"{row.shared_bytes} B shared > {SM86_SHARED_LIMIT} (sm_86 / sm_89 run the sm_80 tiles)")
     if row.spill_stores or row.spill_loads or row.stack_bytes:
         out.append(f"spills ({row.spill_stores} STL, {row.spill_loads} LDL, {row.stack_bytes} B stack)")
     if row.shared_bytes > row.shared_limit:
@@ -356,7 +445,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="compile worker processes (default 2)")
     parser.add_argument("--out", default=str(_REPO / "bench" / "results" / "gpu_report.csv"))
     parser.add_argument("--check", action="store_true",
-                        help="exit with status 1 if a kernel spills, overflows shared memory or lacks tensor cores")
+                        help="exit with status 1 if a kernel spills, overflows shared memory, lacks tensor cores, has a "
+                             "main loop that is not pipelined or misses its interior-loop target")
     args = parser.parse_args(argv)
     for d in args.head_dim:
         if not 1 <= d <= 256:

@@ -780,3 +780,74 @@ def test_nonfinite_inputs(what, device, backend):
         assert_close(f"{what}-{name}", g.masked_fill(nan, 0), r.masked_fill(nan, 0), lo.masked_fill(nan, 0))
     if what == "q-nan-row-fully-masked":
         assert torch.all(got[0][0, :, 5] == 0) and torch.all(torch.isneginf(got[1][0, :, 5]))
+
+
+# The same rule where the bad value row lies on interior tiles (no mask, no bias: the Triton
+# forward does not check V there, it turns a row with a non-finite accumulator into NaN) and on
+# boundary tiles of the same call: L = S = 192, so 64-row tiles are whole; key 100 is seen by
+# rows ≥ 100 (causal), or by rows 100 − 70 … 100 + 40 (window), or by all (plain).
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window": (40, 70)}], ids=["plain", "causal", "window"])
+def test_nonfinite_value_on_interior_tiles(kw, value, device, backend):
+    q, k, v = (torch.randn(1, 2, 192, 16, dtype=torch.float64, device=device) for _ in range(3))
+    v[0, 1, 100, 3] = value
+    out, lse = posattn.attention(q.float(), k.float(), v.float(), backend=backend, return_lse=True, **kw)
+    ref, ref_lse = posattn.reference.attention(q, k, v, return_lse=True, **kw)
+    rows = torch.zeros(1, 2, 192, dtype=torch.bool)
+    i = torch.arange(192)
+    rows[0, 1] = ((i >= 100) if kw.get("causal") else
+                  ((100 >= i - 40) & (100 <= i + 70)) if "window" in kw else torch.ones(192, dtype=torch.bool))
+    for name, got, r in (("out", out, ref), ("lse", lse, ref_lse)):
+        nan = torch.isnan(r).cpu()
+        assert torch.equal(nan if name == "lse" else nan.any(-1), rows), f"{name}: the reference breaks the rule"
+        assert torch.equal(torch.isnan(got).cpu(), nan), (
+            f"{name}: NaN at {torch.isnan(got).sum().item()} entries, the reference at {nan.sum().item()}")
+        assert_close(name, got.masked_fill(nan.to(got.device), 0), r.masked_fill(nan.to(r.device), 0),
+                     r.float().masked_fill(nan.to(r.device), 0))
+
+
+# Interior tiles (every (query, key) pair in bounds and visible, no attn_mask) run without any
+# masking; POSATTN_MASK_ALL_TILES=1 sends them through the boundary tiles' masked path instead.
+# The two paths must agree bitwise. The interpreter's tiles are 64 × 64, so these shapes mix
+# both kinds of tile: L, S multiples of 64 or not, the causal diagonal mid-tile, windows over
+# several tiles, query / key position tensors (which put the other side's tiles on the
+# boundary path), and biases, softcap, URPE and dropout on interior tiles.
+@pytest.mark.parametrize("c", [
+    Case(L=128, S=128, D=16),  # every tile interior (non-causal, tile multiples)
+    Case(L=130, S=200, D=16, kw={"causal": True, "q_pos": 70}),
+    # the diagonal one key before / after a tile edge: an off-by-one in the interior bounds of
+    # the forward / dQ (q_pos 62) or of dK/dV (q_pos −2) puts a masked pair on the interior path
+    Case(L=130, S=200, D=16, kw={"causal": True, "q_pos": 62}),
+    Case(L=130, S=200, D=16, kw={"causal": True, "q_pos": -2}),
+    Case(L=130, S=256, D=16, kw={"window": (150, 70)}),
+    Case(L=128, S=192, D=16, kw={"causal": True, "window": (200, -1), "k_pos": -100}),
+    Case(B=2, H=2, Hkv=1, L=128, S=192, D=16, kw={"causal": True, "q_pos": _perm_positions(128, 3) + 40}),
+    Case(L=128, S=192, D=16, kw={"causal": True, "k_pos": _perm_positions(192, 4)}),
+    Case(L=128, S=128, D=16, spec=urpe(21, bias=41), kw={"softcap": 3.0, "dropout_p": 0.25}),
+    Case(L=128, S=192, D=16, spec=table_spec("t5", posattn.T5Bias, 32), kw={"causal": True, "q_pos": 64}),
+], ids=lambda c: c.id)
+def test_interior_and_boundary_paths_agree_bitwise(c, monkeypatch):
+    from conftest import DEVICE
+    q, k, v, _ = make_inputs(c, torch.float32, DEVICE)
+    kw = positions_for(c.kw, DEVICE)
+    spec = {name: t.float() for name, (t, _) in c.spec[1](DEVICE).items()} if c.spec else {}
+    dout = torch.randn(c.B, c.H, c.L, c.Dv, device=DEVICE)
+
+    def run_path(mask_all):
+        monkeypatch.setenv("POSATTN_MASK_ALL_TILES", "1" if mask_all else "0")
+        torch.manual_seed(5)  # the dropout seed
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        params = {name: t.clone().requires_grad_() for name, t in spec.items()}
+        out, lse = posattn.attention(*leaves, backend="triton", return_lse=True,
+                                     **(c.spec[2](params) if c.spec else {}), **kw)
+        ((out * dout).sum() + lse.sum()).backward()
+        return {"out": out, "lse": lse, **{f"d{n}": t.grad for n, t in zip("qkv", leaves)},
+                **{f"d{n}": t.grad for n, t in params.items()}}
+
+    interior, boundary = run_path(False), run_path(True)
+    for name in interior:
+        assert not torch.isnan(interior[name]).any(), f"{c.id} {name}: NaN"
+        assert torch.equal(interior[name], boundary[name]), (
+            f"{c.id} {name}: interior and boundary paths differ by "
+            f"{(interior[name] - boundary[name]).abs().max().item():.3e}")

@@ -13,6 +13,11 @@ MASK_NONE = 0
 MASK_BOOL = 1
 MASK_FLOAT = 2
 
+# Softmax runs in base 2 (exp2 is one MUFU.EX2; exp is a multiply plus denormal fix-ups):
+# scores are scaled by log2(e) and the natural-log lse is (m + log2 l)·ln 2.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
 
 @triton.jit
 def load_positions(POS, offset, b, idx, valid, stride_b, stride_l, POS_TENSOR: tl.constexpr):
@@ -25,25 +30,79 @@ def load_positions(POS, offset, b, idx, valid, stride_b, stride_l, POS_TENSOR: t
 
 
 @triton.jit
-def position_range(pos, valid):
-    """(min, max) of the valid positions of a tile, used to skip whole tiles."""
-    lo = tl.min(tl.where(valid, pos, 2147483647), axis=0)
-    hi = tl.max(tl.where(valid, pos, -2147483647), axis=0)
+def tile_range(pos, valid, offset, start, BLOCK: tl.constexpr, N, POS_TENSOR: tl.constexpr):
+    """(min, max) position of the valid rows [start, min(start + BLOCK, N)) of a tile: a
+    reduction of a position tensor, or arithmetic on an offset. Computed once per program for
+    its own tile; the tiles it loops over never reduce their positions."""
+    if POS_TENSOR:
+        lo = tl.min(tl.where(valid, pos, 2147483647), axis=0)
+        hi = tl.max(tl.where(valid, pos, -2147483647), axis=0)
+    else:
+        lo = offset + start
+        hi = offset + tl.minimum(start + BLOCK, N) - 1
     return lo, hi
 
 
 @triton.jit
-def tile_visible(q_lo, q_hi, k_lo, k_hi, window_left, window_right,
+def keys_visible(k_pos, q_lo, q_hi, window_left, window_right,
                  IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
-    """Can any (query, key) pair of the two position ranges survive causal / window masking?"""
-    visible = q_lo <= q_hi  # an empty tile (no valid row) is never visible
+    """Per key: can a query with a position in [q_lo, q_hi] see it through causal / window masking?
+
+    Folded into the load masks of a key tile with position tensors, so that keys no query of
+    the tile can see are never read, without a branch around the loads (which would stop the
+    software pipeliner).
+    """
+    visible = k_pos == k_pos
     if IS_CAUSAL:
-        visible = visible & (k_lo <= q_hi)
+        visible = visible & (k_pos <= q_hi)
     if WINDOW_RIGHT:
-        visible = visible & (k_lo <= q_hi + window_right)
+        visible = visible & (k_pos <= q_hi + window_right)
     if WINDOW_LEFT:
-        visible = visible & (k_hi >= q_lo - window_left)
-    return visible & (k_lo <= k_hi)
+        visible = visible & (k_pos >= q_lo - window_left)
+    return visible
+
+
+@triton.jit
+def queries_visible(q_pos, k_lo, k_hi, window_left, window_right,
+                    IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """Per query: can it see a key with a position in [k_lo, k_hi]? (:func:`keys_visible` mirrored)"""
+    visible = q_pos == q_pos
+    if IS_CAUSAL:
+        visible = visible & (q_pos >= k_lo)
+    if WINDOW_RIGHT:
+        visible = visible & (q_pos >= k_lo - window_right)
+    if WINDOW_LEFT:
+        visible = visible & (q_pos <= k_hi + window_left)
+    return visible
+
+
+@triton.jit
+def interior_tiles(lo, hi, first, last, BLOCK: tl.constexpr):
+    """[ilo, ihi) ⊆ [lo, hi): the tile starts t (multiples of BLOCK, like lo) with first ≤ t ≤ last.
+
+    The loops run the interior tiles [ilo, ihi) on the unmasked path and the rest of the
+    visible range, [lo, ilo) and [ihi, hi), on the masked one; ``last`` < 0 leaves no
+    interior tile. No negative number is divided (integer division rounds differently on the
+    GPU and in the interpreter).
+    """
+    ilo = tl.maximum((tl.maximum(first, 0) + BLOCK - 1) // BLOCK * BLOCK, lo)
+    ihi = tl.maximum(last + BLOCK, 0) // BLOCK * BLOCK
+    ilo = tl.minimum(ilo, tl.maximum(hi, lo))
+    ihi = tl.maximum(tl.minimum(ihi, tl.maximum(hi, 0) // BLOCK * BLOCK), ilo)
+    return ilo, ihi
+
+
+@triton.jit
+def boundary_start(i, lo, ilo, ihi, BLOCK: tl.constexpr):
+    """Start of the i-th boundary tile: [lo, ilo) first (window-left edge), then [ihi, hi)."""
+    n_front = (ilo - lo + BLOCK - 1) // BLOCK
+    return tl.where(i < n_front, lo + i * BLOCK, ihi + (i - n_front) * BLOCK)
+
+
+@triton.jit
+def boundary_count(lo, hi, ilo, ihi, BLOCK: tl.constexpr):
+    """Number of boundary tiles: those of [lo, ilo) and of [ihi, hi)."""
+    return (tl.maximum(ilo - lo, 0) + BLOCK - 1) // BLOCK + (tl.maximum(hi - ihi, 0) + BLOCK - 1) // BLOCK
 
 
 @triton.jit
@@ -56,36 +115,49 @@ def tanh(x):
 @triton.jit
 def score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left, window_right,
                MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SCALED: tl.constexpr, MASK: tl.constexpr):
     """Steps 2–6 of the score pipeline on one [BLOCK_M, BLOCK_N] tile; masked entries are −inf.
 
-    ``bias`` is the tile's position bias (step 4, see :func:`bias_tile`) or 0.0. The cap
-    acts on the scaled scores alone, before the bias and the float mask. Returns the scores
-    and ∂(capped score)/∂(scaled score) = 1 − tanh² (1.0 without softcap), the factor that
-    dQ / dK take and the bias / mask gradients do not.
+    Returns (s, to_log2, dcap). The scores are s·to_log2 in log2 units, ready for exp2.
+    ``SCALED`` false (the launcher's RAW_SCORES: no bias, softcap or float mask, and a positive
+    scale): s is the raw q·k and to_log2 = scale·log2(e), so the caller's row max costs one
+    multiply per row and exp2(s·to_log2 − m) one FFMA per score (rounding is monotonic, so
+    max(s)·c = max(s·c) exactly for c > 0). Otherwise s is the natural-log score and
+    to_log2 = log2(e). The cap acts on the scaled scores alone, before the bias and the
+    float mask; dcap = ∂(capped score)/∂(scaled score) = 1 − tanh² (1.0 without softcap) is the
+    factor dQ / dK take and the bias / mask gradients do not. ``bias`` is the tile's position
+    bias (step 4, see :func:`bias_tile`) or 0.0. ``MASK`` false: an interior tile, where every
+    (query, key) pair is in bounds and visible and there is no attn_mask, so nothing is masked.
     """
-    s = qk * scale  # [BLOCK_M, BLOCK_N]
     dcap = 1.0
-    if HAS_SOFTCAP:
-        t = tanh(s / softcap)
-        s = softcap * t
-        dcap = 1.0 - t * t
-    s += bias
-    valid = m_valid[:, None] & n_valid[None, :]
-    keep = valid
-    if MASK_KIND == 2:
-        mask = tl.load(mask_ptrs, mask=valid, other=0.0).to(tl.float32)
-        s += mask
-        keep = keep & (mask != float("-inf"))  # a −inf entry masks the key whatever its score (NaN too)
-    if IS_CAUSAL:
-        keep = keep & (k_pos[None, :] <= q_pos[:, None])
-    if WINDOW_LEFT:
-        keep = keep & (k_pos[None, :] >= q_pos[:, None] - window_left)
-    if WINDOW_RIGHT:
-        keep = keep & (k_pos[None, :] <= q_pos[:, None] + window_right)
-    if MASK_KIND == 1:
-        keep = keep & (tl.load(mask_ptrs, mask=valid, other=0) != 0)
-    return tl.where(keep, s, float("-inf")), dcap
+    if SCALED:
+        s = qk * scale  # [BLOCK_M, BLOCK_N]
+        if HAS_SOFTCAP:
+            t = tanh(s / softcap)
+            s = softcap * t
+            dcap = 1.0 - t * t
+        s += bias
+        to_log2 = LOG2E
+    else:
+        s = qk
+        to_log2 = scale * LOG2E
+    if MASK:
+        valid = m_valid[:, None] & n_valid[None, :]
+        keep = valid
+        if MASK_KIND == 2:
+            mask = tl.load(mask_ptrs, mask=valid, other=0.0).to(tl.float32)
+            s += mask
+            keep = keep & (mask != float("-inf"))  # a −inf entry masks the key whatever its score (NaN too)
+        if IS_CAUSAL:
+            keep = keep & (k_pos[None, :] <= q_pos[:, None])
+        if WINDOW_LEFT:
+            keep = keep & (k_pos[None, :] >= q_pos[:, None] - window_left)
+        if WINDOW_RIGHT:
+            keep = keep & (k_pos[None, :] <= q_pos[:, None] + window_right)
+        if MASK_KIND == 1:
+            keep = keep & (tl.load(mask_ptrs, mask=valid, other=0) != 0)
+        s = tl.where(keep, s, float("-inf"))
+    return s, to_log2, dcap
 
 
 @triton.jit

@@ -3,7 +3,12 @@
 Layout: q [B, H, L, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], any strides with a contiguous
 last dim. Query head h reads KV head h // (H / Hkv) (grouped-query attention by index math).
 Every mask is a function of absolute positions (q_pos, k_pos) and is applied by the shared
-``score_tile``; whole key (or query) tiles that no position pair can see are skipped.
+``score_tile``. Each program computes its loop bounds once, from its own tile's positions:
+the tiles no position pair can see are never visited; the interior tiles (every pair in
+bounds and visible, no attn_mask) run a block routine without masks, bounds or position
+loads, the boundary tiles (causal diagonal, window edges, ragged ends, position tensors,
+masks) the same routine with them (constexpr MASK). No loop has a branch around its loads,
+so Triton software-pipelines them (async copies). Softmax runs in base 2.
 """
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -15,57 +20,198 @@ import triton.language as tl
 from posattn import _config
 from posattn.positions import BIAS_ALIBI, BIAS_MANHATTAN, BIAS_NONE, ROPE_ANGLES, ROPE_NONE, KernelPositions
 
-from ._common import (MASK_BOOL, MASK_FLOAT, MASK_NONE, angle_grad, bias_operand, bias_tile, dropout_keep,
-                      load_positions, load_rotated, position_range, score_tile, table_grad_add, tile_visible, unrotate,
-                      urpe_index)
+from ._common import (LN2, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, angle_grad, bias_operand, bias_tile,
+                      boundary_count, boundary_start, dropout_keep, interior_tiles, keys_visible, load_positions,
+                      load_rotated, queries_visible, score_tile, table_grad_add, tile_range, unrotate, urpe_index)
 
-_NO_SPECIALIZE = ["L", "S", "q_offset", "k_offset", "window_left", "window_right", "seed", "bias_i0", "bias_i1",
-                  "bias_i2", "urpe_m"]
+_NO_SPECIALIZE = ["L", "S", "q_offset", "k_offset", "window_left", "window_right", "seed", "drop_m0", "drop_n0",
+                  "bias_i0", "bias_i1", "bias_i2", "urpe_m"]
 
+
+# --------------------------------------------------------------------------------------------------
+# loop bounds: computed once per program from its own tile's positions
+# --------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _key_range(q_lo, q_hi, k_offset, window_left, window_right, S, BLOCK_N: tl.constexpr, K_POS_TENSOR: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
-    """Key rows [lo, hi) that queries with positions in [q_lo, q_hi] can see (keys = offset + index)."""
+def _visible_tiles(own_lo, own_hi, full, offset, window_left, window_right, N, BLOCK: tl.constexpr,
+                   POS_TENSOR: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, KEYS: tl.constexpr):
+    """The rows [lo, hi) of the other side (keys if KEYS, else queries; positions offset +
+    index) that the program's own rows, with positions in [own_lo, own_hi], can see, and the
+    interior tiles [ilo, ihi) among them: whole tiles every pair of which is visible, so they
+    need no mask. There are none when the own tile is ragged (``full`` false), with an
+    attn_mask, or with a position tensor on the other side (then every row is a candidate)."""
     lo = 0
-    hi = S
-    if not K_POS_TENSOR:
-        if WINDOW_LEFT:
-            lo = tl.maximum(q_lo - window_left - k_offset, 0)
-            lo = (lo // BLOCK_N) * BLOCK_N
-        if IS_CAUSAL:
-            hi = tl.minimum(q_hi - k_offset + 1, hi)
-        if WINDOW_RIGHT:
-            hi = tl.minimum(q_hi + window_right - k_offset + 1, hi)
-    return lo, hi
+    hi = N
+    first = 0
+    last = N - BLOCK
+    if not POS_TENSOR:
+        if KEYS:  # keys that queries [own_lo, own_hi] see: k ≥ q − left, k ≤ q (causal), k ≤ q + right
+            if WINDOW_LEFT:
+                lo = tl.maximum(own_lo - window_left - offset, 0) // BLOCK * BLOCK
+                first = own_hi - window_left - offset
+            if IS_CAUSAL:
+                hi = tl.minimum(own_hi - offset + 1, hi)
+                last = tl.minimum(own_lo - offset - BLOCK + 1, last)
+            if WINDOW_RIGHT:
+                hi = tl.minimum(own_hi + window_right - offset + 1, hi)
+                last = tl.minimum(own_lo + window_right - offset - BLOCK + 1, last)
+        else:  # queries that see keys [own_lo, own_hi]: the same inequalities solved for q
+            if IS_CAUSAL:
+                lo = tl.maximum(own_lo - offset, lo)
+                first = tl.maximum(own_hi - offset, first)
+            if WINDOW_RIGHT:
+                lo = tl.maximum(own_lo - window_right - offset, lo)
+                first = tl.maximum(own_hi - window_right - offset, first)
+            lo = lo // BLOCK * BLOCK
+            if WINDOW_LEFT:
+                hi = tl.minimum(own_hi + window_left - offset + 1, hi)
+                last = tl.minimum(own_lo + window_left - offset - BLOCK + 1, last)
+    if POS_TENSOR or MASK_KIND != 0:
+        last = -BLOCK
+    ilo, ihi = interior_tiles(lo, hi, first, tl.where(full, last, -BLOCK), BLOCK)
+    return lo, hi, ilo, ihi
 
 
 @triton.jit
-def _query_range(k_lo, k_hi, q_offset, window_left, window_right, L, BLOCK_M: tl.constexpr, Q_POS_TENSOR: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
-    """Query rows [lo, hi) that can see keys with positions in [k_lo, k_hi] (queries = offset + index)."""
-    lo = 0
-    hi = L
-    if not Q_POS_TENSOR:
-        if IS_CAUSAL:
-            lo = tl.maximum(k_lo - q_offset, lo)
-        if WINDOW_RIGHT:
-            lo = tl.maximum(k_lo - window_right - q_offset, lo)
-        lo = (lo // BLOCK_M) * BLOCK_M
-        if WINDOW_LEFT:
-            hi = tl.minimum(k_hi + window_left - q_offset + 1, hi)
-    return lo, hi
+def _key_tile(start_n, b, q_lo, q_hi, K_base, KANG_base, KPOS, ROPE_TABLE, S, D, stride_k_s, stride_kang_s,
+              stride_kang_t, stride_kpos_b, stride_kpos_l, k_offset, window_left, window_right, rope_scale,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+              WINDOW_RIGHT: tl.constexpr, K_POS_TENSOR: tl.constexpr, ROPE_KIND: tl.constexpr,
+              ROTARY_DIM: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr, MASK: tl.constexpr):
+    """Key rows, their validity and positions, and the (rotated) key tile [BLOCK_N, BLOCK_D]
+    of the forward and dQ loops. Interior tiles (MASK false) have no row bound and compute
+    their positions; with position tensors, keys no query of [q_lo, q_hi] sees are not read."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASK:
+        n_valid = offs_n < S
+        k_pos = load_positions(KPOS, k_offset, b, offs_n, n_valid, stride_kpos_b, stride_kpos_l, K_POS_TENSOR)
+        if K_POS_TENSOR:
+            n_valid = n_valid & keys_visible(k_pos, q_lo, q_hi, window_left, window_right, IS_CAUSAL, WINDOW_LEFT,
+                                             WINDOW_RIGHT)
+    else:
+        n_valid = tl.full([BLOCK_N], True, tl.int1)
+        k_pos = (k_offset + offs_n).to(tl.int32)
+    # xPos decays relative to the query tile's first position: the q-side factor stays ≤ 1
+    # and the k-side factor carries the distance (it decays for keys behind the queries).
+    k = load_rotated(K_base + offs_n * stride_k_s, n_valid, tl.arange(0, BLOCK_D), D, k_pos, q_lo - k_pos,
+                     KANG_base + offs_n * stride_kang_s, stride_kang_t, ROPE_TABLE, rope_scale, ROPE_KIND, ROTARY_DIM,
+                     ROPE_INTERLEAVED)  # [BLOCK_N, BLOCK_D]
+    return offs_n, n_valid, k_pos, k
 
 
 @triton.jit
-def _non_finite(x):
-    return (x != x) | (tl.abs(x.to(tl.float32)) == float("inf"))
+def _pair_valid(m_valid, n_valid, MASK: tl.constexpr):
+    """Validity of a tile's (query, key) pairs: all true on an interior tile (loads unmasked)."""
+    if MASK:
+        valid = m_valid[:, None] & n_valid[None, :]
+    else:
+        valid = tl.full([m_valid.shape[0], n_valid.shape[0]], True, tl.int1)
+    return valid
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh, b, vbad_keys,
+               K_base, V_base, KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT,
+               S, D, DV, stride_k_s, stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b,
+               stride_kpos_l, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+               drop_m0, drop_n0,
+               rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, K_POS_TENSOR: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr,
+               ROPE_INTERLEAVED: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr,
+               RAW_SCORES: tl.constexpr, MASK: tl.constexpr):
+    """One key tile of the forward's online softmax (base 2), masked (boundary) or not (interior)."""
+    offs_n, n_valid, k_pos, k = _key_tile(start_n, b, q_lo, q_hi, K_base, KANG_base, KPOS, ROPE_TABLE, S, D,
+                                          stride_k_s, stride_kang_s, stride_kang_t, stride_kpos_b, stride_kpos_l,
+                                          k_offset, window_left, window_right, rope_scale, BLOCK_N, BLOCK_D,
+                                          IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, K_POS_TENSOR, ROPE_KIND, ROTARY_DIM,
+                                          ROPE_INTERLEAVED, MASK)
+    valid = _pair_valid(m_valid, n_valid, MASK)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    bias = 0.0
+    if BIAS_KIND != 0:
+        bias = bias_tile(bias_operand(q_pos, k_pos, valid, BIAS_LUT, bias_i0, bias_i1, bias_i2, BIAS_KIND),
+                         valid, BIAS_h, BIAS_KIND)
+    if MASK:
+        # A non-finite value in v_j acts as a NaN score of key j (see the kernel): NaN is added
+        # to key j's q·k before the masks, which leave masked pairs at −inf.
+        qk += tl.load(vbad_keys + offs_n, mask=n_valid, other=0.0)[None, :]
+    s, to_log2, _ = score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid,
+                               MASK_base + offs_n[None, :] * stride_mask_s, softcap, window_left, window_right,
+                               MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, not RAW_SCORES, MASK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    v_mask = n_valid[:, None] & (offs_dv[None, :] < DV)
+    if MASK:  # and its V is read as 0, so that 0·NaN reaches no row that does not see it
+        v_mask = v_mask & (tl.load(vbad_keys + offs_n, mask=n_valid, other=0.0) == 0.0)[:, None]
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * to_log2)  # log2 units
+    if MASK or BIAS_KIND != 0:
+        # A row that has seen only masked keys (or −inf biases) keeps m = −inf; subtracting 0
+        # instead keeps exp2() at 0 rather than NaN, and that row's output/lse are fixed up at the end.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new  # every score of an interior tile without a bias is > −inf
+    p = tl.exp2(s * to_log2 - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)  # the normaliser never sees the URPE gate
+    if HAS_URPE:
+        p = p * tl.load(URPE_h + urpe_index(q_pos, k_pos, urpe_m), mask=valid, other=0.0)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, bh, offs_m + drop_m0, offs_n + drop_n0, dropout_p)
+        p = tl.where(keep, p * dropout_scale, 0.0)
+    v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :], mask=v_mask, other=0.0)  # [BLOCK_N, BLOCK_DV]
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_loops(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_m, bh, b, vbad_keys,
+               K_base, V_base, KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT,
+               L, S, D, DV, stride_k_s, stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b,
+               stride_kpos_l, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+               drop_m0, drop_n0,
+               rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
+               MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               K_POS_TENSOR: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr,
+               ROTARY_DIM: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr, BIAS_KIND: tl.constexpr,
+               HAS_URPE: tl.constexpr, MASK_INTERIOR: tl.constexpr, RAW_SCORES: tl.constexpr):
+    """The forward's key loops over the visible tiles of one query tile."""
+    lo, hi, ilo, ihi = _visible_tiles(q_lo, q_hi, (start_m + 1) * BLOCK_M <= L, k_offset, window_left, window_right,
+                                      S, BLOCK_N, K_POS_TENSOR, MASK_KIND, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, True)
+    # Interior tiles first (no mask, no bound, no position load), then the boundary ones: the
+    # window's left edge, the causal diagonal / window's right edge and the ragged end.
+    for start_n in range(ilo, ihi, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh, b, vbad_keys, K_base, V_base,
+            KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT, S, D, DV, stride_k_s, stride_v_s,
+            stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b, stride_kpos_l, k_offset, window_left,
+            window_right, scale, softcap, dropout_p, dropout_scale, seed,
+            drop_m0, drop_n0, rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
+            BLOCK_N, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT,
+            K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED, BIAS_KIND, HAS_URPE, RAW_SCORES,
+            MASK_INTERIOR)
+    for i in range(0, boundary_count(lo, hi, ilo, ihi, BLOCK_N)):
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, boundary_start(i, lo, ilo, ihi, BLOCK_N), bh, b,
+            vbad_keys, K_base, V_base, KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT, S, D,
+            DV, stride_k_s, stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b, stride_kpos_l,
+            k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+            drop_m0, drop_n0, rope_scale, bias_i0,
+            bias_i1, bias_i2, urpe_m, BLOCK_N, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, MASK_KIND,
+            HAS_SOFTCAP, HAS_DROPOUT, K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED, BIAS_KIND,
+            HAS_URPE, RAW_SCORES, True)
+
+    return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd_kernel(
-    # outputs, and the per-(batch, KV head) flags of non-finite values in V
-    O, LSE, V_BAD,
+    # outputs, and the per-key flags of non-finite values in V [B, HKV, S]
+    O, LSE, V_BAD_KEYS,
     stride_o_b, stride_o_h, stride_o_l,
     # shared by every kernel (one list, built once by the launcher): inputs, sizes, strides, scalars
     Q, K, V, MASK, QPOS, KPOS, ROPE_TABLE, QANG, KANG, BIAS, BIAS_LUT, URPE_T,
@@ -78,14 +224,15 @@ def _attn_fwd_kernel(
     stride_qang_b, stride_qang_h, stride_qang_l, stride_qang_t,
     stride_kang_b, stride_kang_h, stride_kang_s, stride_kang_t,
     stride_bias_b, stride_bias_h, stride_urpe_h,
-    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed, drop_m0, drop_n0,
     rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
     # constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, Q_POS_TENSOR: tl.constexpr, K_POS_TENSOR: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr,
-    BLOCK_R: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr, MASK_INTERIOR: tl.constexpr,
+    RAW_SCORES: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -98,9 +245,7 @@ def _attn_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     m_valid = offs_m < L
     q_pos = load_positions(QPOS, q_offset, b, offs_m, m_valid, stride_qpos_b, stride_qpos_l, Q_POS_TENSOR)
-    q_lo, q_hi = position_range(q_pos, m_valid)
-    # xPos decays relative to this tile's first position: the q-side factor stays ≤ 1 and
-    # the k-side factor carries the distance (it decays for keys behind the queries).
+    q_lo, q_hi = tile_range(q_pos, m_valid, q_offset, start_m * BLOCK_M, BLOCK_M, L, Q_POS_TENSOR)
     q = load_rotated(Q + b * stride_q_b + h * stride_q_h + offs_m * stride_q_l, m_valid, offs_d, D, q_pos,
                      q_pos - q_lo, QANG + b * stride_qang_b + h * stride_qang_h + offs_m * stride_qang_l,
                      stride_qang_t, ROPE_TABLE, rope_scale, ROPE_KIND, ROTARY_DIM,
@@ -113,64 +258,35 @@ def _attn_fwd_kernel(
     BIAS_h = BIAS + b * stride_bias_b + h * stride_bias_h
     URPE_h = URPE_T + h * stride_urpe_h
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # row maxima, log2 units
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     # A non-finite value in v_j acts as a NaN score of key j: the rows that see key j are NaN
     # and only those (a plain p·v would also spread 0·NaN into rows for which key j is
-    # masked). Where V has one (a uniform flag, rarely set) the tile's V is read once more to
-    # mark those scores, and its non-finite values are read as 0. Rows, not single columns:
-    # marking columns takes an [M, Dv] 0/1 product, which made the sm_80 forward spill.
-    v_bad = tl.load(V_BAD + b * HKV + hkv) != 0
+    # masked, and ±inf where it should give NaN). Boundary tiles add V_BAD_KEYS (NaN for such
+    # a key, else 0; one pass over V before the launch) to the scores before the masks and
+    # read those keys' V as 0. Interior tiles need no check: every row sees every key there, so a non-finite
+    # v_j reaches each row's accumulator, and a row whose accumulator is not finite is NaN.
 
-    lo, hi = _key_range(q_lo, q_hi, k_offset, window_left, window_right, S, BLOCK_N, K_POS_TENSOR,
-                        IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < S
-        k_pos = load_positions(KPOS, k_offset, b, offs_n, n_valid, stride_kpos_b, stride_kpos_l, K_POS_TENSOR)
-        k_lo, k_hi = position_range(k_pos, n_valid)
-        if tile_visible(q_lo, q_hi, k_lo, k_hi, window_left, window_right, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT):
-            valid = m_valid[:, None] & n_valid[None, :]
-            k = load_rotated(K_base + offs_n * stride_k_s, n_valid, offs_d, D, k_pos, q_lo - k_pos,
-                             KANG_base + offs_n * stride_kang_s, stride_kang_t, ROPE_TABLE, rope_scale, ROPE_KIND,
-                             ROTARY_DIM, ROPE_INTERLEAVED)  # [BLOCK_N, BLOCK_D]
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-            bias = 0.0
-            if BIAS_KIND != 0:
-                bias = bias_tile(bias_operand(q_pos, k_pos, valid, BIAS_LUT, bias_i0, bias_i1, bias_i2, BIAS_KIND),
-                                 valid, BIAS_h, BIAS_KIND)
-            s, _ = score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid,
-                              MASK_base + offs_n[None, :] * stride_mask_s, softcap, window_left, window_right,
-                              MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
-            if v_bad:
-                bad_key = tl.max(_non_finite(tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :],
-                                                     mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-                                             ).to(tl.int32), axis=1) != 0  # [BLOCK_N]
-                s = tl.where(bad_key[None, :] & (s != float("-inf")), float("nan"), s)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # A row that has seen only masked keys keeps m = −inf; subtracting 0 instead keeps
-            # exp() at 0 rather than NaN, and that row's output/lse are fixed up at the end.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)  # the normaliser never sees the URPE gate
-            if HAS_URPE:
-                p = p * tl.load(URPE_h + urpe_index(q_pos, k_pos, urpe_m), mask=valid, other=0.0)
-            if HAS_DROPOUT:
-                keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
-                p = tl.where(keep, p * dropout_scale, 0.0)
-            v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :],
-                        mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
-            if v_bad:
-                v = tl.where(_non_finite(v), tl.zeros_like(v), v)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+    acc, l_i, m_i = _fwd_loops(
+        acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_m, bh, b, V_BAD_KEYS + (b * HKV + hkv) * S,
+        K_base, V_base, KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT, L, S, D, DV, stride_k_s,
+        stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b, stride_kpos_l, k_offset,
+        window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+        drop_m0, drop_n0, rope_scale, bias_i0, bias_i1,
+        bias_i2, urpe_m, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, MASK_KIND,
+        HAS_SOFTCAP, HAS_DROPOUT, K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED, BIAS_KIND,
+        HAS_URPE, MASK_INTERIOR, RAW_SCORES)
 
-    # Fully masked rows: l = 0 → output 0 and lse = −inf. l = NaN (a NaN or +inf score) stays NaN.
+    # Fully masked rows: l = 0 → output 0 and lse = −inf. l = NaN (a NaN or +inf score) stays
+    # NaN. lse is natural-log at the API.
     has_keys = l_i != 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    # NaN in a row whose output is not finite (a non-finite v_j seen on an interior tile), else 0
+    row_nan = tl.sum(out * 0.0, axis=1)
+    out += row_nan[:, None]
+    lse += row_nan
     tl.store(O + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_l + offs_dv[None, :],
              out.to(O.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + bh * L + offs_m, lse, mask=m_valid)
@@ -206,15 +322,22 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _recompute_p(q, k, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left, window_right,
-                 lse, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """P = exp(S − lse) for one tile, and ∂(capped score)/∂(scaled score) for the softcap chain rule."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s, dcap = score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left,
-                         window_right, MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
-    # lse = −inf marks a fully masked row: every s there is −inf, and exp(−inf − inf) = 0.
-    p = tl.exp(s - tl.where(lse == float("-inf"), float("inf"), lse)[:, None])  # [BLOCK_M, BLOCK_N]
+def _lse2(lse):
+    """lse in log2 units for exp2; a fully masked row (lse = −inf, every s = −inf) gets +inf so
+    that exp2(s − lse2) = 0 there."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def _recompute_p(qk, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left, window_right,
+                 lse2, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, SCALED: tl.constexpr, MASK: tl.constexpr):
+    """P = exp(S − lse) for one tile of q·kᵀ (as exp2 of log2 units), and ∂(capped score)/∂(scaled
+    score) for the softcap chain rule."""
+    s, to_log2, dcap = score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softcap, window_left,
+                                  window_right, MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, SCALED,
+                                  MASK)
+    p = tl.exp2(s * to_log2 - lse2[:, None])  # [BLOCK_M, BLOCK_N]
     return p, dcap
 
 
@@ -230,6 +353,71 @@ def _dscore(p, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT: tl.constexpr, 
     else:
         ds = p * (dp - delta[:, None])
     return ds, dp
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, k_pos, k_lo, k_hi, n_valid, offs_n, start_m, bh, b,
+                Q_base, QANG_base, DO_base, LSE_bh, DELTA_bh, MASK_base, BIAS_h, URPE_h, QPOS, ROPE_TABLE, BIAS_LUT,
+                L, D, DV, stride_q_l, stride_qang_l, stride_qang_t, stride_do_l, stride_mask_l, stride_qpos_b,
+                stride_qpos_l, q_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+                drop_m0, drop_n0,
+                rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, Q_POS_TENSOR: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr,
+                ROPE_INTERLEAVED: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr,
+                RAW_SCORES: tl.constexpr, MASK: tl.constexpr):
+    """One query tile's contribution to a key tile's dK, dV, masked (boundary) or not (interior)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    if MASK:
+        m_valid = offs_m < L
+        q_pos = load_positions(QPOS, q_offset, b, offs_m, m_valid, stride_qpos_b, stride_qpos_l, Q_POS_TENSOR)
+        if Q_POS_TENSOR:  # queries that see no key of this tile are not read
+            m_valid = m_valid & queries_visible(q_pos, k_lo, k_hi, window_left, window_right, IS_CAUSAL,
+                                                WINDOW_LEFT, WINDOW_RIGHT)
+    else:
+        m_valid = tl.full([BLOCK_M], True, tl.int1)
+        q_pos = (q_offset + offs_m).to(tl.int32)
+    valid = _pair_valid(m_valid, n_valid, MASK)
+    # xPos: here the centre is this key tile's first position (k-side factor ≤ 1).
+    q = load_rotated(Q_base + offs_m * stride_q_l, m_valid, offs_d, D, q_pos, q_pos - k_lo,
+                     QANG_base + offs_m * stride_qang_l, stride_qang_t, ROPE_TABLE, rope_scale, ROPE_KIND,
+                     ROTARY_DIM, ROPE_INTERLEAVED)  # [BLOCK_M, BLOCK_D]
+    do = tl.load(DO_base + offs_m[:, None] * stride_do_l + offs_dv[None, :],
+                 mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_M, BLOCK_DV]
+    lse2 = _lse2(tl.load(LSE_bh + offs_m, mask=m_valid, other=float("-inf")))
+    delta = tl.load(DELTA_bh + offs_m, mask=m_valid, other=0.0)
+    bias = 0.0
+    if BIAS_KIND != 0:
+        bias = bias_tile(bias_operand(q_pos, k_pos, valid, BIAS_LUT, bias_i0, bias_i1, bias_i2, BIAS_KIND), valid,
+                         BIAS_h, BIAS_KIND)
+    # Keys are the rows of every product here (the tiles transposed: Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ), so
+    # P and dS feed dV += Pᵀ·dO and dK += dSᵀ·Q from registers with no transpose through shared
+    # memory; the score pipeline still sees a [BLOCK_M, BLOCK_N] tile (a free register view).
+    qk = tl.trans(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION))  # [BLOCK_M, BLOCK_N]
+    p, dcap = _recompute_p(qk, scale, bias, q_pos, k_pos, m_valid, n_valid,
+                           MASK_base + offs_m[:, None] * stride_mask_l, softcap, window_left, window_right, lse2,
+                           MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, not RAW_SCORES, MASK)
+    gate = 1.0
+    if HAS_URPE:
+        gate = tl.load(URPE_h + urpe_index(q_pos, k_pos, urpe_m), mask=valid, other=0.0)
+    a = p * gate  # [BLOCK_M, BLOCK_N], the probabilities that multiply V
+    keep = True
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, bh, offs_m + drop_m0, offs_n + drop_n0, dropout_p)
+        a = tl.where(keep, a * dropout_scale, 0.0)
+    dv += tl.dot(tl.trans(a.to(do.dtype)), do, input_precision=DOT_PRECISION)
+    dp = tl.trans(tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION))  # [BLOCK_M, BLOCK_N]
+    ds, _ = _dscore(p, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT, HAS_URPE)
+    if Q_POS_TENSOR and MASK:
+        # Queries that see no key of this tile are not read, but this tile's own keys are: a
+        # query tile none of whose rows sees them must add exactly 0, even where they are NaN.
+        ds = tl.where(valid, ds, 0.0)
+    dk += tl.dot(tl.trans((ds * dcap).to(q.dtype)), q, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -250,14 +438,16 @@ def _attn_bwd_dkdv_kernel(
     stride_qang_b, stride_qang_h, stride_qang_l, stride_qang_t,
     stride_kang_b, stride_kang_h, stride_kang_s, stride_kang_t,
     stride_bias_b, stride_bias_h, stride_urpe_h,
-    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed, drop_m0, drop_n0,
     rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
     # constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, Q_POS_TENSOR: tl.constexpr, K_POS_TENSOR: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr,
-    BLOCK_R: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr, ANGLE_GRAD: tl.constexpr,
+    BLOCK_R: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr, MASK_INTERIOR: tl.constexpr,
+    RAW_SCORES: tl.constexpr,
+    ANGLE_GRAD: tl.constexpr,
 ):
     """One key tile of one KV head: dK, dV summed over every query head of its group (no atomics)."""
     start_n = tl.program_id(0)
@@ -270,7 +460,7 @@ def _attn_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     n_valid = offs_n < S
     k_pos = load_positions(KPOS, k_offset, b, offs_n, n_valid, stride_kpos_b, stride_kpos_l, K_POS_TENSOR)
-    k_lo, k_hi = position_range(k_pos, n_valid)
+    k_lo, k_hi = tile_range(k_pos, n_valid, k_offset, start_n * BLOCK_N, BLOCK_N, S, K_POS_TENSOR)
     K_rows = K + b * stride_k_b + hkv * stride_k_h + offs_n * stride_k_s
     KANG_rows = KANG + b * stride_kang_b + hkv * stride_kang_h + offs_n * stride_kang_s
     # xPos: here the centre is this key tile's first position (k-side factor ≤ 1).
@@ -281,6 +471,9 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    # The same query tiles for every head of the group (positions do not depend on the head).
+    lo, hi, ilo, ihi = _visible_tiles(k_lo, k_hi, (start_n + 1) * BLOCK_N <= S, q_offset, window_left, window_right,
+                                      L, BLOCK_M, Q_POS_TENSOR, MASK_KIND, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, False)
     GROUP = H // HKV
     for g in range(0, GROUP):
         h = hkv * GROUP + g
@@ -291,42 +484,26 @@ def _attn_bwd_dkdv_kernel(
         MASK_base = MASK + b * stride_mask_b + h * stride_mask_h + offs_n[None, :] * stride_mask_s
         BIAS_h = BIAS + b * stride_bias_b + h * stride_bias_h
         URPE_h = URPE_T + h * stride_urpe_h
-        lo, hi = _query_range(k_lo, k_hi, q_offset, window_left, window_right, L, BLOCK_M, Q_POS_TENSOR,
-                              IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_valid = offs_m < L
-            q_pos = load_positions(QPOS, q_offset, b, offs_m, m_valid, stride_qpos_b, stride_qpos_l, Q_POS_TENSOR)
-            q_lo, q_hi = position_range(q_pos, m_valid)
-            if tile_visible(q_lo, q_hi, k_lo, k_hi, window_left, window_right, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT):
-                valid = m_valid[:, None] & n_valid[None, :]
-                q = load_rotated(Q_base + offs_m * stride_q_l, m_valid, offs_d, D, q_pos, q_pos - k_lo,
-                                 QANG_base + offs_m * stride_qang_l, stride_qang_t, ROPE_TABLE, rope_scale, ROPE_KIND,
-                                 ROTARY_DIM, ROPE_INTERLEAVED)  # [BLOCK_M, BLOCK_D]
-                do = tl.load(DO_base + offs_m[:, None] * stride_do_l + offs_dv[None, :],
-                             mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_M, BLOCK_DV]
-                lse = tl.load(LSE + bh * L + offs_m, mask=m_valid, other=float("-inf"))
-                delta = tl.load(DELTA + bh * L + offs_m, mask=m_valid, other=0.0)
-                bias = 0.0
-                if BIAS_KIND != 0:
-                    bias = bias_tile(bias_operand(q_pos, k_pos, valid, BIAS_LUT, bias_i0, bias_i1, bias_i2,
-                                                  BIAS_KIND), valid, BIAS_h, BIAS_KIND)
-                p, dcap = _recompute_p(q, k, scale, bias, q_pos, k_pos, m_valid, n_valid,
-                                       MASK_base + offs_m[:, None] * stride_mask_l, softcap, window_left,
-                                       window_right, lse, MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT,
-                                       WINDOW_RIGHT, DOT_PRECISION)
-                gate = 1.0
-                if HAS_URPE:
-                    gate = tl.load(URPE_h + urpe_index(q_pos, k_pos, urpe_m), mask=valid, other=0.0)
-                a = p * gate  # [BLOCK_M, BLOCK_N], the probabilities that multiply V
-                keep = True
-                if HAS_DROPOUT:
-                    keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
-                    a = tl.where(keep, a * dropout_scale, 0.0)
-                dv += tl.dot(tl.trans(a.to(do.dtype)), do, input_precision=DOT_PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-                ds, _ = _dscore(p, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT, HAS_URPE)
-                dk += tl.dot(tl.trans((ds * dcap).to(q.dtype)), q, input_precision=DOT_PRECISION)
+        for start_m in range(ilo, ihi, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, k_pos, k_lo, k_hi, n_valid, offs_n, start_m, bh, b, Q_base, QANG_base, DO_base,
+                LSE + bh * L, DELTA + bh * L, MASK_base, BIAS_h, URPE_h, QPOS, ROPE_TABLE, BIAS_LUT, L, D, DV,
+                stride_q_l, stride_qang_l, stride_qang_t, stride_do_l, stride_mask_l, stride_qpos_b, stride_qpos_l,
+                q_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+                drop_m0, drop_n0, rope_scale,
+                bias_i0, bias_i1, bias_i2, urpe_m, BLOCK_M, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
+                MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT, Q_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM,
+                ROPE_INTERLEAVED, BIAS_KIND, HAS_URPE, RAW_SCORES, MASK_INTERIOR)
+        for i in range(0, boundary_count(lo, hi, ilo, ihi, BLOCK_M)):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, k_pos, k_lo, k_hi, n_valid, offs_n, boundary_start(i, lo, ilo, ihi, BLOCK_M), bh, b,
+                Q_base, QANG_base, DO_base, LSE + bh * L, DELTA + bh * L, MASK_base, BIAS_h, URPE_h, QPOS,
+                ROPE_TABLE, BIAS_LUT, L, D, DV, stride_q_l, stride_qang_l, stride_qang_t, stride_do_l, stride_mask_l,
+                stride_qpos_b, stride_qpos_l, q_offset, window_left, window_right, scale, softcap, dropout_p,
+                dropout_scale, seed,
+                drop_m0, drop_n0, rope_scale, bias_i0, bias_i1, bias_i2, urpe_m, BLOCK_M, BLOCK_D, BLOCK_DV,
+                IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT, Q_POS_TENSOR,
+                DOT_PRECISION, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED, BIAS_KIND, HAS_URPE, RAW_SCORES, True)
 
     # dK so far is w.r.t. the rotated keys; rotate it back by −angle (RoPE's Rᵀ).
     dk = unrotate(dk * scale, k_pos, k_lo - k_pos, n_valid, KANG_rows, stride_kang_t, ROPE_TABLE, rope_scale, offs_d,
@@ -340,6 +517,66 @@ def _attn_bwd_dkdv_kernel(
         offs_r = tl.arange(0, BLOCK_R)
         tl.store(DKANG + (bhkv * S + offs_n[:, None]) * (ROTARY_DIM // 2) + offs_r[None, :], dang,
                  mask=n_valid[:, None] & (offs_r[None, :] < ROTARY_DIM // 2))
+
+
+@triton.jit
+def _dq_block(dq, dparam, q, do, lse2, delta, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh, b,
+              K_base, V_base, KANG_base, MASK_base, DMASK_base, BIAS_h, URPE_h, DBIAS_row, DURPE_row, KPOS,
+              ROPE_TABLE, BIAS_LUT, S, D, DV, stride_k_s, stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s,
+              stride_dmask_s, stride_kpos_b, stride_kpos_l, k_offset, window_left, window_right, scale, softcap,
+              dropout_p, dropout_scale, seed, drop_m0, drop_n0, rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
+              HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, K_POS_TENSOR: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr,
+              ROPE_INTERLEAVED: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr,
+              MASK_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, URPE_GRAD: tl.constexpr, RAW_SCORES: tl.constexpr,
+              MASK: tl.constexpr):
+    """One key tile's contribution to a query tile's dQ (and to the mask / position-parameter
+    gradients), masked (boundary) or not (interior)."""
+    offs_n, n_valid, k_pos, k = _key_tile(start_n, b, q_lo, q_hi, K_base, KANG_base, KPOS, ROPE_TABLE, S, D,
+                                          stride_k_s, stride_kang_s, stride_kang_t, stride_kpos_b, stride_kpos_l,
+                                          k_offset, window_left, window_right, rope_scale, BLOCK_N, BLOCK_D,
+                                          IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, K_POS_TENSOR, ROPE_KIND, ROTARY_DIM,
+                                          ROPE_INTERLEAVED, MASK)
+    valid = _pair_valid(m_valid, n_valid, MASK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :],
+                mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
+    bias = 0.0
+    operand = 0
+    if BIAS_KIND != 0:
+        operand = bias_operand(q_pos, k_pos, valid, BIAS_LUT, bias_i0, bias_i1, bias_i2, BIAS_KIND)
+        bias = bias_tile(operand, valid, BIAS_h, BIAS_KIND)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    p, dcap = _recompute_p(qk, scale, bias, q_pos, k_pos, m_valid, n_valid,
+                           MASK_base + offs_n[None, :] * stride_mask_s, softcap, window_left, window_right, lse2,
+                           MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, not RAW_SCORES, MASK)
+    gate = 1.0
+    uidx = 0
+    if HAS_URPE:
+        uidx = urpe_index(q_pos, k_pos, urpe_m)
+        gate = tl.load(URPE_h + uidx, mask=valid, other=0.0)
+    keep = True
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, bh, offs_m + drop_m0, offs_n + drop_n0, dropout_p)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    ds, da = _dscore(p, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT, HAS_URPE)
+    dq += tl.dot((ds * dcap).to(k.dtype), k, input_precision=DOT_PRECISION)
+    if MASK_GRAD:
+        # The mask may broadcast over batch, heads, rows or keys (stride 0), so several
+        # programs (or lanes) add into one element: fp32 atomics. A mask of full shape
+        # gets exactly one add per element into a zeroed buffer, hence deterministic.
+        tl.atomic_add(DMASK_base + offs_n[None, :] * stride_dmask_s, ds, mask=valid)
+    live = valid & (p > 0.0)  # dS and dA·P vanish elsewhere
+    if BIAS_GRAD:
+        if BIAS_KIND == 1 or BIAS_KIND == 4:
+            dparam += tl.sum(tl.where(live, ds * operand, 0.0), axis=1)
+        else:
+            table_grad_add(ds, operand, live, DBIAS_row)
+    if URPE_GRAD:
+        table_grad_add(da * p, uidx, live, DURPE_row)
+    return dq, dparam
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -361,15 +598,16 @@ def _attn_bwd_dq_kernel(
     stride_qang_b, stride_qang_h, stride_qang_l, stride_qang_t,
     stride_kang_b, stride_kang_h, stride_kang_s, stride_kang_t,
     stride_bias_b, stride_bias_h, stride_urpe_h,
-    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed, drop_m0, drop_n0,
     rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
     # constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, Q_POS_TENSOR: tl.constexpr, K_POS_TENSOR: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr,
-    BLOCK_R: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr, ANGLE_GRAD: tl.constexpr,
-    MASK_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, URPE_GRAD: tl.constexpr,
+    BLOCK_R: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr, MASK_INTERIOR: tl.constexpr,
+    RAW_SCORES: tl.constexpr,
+    ANGLE_GRAD: tl.constexpr, MASK_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, URPE_GRAD: tl.constexpr,
 ):
     """One query tile of one query head: dQ, the float mask's gradient, and the gradients of
     the position parameters (angles, slopes / log-decays, bias and URPE tables)."""
@@ -384,14 +622,14 @@ def _attn_bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     m_valid = offs_m < L
     q_pos = load_positions(QPOS, q_offset, b, offs_m, m_valid, stride_qpos_b, stride_qpos_l, Q_POS_TENSOR)
-    q_lo, q_hi = position_range(q_pos, m_valid)
+    q_lo, q_hi = tile_range(q_pos, m_valid, q_offset, start_m * BLOCK_M, BLOCK_M, L, Q_POS_TENSOR)
     Q_rows = Q + b * stride_q_b + h * stride_q_h + offs_m * stride_q_l
     QANG_rows = QANG + b * stride_qang_b + h * stride_qang_h + offs_m * stride_qang_l
     q = load_rotated(Q_rows, m_valid, offs_d, D, q_pos, q_pos - q_lo, QANG_rows, stride_qang_t, ROPE_TABLE,
                      rope_scale, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED)  # [BLOCK_M, BLOCK_D]
     do = tl.load(DO + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_l + offs_dv[None, :],
                  mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_M, BLOCK_DV]
-    lse = tl.load(LSE + bh * L + offs_m, mask=m_valid, other=float("-inf"))
+    lse2 = _lse2(tl.load(LSE + bh * L + offs_m, mask=m_valid, other=float("-inf")))
     delta = tl.load(DELTA + bh * L + offs_m, mask=m_valid, other=0.0)
 
     K_base = K + b * stride_k_b + hkv * stride_k_h
@@ -408,51 +646,29 @@ def _attn_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dparam = tl.zeros([BLOCK_M], tl.float32)
-    lo, hi = _key_range(q_lo, q_hi, k_offset, window_left, window_right, S, BLOCK_N, K_POS_TENSOR,
-                        IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < S
-        k_pos = load_positions(KPOS, k_offset, b, offs_n, n_valid, stride_kpos_b, stride_kpos_l, K_POS_TENSOR)
-        k_lo, k_hi = position_range(k_pos, n_valid)
-        if tile_visible(q_lo, q_hi, k_lo, k_hi, window_left, window_right, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT):
-            valid = m_valid[:, None] & n_valid[None, :]
-            k = load_rotated(K_base + offs_n * stride_k_s, n_valid, offs_d, D, k_pos, q_lo - k_pos,
-                             KANG_base + offs_n * stride_kang_s, stride_kang_t, ROPE_TABLE, rope_scale, ROPE_KIND,
-                             ROTARY_DIM, ROPE_INTERLEAVED)  # [BLOCK_N, BLOCK_D]
-            v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :],
-                        mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
-            bias = 0.0
-            operand = 0
-            if BIAS_KIND != 0:
-                operand = bias_operand(q_pos, k_pos, valid, BIAS_LUT, bias_i0, bias_i1, bias_i2, BIAS_KIND)
-                bias = bias_tile(operand, valid, BIAS_h, BIAS_KIND)
-            p, dcap = _recompute_p(q, k, scale, bias, q_pos, k_pos, m_valid, n_valid,
-                                   MASK_base + offs_n[None, :] * stride_mask_s, softcap, window_left, window_right,
-                                   lse, MASK_KIND, HAS_SOFTCAP, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, DOT_PRECISION)
-            gate = 1.0
-            if HAS_URPE:
-                uidx = urpe_index(q_pos, k_pos, urpe_m)
-                gate = tl.load(URPE_h + uidx, mask=valid, other=0.0)
-            keep = True
-            if HAS_DROPOUT:
-                keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-            ds, da = _dscore(p, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT, HAS_URPE)
-            dq += tl.dot((ds * dcap).to(k.dtype), k, input_precision=DOT_PRECISION)
-            if MASK_GRAD:
-                # The mask may broadcast over batch, heads, rows or keys (stride 0), so several
-                # programs (or lanes) add into one element: fp32 atomics. A mask of full shape
-                # gets exactly one add per element into a zeroed buffer, hence deterministic.
-                tl.atomic_add(DMASK_base + offs_n[None, :] * stride_dmask_s, ds, mask=valid)
-            live = valid & (p > 0.0)  # dS and dA·P vanish elsewhere
-            if BIAS_GRAD:
-                if BIAS_KIND == 1 or BIAS_KIND == 4:
-                    dparam += tl.sum(tl.where(live, ds * operand, 0.0), axis=1)
-                else:
-                    table_grad_add(ds, operand, live, DBIAS_row)
-            if URPE_GRAD:
-                table_grad_add(da * p, uidx, live, DURPE_row)
+    lo, hi, ilo, ihi = _visible_tiles(q_lo, q_hi, (start_m + 1) * BLOCK_M <= L, k_offset, window_left, window_right,
+                                      S, BLOCK_N, K_POS_TENSOR, MASK_KIND, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, True)
+    for start_n in range(ilo, ihi, BLOCK_N):
+        dq, dparam = _dq_block(
+            dq, dparam, q, do, lse2, delta, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh, b, K_base, V_base,
+            KANG_base, MASK_base, DMASK_base, BIAS_h, URPE_h, DBIAS_row, DURPE_row, KPOS, ROPE_TABLE, BIAS_LUT, S, D,
+            DV, stride_k_s, stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_dmask_s, stride_kpos_b,
+            stride_kpos_l, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+            drop_m0, drop_n0,
+            rope_scale, bias_i0, bias_i1, bias_i2, urpe_m, BLOCK_N, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT,
+            WINDOW_RIGHT, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT, K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM,
+            ROPE_INTERLEAVED, BIAS_KIND, HAS_URPE, MASK_GRAD, BIAS_GRAD, URPE_GRAD, RAW_SCORES, MASK_INTERIOR)
+    for i in range(0, boundary_count(lo, hi, ilo, ihi, BLOCK_N)):
+        dq, dparam = _dq_block(
+            dq, dparam, q, do, lse2, delta, q_pos, q_lo, q_hi, m_valid, offs_m,
+            boundary_start(i, lo, ilo, ihi, BLOCK_N), bh, b, K_base, V_base, KANG_base, MASK_base, DMASK_base,
+            BIAS_h, URPE_h, DBIAS_row, DURPE_row, KPOS, ROPE_TABLE, BIAS_LUT, S, D, DV, stride_k_s, stride_v_s,
+            stride_kang_s, stride_kang_t, stride_mask_s, stride_dmask_s, stride_kpos_b, stride_kpos_l, k_offset,
+            window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+            drop_m0, drop_n0, rope_scale, bias_i0, bias_i1,
+            bias_i2, urpe_m, BLOCK_N, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, MASK_KIND, HAS_SOFTCAP,
+            HAS_DROPOUT, K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED, BIAS_KIND, HAS_URPE,
+            MASK_GRAD, BIAS_GRAD, URPE_GRAD, RAW_SCORES, True)
 
     # dQ so far is w.r.t. the rotated queries; rotate it back by −angle (RoPE's Rᵀ).
     dq = unrotate(dq * scale, q_pos, q_pos - q_lo, m_valid, QANG_rows, stride_qang_t, ROPE_TABLE, rope_scale, offs_d,
@@ -620,6 +836,12 @@ def _bias_strides(kp):
     return 0, t.stride(0)
 
 
+def _dropout_state(seed):
+    """(seed, row offset, key offset) of the dropout counter from a seed or such a triple: a block
+    of a longer sequence (a ring shard) draws that sequence's mask at its global (row, key)."""
+    return tuple(seed) if isinstance(seed, (tuple, list)) else (seed, 0, 0)
+
+
 def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp):
     """Sizes, the shared argument list (the common tail of every kernel's signature) and constexprs."""
     B, H, L, D = q.shape
@@ -638,14 +860,18 @@ def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, drop
               H, HKV, L, S, D, DV,
               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *qpos_strides, *kpos_strides,
               *angle_strides, *_bias_strides(kp), urpe_stride,
-              q_offset, k_offset, w_left, w_right, scale, softcap or 0.0, dropout_p, _dropout_scale(dropout_p), seed,
-              float(kp.rope_scale), *kp.bias_ints, kp.urpe_m]
+              q_offset, k_offset, w_left, w_right, scale, softcap or 0.0, dropout_p, _dropout_scale(dropout_p),
+              *_dropout_state(seed), float(kp.rope_scale), *kp.bias_ints, kp.urpe_m]
     # xPos keeps its rotated tiles in fp32 (see load_rotated): half inputs then use TF32 dots.
     constexprs = dict(
         BLOCK_D=_config.padded_head_dim(D), BLOCK_DV=_config.padded_head_dim(DV), IS_CAUSAL=causal,
         WINDOW_LEFT=has_left, WINDOW_RIGHT=has_right, MASK_KIND=mask_kind, HAS_SOFTCAP=softcap is not None,
         HAS_DROPOUT=dropout_p > 0.0, Q_POS_TENSOR=q_tensor, K_POS_TENSOR=k_tensor,
         DOT_PRECISION=_dot_precision(q.dtype), BIAS_KIND=kp.bias_kind, HAS_URPE=kp.urpe_table is not None,
+        MASK_INTERIOR=_config.mask_all_tiles(),
+        # q·k enters exp2 unscaled (the scale folded into the exponent): no bias, float mask or
+        # softcap, and a positive scale (the row max commutes with the multiply only then)
+        RAW_SCORES=kp.bias_kind == BIAS_NONE and mask_kind != MASK_FLOAT and softcap is None and scale > 0,
         **rope_cx)
     return (B, H, HKV, L, S, D, DV), shared, constexprs
 
@@ -671,10 +897,11 @@ def attn_fwd(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_
         q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp)
     out = _alloc((B, H, L, DV), q.dtype, q.device)
     lse = _alloc((B, H, L), torch.float32, q.device)
-    v_bad = (~torch.isfinite(v)).any(dim=-1).any(dim=-1).to(torch.int8)  # [B, HKV], computed on the device (no sync)
+    # [B, HKV, S] on the device: NaN for a key whose value row is not finite, else 0
+    v_bad_keys = torch.where(torch.isfinite(v).all(dim=-1), 0.0, float("nan")).to(torch.float32).contiguous()
     cfg, tiles = _tile_args("fwd", q, causal, kp, max(D, DV))
-    _launch(_attn_fwd_kernel, (triton.cdiv(L, cfg.block_m), B * H))(out, lse, v_bad, *out.stride()[:3], *shared,
-                                                                     **tiles, **cx)
+    _launch(_attn_fwd_kernel, (triton.cdiv(L, cfg.block_m), B * H))(
+        out, lse, v_bad_keys, *out.stride()[:3], *shared, **tiles, **cx)
     return out, lse
 
 

@@ -20,9 +20,13 @@ Environment knobs (read at call time, so tests can set them with ``monkeypatch``
     "1" fills every buffer the launchers allocate with NaN before the kernels write it,
     so a tile that is never written shows up as NaN (the tests set it).
 ``POSATTN_AUTOTUNE``
-    "0" gives every Triton kernel one fixed tile config per head dim, whatever the GPU
+    "0" gives every Triton kernel one fixed tile config per kernel and head dim, whatever the GPU
     (capability), dtype and flags: reproducible CI runs and benchmarks. Default: the tile
     tables per capability (sm_80, sm_90), keyed by kernel, head dim, dtype and flags.
+``POSATTN_MASK_ALL_TILES``
+    "1" runs the interior tiles of the Triton kernels (every pair in bounds and visible)
+    through the masked path of the boundary tiles too. For tests and debugging: both paths
+    must give bitwise the same results.
 ``TRITON_INTERPRET``
     "1" runs the Triton kernels on CPU tensors through Triton's interpreter (slow; for
     tests). Must be set before ``posattn.triton_kernels`` is first imported.
@@ -59,6 +63,10 @@ def allow_tf32() -> bool:
 
 def poison_allocations() -> bool:
     return env_flag("POSATTN_POISON_ALLOC")
+
+
+def mask_all_tiles() -> bool:
+    return env_flag("POSATTN_MASK_ALL_TILES")
 
 
 def triton_interpret() -> bool:
@@ -123,8 +131,16 @@ _BASE = {
     ("dq", 64, "rotary"): TileConfig(64, 64, 8, 2),  # was 7/13 (sm_80), 6/12 (sm_90)
     ("dq", 128, "rotary"): TileConfig(32, 32, 8, 2),  # was 20/29 (sm_80), 24/40; (32, 64, 8, 2): 2/1, 5/6
 }
+# Issue #14 (interior / boundary loops, software-pipelined, dK/dV computed key-major): every
+# main config re-chosen with the AOT report's loop columns. Tiles are (queries, keys): in
+# dK/dV, BLOCK_N keys per program and BLOCK_M queries per loop iteration. "wi/1k": loop
+# instructions × warps × 1000 / scores per iteration (bf16, non-causal).
 _SM80 = {
     **_BASE,
+    ("dkdv", 128): TileConfig(32, 64, 8, 2),  # wi/1k 968; (64, 64, 8, 2) spilled 2/1 (causal 10/9)
+    # wi/1k 375; (64, 64, 4, 2) spilled 13/12 under Triton 3.6 (causal)
+    ("dq", 16): TileConfig(64, 32, 4, 2), ("dq", 32): TileConfig(64, 32, 4, 2), ("dq", 64): TileConfig(64, 32, 4, 2),
+    ("dq", 64, "rotary"): TileConfig(64, 32, 8, 2),  # (64, 64, 8, 2) spilled 6/6 (causal 14/13)
     # dK/dV keep k, v, dk, dv of BLOCK_N keys in registers: 64 keys spilled at D=64 (58/58)
     # and 8 warps did not help (38/37); 32 keys do not (168 registers).
     ("dkdv", 16): TileConfig(64, 32, 4, 2), ("dkdv", 32): TileConfig(64, 32, 4, 2),
@@ -137,20 +153,33 @@ _SM80 = {
 }
 _SM90 = {
     **_BASE,
+    # A wgmma instruction covers 64 rows per warpgroup: 8 warps on 64-row score tiles computed
+    # every score twice (the old D=128 backward). dK/dV's score rows are its keys.
+    ("dkdv", 16): TileConfig(32, 64, 4, 2), ("dkdv", 32): TileConfig(32, 64, 4, 2),
+    ("dkdv", 64): TileConfig(32, 64, 4, 2),  # wi/1k 455; (64, 64, 4, 2) spilled 2/2
+    # (32, 128, 8, 2): wi/1k 607 but 5/5 spills (row offsets kept for the stores, outside the loops)
+    ("dkdv", 128): TileConfig(16, 128, 8, 2),  # wi/1k 917, was 64x64 w8 at 1441 (every score twice)
+    ("dq", 128): TileConfig(128, 64, 8, 2),  # wi/1k 333, was 64x64 w8 at 1322 (every score twice)
+    # wi/1k 1265; (32, 128, 8, 2) 1101 but spilled 6/12 under Triton 3.6, (64, 64, 8, 2) 2/3
+    ("dkdv", 64, "rotary"): TileConfig(16, 128, 8, 2),
     ("fwd", 64, "urpe"): TileConfig(128, 64, 8, 3),  # was 26/21
-    ("fwd", 128, "rotary"): TileConfig(64, 64, 8, 2),  # was 2/2
-    ("dkdv", 64, "rotary"): TileConfig(64, 64, 8, 2),  # was 14/28
+    # 64×64 with 8 warps computed every score twice (wgmma: 64 rows per warpgroup); wi/1k 2816 → 1415
+    ("fwd", 128, "rotary"): TileConfig(128, 64, 8, 2),
     ("dkdv", 128, "bias"): TileConfig(64, 32, 8, 2),  # was Manhattan 23/26, relative 2/1
     ("dkdv", 128, "urpe"): TileConfig(64, 32, 8, 2),  # was 15/14
     ("dq", 128, "bias"): TileConfig(64, 32, 8, 2),  # was T5 4/3, relative 2/1
     ("dq", 128, "urpe"): TileConfig(64, 32, 8, 2),  # was 15/15
 }
 
-# POSATTN_AUTOTUNE=0: one fixed config per head dim for every kernel, whatever the GPU,
-# dtype and flags (reproducible CI runs and benchmarks): small tiles that compile without
-# spills for the plain kernels on sm_80 and sm_90 (D=256: 4 warps spilled in dK/dV).
-_FIXED = {16: TileConfig(64, 32, 4, 1), 32: TileConfig(64, 32, 4, 1), 64: TileConfig(64, 32, 4, 1),
-          128: TileConfig(64, 32, 4, 1), 256: TileConfig(32, 32, 8, 1)}
+# POSATTN_AUTOTUNE=0: one fixed config per kernel and head dim, whatever the GPU, dtype and
+# flags (reproducible CI runs and benchmarks): small tiles that compile without spills for
+# the plain kernels on sm_80 and sm_90 (D=256: 4 warps spilled in dK/dV). dK/dV's products
+# are key-major, so its key tile is the larger one up to D = 64 (64 queries × 32 keys
+# spilled 4/4 on sm_80 at D = 64; 32 × 64 spilled 4/2 on sm_80 at D = 128).
+_FIXED = {(kind, d): TileConfig(64, 32, 4, 1) for kind in ("fwd", "dkdv", "dq") for d in (16, 32, 64, 128)}
+_FIXED.update({("dkdv", 16): TileConfig(32, 64, 4, 1), ("dkdv", 32): TileConfig(32, 64, 4, 1),
+               ("dkdv", 64): TileConfig(32, 64, 4, 1)})
+_FIXED.update({(kind, 256): TileConfig(32, 32, 8, 1) for kind in ("fwd", "dkdv", "dq")})
 
 # The interpreter costs ~2.5 ms per tile iteration whatever the tile size, so it gets
 # large tiles; 64 still leaves partial tiles in the test shapes (L, S = 63, 130).
@@ -178,7 +207,7 @@ def tile_config(kind: str, head_dim: int, interpret: bool, capability=(8, 0), dt
     ``capability``: the GPU's (major, minor) (see :func:`cuda_capability`); ``dtype``: the
     inputs' dtype; ``flags``: the variants of the call, a subset of :data:`VARIANTS`. Under
     the interpreter one config serves every kernel; ``POSATTN_AUTOTUNE=0`` gives one
-    fixed config per head dim.
+    fixed config per kernel and head dim.
     """
     if kind not in KERNELS:
         raise ValueError(f"kind={kind!r} is not a Triton attention kernel; choose one of {KERNELS}")
@@ -189,7 +218,7 @@ def tile_config(kind: str, head_dim: int, interpret: bool, capability=(8, 0), dt
         return _INTERPRET
     d = padded_head_dim(head_dim)
     if not autotune():
-        return _FIXED[d]
+        return _FIXED[kind, d]
     table = gpu_table(capability)
     for variant in (*(v for v in VARIANTS if v in flags), _dtype_name(dtype)):
         if (kind, d, variant) in table:

@@ -210,6 +210,17 @@ def test_llama_packed_position_ids(cache, fuse):
     compare((ours, stock64, stock32), torch.ones(1, 13), input_ids=ids, position_ids=pos)
 
 
+@pytest.mark.skipif(hasattr(posattn, "attention_varlen"), reason="attention_varlen exists: the packed tests run")
+def test_packed_batches_raise_until_varlen_exists():
+    """Until posattn.attention_varlen exists, packed input is refused, never silently attended
+    across its sequences."""
+    ours, _, _ = twins(LlamaForCausalLM, llama_config())
+    ids = torch.randint(1, VOCAB, (1, 13))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4]])
+    with pytest.raises(RuntimeError, match="attention_varlen"):
+        ours(input_ids=ids, attention_mask=torch.ones(1, 13), position_ids=pos)
+
+
 @needs_varlen
 @pytest.mark.parametrize("fuse", [False, True], ids=["interface", "fused"])
 def test_llama_cu_seq_lens_kwargs(fuse):

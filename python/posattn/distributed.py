@@ -151,27 +151,15 @@ def _visible(q_lo, q_hi, k_lo, k_hi, causal, left, right):
     return k_lo <= q_hi + hi and k_hi >= q_lo + lo
 
 
-def _block_plan(q_chunks, mq, k_chunks, mk, causal, left, right, split=False):
-    """The kernel calls for one (local queries, key block) pair: a list of (query rows, key rows)
-    slices that together cover every visible (query chunk, key chunk) pair and no empty one.
-    ``split``: one call per visible chunk pair (each call's rows and keys then lie contiguous
-    in the global sequence, as dropout's global (row, key) counter needs)."""
-    live = [[_visible(qc * mq, qc * mq + mq - 1, kc * mk, kc * mk + mk - 1, causal, left, right) for kc in k_chunks]
-            for qc in q_chunks]
-    rows_q = [i for i, row in enumerate(live) if any(row)]
-    rows_k = [j for j in range(len(k_chunks)) if any(row[j] for row in live)]
-    if not rows_q:
-        return []
-    if split:
-        return [(slice(i * mq, (i + 1) * mq), slice(j * mk, (j + 1) * mk)) for i in rows_q for j in rows_k
-                if live[i][j]]
-
-    def span(idx, m):  # with at most two chunks every subset is one slice of the local rows
-        return slice(idx[0] * m, (idx[-1] + 1) * m)
-
-    if all(live[i][j] for i in rows_q for j in rows_k):
-        return [(span(rows_q, mq), span(rows_k, mk))]
-    return [(span([i], mq), span([j for j in rows_k if live[i][j]], mk)) for i in rows_q]
+def _block_plan(q_chunks, mq, k_chunks, mk, causal, left, right):
+    """The kernel calls for one (local queries, key block) pair: one (query rows, key rows) pair of
+    slices per visible (query chunk, key chunk) pair, and none for an empty one. Each call's
+    queries and keys lie contiguous in the global sequence, so the kernels take position offsets
+    (analytic tile skipping, mask-free interior tiles) and dropout's global (row, key) counter
+    starts from the call's first element."""
+    return [(slice(i * mq, (i + 1) * mq), slice(j * mk, (j + 1) * mk))
+            for i, qc in enumerate(q_chunks) for j, kc in enumerate(k_chunks)
+            if _visible(qc * mq, qc * mq + mq - 1, kc * mk, kc * mk + mk - 1, causal, left, right)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,10 +195,7 @@ class _Ring:
     def plan(self, src):
         """The kernel calls of the block that rank ``src`` owns."""
         k_chunks = _chunks(self.layout, self.world, src)[0]
-        # One call per visible chunk pair: its queries and keys are contiguous in the global
-        # sequence, so the kernels get position offsets (analytic tile skipping and mask-free
-        # interior tiles) rather than position tensors (every tile a candidate, every tile masked).
-        calls = _block_plan(self.q_chunks, self.mq, k_chunks, self.mk, self.causal, self.left, self.right, split=True)
+        calls = _block_plan(self.q_chunks, self.mq, k_chunks, self.mk, self.causal, self.left, self.right)
         return [(qr, kr, self.offsets(qr, kr, k_chunks)) for qr, kr in calls]
 
     def offsets(self, q_rows, k_rows, k_chunks):

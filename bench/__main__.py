@@ -3,6 +3,7 @@
     python -m bench [--quick] [--device cpu|cuda] [--dtype float32] [--only CASE,...] [--providers P,...]
     python -m bench --targets [--quick] ...     the CPU backend's speed targets (1a ... 3b), with verdicts
     python -m bench --only kernelized ...       the kernelized-attention N sweep (adaptive, up to 64k)
+    python -m bench --only ring ...             sequence parallelism: ring / Ulysses ranks vs one process
 
 Cases (``bench.harness.CASES``): plain, causal, ALiBi (causal), learnable RelativeBias (M=128),
 learnable T5Bias (32 buckets), RoPE (causal; posattn's fused rotation against rotary-then-SDPA /
@@ -902,6 +903,11 @@ def main(argv=None):
     if "kernelized" in argv and argv[argv.index("kernelized") - 1] == "--only":
         i = argv.index("kernelized")
         sweep_main(argv[:i - 1] + argv[i + 1:])
+        return
+    if "ring" in argv and argv[argv.index("ring") - 1] == "--only":
+        from . import ring
+        i = argv.index("ring")
+        ring.main(argv[:i - 1] + argv[i + 1:])
         return
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
                                      epilog="--targets: the CPU backend's target table; --only kernelized: the kernelized "

@@ -35,7 +35,7 @@ struct AttnArgs {
   const int32_t* k_pos; int64_t skp_b; int64_t k_offset;
   bool causal; int64_t window_left, window_right;  // -1: unbounded on that side
   float scale, softcap, dropout_p;                 // softcap 0: off
-  uint64_t seed;
+  uint64_t seed; int64_t drop_row0, drop_key0;  // dropout: Philox key; global (row, key) of element (0, 0)
   // rotary: table = inv_freq [r/2] (+ log2(zeta)/scale_base [r/2] for xPos), or angles
   // (fp32, broadcast strides over [B, H|Hkv, n, r/2])
   int rope_kind, rotary_dim; bool interleaved; float rope_scale;

@@ -1207,7 +1207,7 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
           for (int64_t j = 0; j < kt.n; ++j) s[j] *= u[urpe_index(a, qp[i], kt.pos[j])];
         }
         if (a.dropout_p > 0.0f) {  // step 9
-          dropout_row(a.seed, bh, i0 + i, kt.j0, kt.n, a.dropout_p, keep.p);
+          dropout_row(a.seed, bh, a.drop_row0 + i0 + i, a.drop_key0 + kt.j0, kt.n, a.dropout_p, keep.p);
           for (int64_t j = 0; j < kt.n; ++j) s[j] *= keep.p[j];
         }
       }
@@ -1356,7 +1356,7 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
           // ap: the probabilities that multiply V (gate, dropout); dp: ∂L/∂p
           for (int64_t j = 0; j < BN; ++j) ap[j] = p[j];
           if (a.dropout_p > 0.0f) {
-            dropout_row(a.seed, bh, i0 + i, kt.j0, kt.n, a.dropout_p, keep.p);
+            dropout_row(a.seed, bh, a.drop_row0 + i0 + i, a.drop_key0 + kt.j0, kt.n, a.dropout_p, keep.p);
             for (int64_t j = kt.n; j < BN; ++j) keep.p[j] = 0.0f;
           }
           if (utab) {

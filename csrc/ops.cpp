@@ -234,7 +234,16 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const option
   a.dropout_p = static_cast<float>(dropout_p);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p=", dropout_p, " must be in [0, 1]");
   TORCH_CHECK(dropout_p == 0.0 || seed.has_value(), "dropout_p > 0 needs a seed tensor");
-  a.seed = seed.has_value() ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
+  // seed: [seed] or [seed, row, key], the last two offsetting the dropout counter's (row, key) so
+  // that a block of a longer sequence (a ring shard) draws that sequence's mask
+  a.seed = 0; a.drop_row0 = 0; a.drop_key0 = 0;
+  if (seed.has_value()) {
+    TORCH_CHECK(seed->numel() == 1 || seed->numel() == 3, "the dropout seed tensor holds 1 value (seed) or 3 (seed, "
+                "row offset, key offset), got ", seed->numel());
+    const Tensor s = seed->to(at::kCPU, at::kLong).contiguous();
+    a.seed = static_cast<uint64_t>(s.data_ptr<int64_t>()[0]);
+    if (s.numel() == 3) { a.drop_row0 = s.data_ptr<int64_t>()[1]; a.drop_key0 = s.data_ptr<int64_t>()[2]; }
+  }
 
   TORCH_CHECK(spec_ints.size() == 8, "spec_ints must hold 8 ints, got ", spec_ints.size());
   a.rope_kind = static_cast<int>(spec_ints[0]);

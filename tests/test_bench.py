@@ -1,6 +1,7 @@
 """The benchmark harness (``python -m bench``) on a tiny configuration: the rows it writes, the
 FLOP formula, the ratios against posattn, the n/a reasons and the memory subprocess."""
 import csv
+import math
 import pathlib
 import sys
 
@@ -72,3 +73,25 @@ def test_tiny_run_rows_ratios_memory_and_plot(tmp_path):
         assert sdpa["status"] == "n/a" and "sdpa+bias" in sdpa["note"] and sdpa["median_ms"] == ""
     png = tmp_path / "relbias.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@requires_ext
+def test_hf_section_tiny(monkeypatch, tmp_path):
+    """bench/hf.py (the demo's Hugging Face section) on tiny settings: the same losses for every
+    attention implementation, its measurements, the plot."""
+    pytest.importorskip("transformers")
+    from bench import hf
+    monkeypatch.setattr(hf, "LLAMA_LEN", 16)
+    monkeypatch.setattr(hf, "LLAMA_STEPS", 3)
+    monkeypatch.setattr(hf, "T5_LEN", 24)
+    monkeypatch.setattr(hf, "T5_REPS", 1)
+    monkeypatch.setattr(hf, "MEMORY_STEPS", 1)
+    runs = hf.llama_time()
+    for impl, r in runs.items():
+        assert r["tokens_per_s"] > 0 and len(r["losses"]) == 3
+        assert max(abs(a - b) for a, b in zip(r["losses"], runs["sdpa"]["losses"])) < 1e-4
+    # at these sizes the peaks are allocator noise near zero (0 to 3 MiB seen): only their presence is checked
+    assert math.isfinite(hf.llama_memory("posattn+fused")["peak_mib"])
+    assert hf.t5_time()["posattn+fused"]["step_ms"] > 0 and math.isfinite(hf.t5_memory("sdpa")["peak_mib"])
+    png = hf._plot({k: v["losses"] for k, v in runs.items()}, str(tmp_path / "loss.png"))
+    assert pathlib.Path(png).stat().st_size > 0

@@ -50,6 +50,7 @@ def test_wheel_contents_and_metadata(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(re.fullmatch(r"posattn/_C\..*\.so", n) for n in names), names
     assert "posattn/triton_kernels/attention.py" in names and "posattn/reference.py" in names
+    assert "posattn/integrations/transformers.py" in names and "posattn/nn.py" in names
     assert not any(n.startswith("triton_kernels/") for n in names), "triton_kernels must live under posattn/"
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     import posattn

@@ -30,8 +30,8 @@ from ._common import (LN2, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, angle_grad, 
                       boundary_count, boundary_start, dropout_keep, interior_tiles, keys_visible, load_positions,
                       load_rotated, queries_visible, score_tile, table_grad_add, tile_range, unrotate, urpe_index)
 
-_NO_SPECIALIZE = ["L", "S", "q_offset", "k_offset", "window_left", "window_right", "seed", "bias_i0", "bias_i1",
-                  "bias_i2", "urpe_m"]
+_NO_SPECIALIZE = ["L", "S", "q_offset", "k_offset", "window_left", "window_right", "seed", "drop_m0", "drop_n0",
+                  "bias_i0", "bias_i1", "bias_i2", "urpe_m"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,6 +149,7 @@ def _fwd_block(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh
                K_base, V_base, KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT,
                S, D, DV, stride_k_s, stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b,
                stride_kpos_l, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+               drop_m0, drop_n0,
                rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -192,7 +193,7 @@ def _fwd_block(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh
     if HAS_URPE:
         p = p * tl.load(URPE_h + urpe_index(q_pos, k_pos, urpe_m), mask=valid, other=0.0)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
+        keep = dropout_keep(seed, bh, offs_m + drop_m0, offs_n + drop_n0, dropout_p)
         p = tl.where(keep, p * dropout_scale, 0.0)
     v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :], mask=v_mask, other=0.0)  # [BLOCK_N, BLOCK_DV]
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -204,6 +205,7 @@ def _fwd_loops(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_m, bh
                K_base, V_base, KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT,
                L, S, D, DV, stride_k_s, stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b,
                stride_kpos_l, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+               drop_m0, drop_n0,
                rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
@@ -221,7 +223,8 @@ def _fwd_loops(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_m, bh
             acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh, b, vbad_keys, K_base, V_base,
             KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT, S, D, DV, stride_k_s, stride_v_s,
             stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b, stride_kpos_l, k_offset, window_left,
-            window_right, scale, softcap, dropout_p, dropout_scale, seed, rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
+            window_right, scale, softcap, dropout_p, dropout_scale, seed,
+            drop_m0, drop_n0, rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
             BLOCK_N, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT,
             K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED, BIAS_KIND, HAS_URPE, RAW_SCORES,
             MASK_INTERIOR)
@@ -230,7 +233,8 @@ def _fwd_loops(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_m, bh
             acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, boundary_start(i, lo, ilo, ihi, BLOCK_N), bh, b,
             vbad_keys, K_base, V_base, KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT, S, D,
             DV, stride_k_s, stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b, stride_kpos_l,
-            k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed, rope_scale, bias_i0,
+            k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+            drop_m0, drop_n0, rope_scale, bias_i0,
             bias_i1, bias_i2, urpe_m, BLOCK_N, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, MASK_KIND,
             HAS_SOFTCAP, HAS_DROPOUT, K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED, BIAS_KIND,
             HAS_URPE, RAW_SCORES, True)
@@ -254,7 +258,7 @@ def _attn_fwd_kernel(
     stride_qang_b, stride_qang_h, stride_qang_l, stride_qang_t,
     stride_kang_b, stride_kang_h, stride_kang_s, stride_kang_t,
     stride_bias_b, stride_bias_h, stride_urpe_h,
-    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed, drop_m0, drop_n0,
     rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
     # constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -322,7 +326,8 @@ def _attn_fwd_kernel(
         V_BAD_KEYS + (k_row if VARLEN else (b * HKV + hkv) * S),
         K_base, V_base, KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT, L, S, D, DV, stride_k_s,
         stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b, stride_kpos_l, k_offset,
-        window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed, rope_scale, bias_i0, bias_i1,
+        window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+        drop_m0, drop_n0, rope_scale, bias_i0, bias_i1,
         bias_i2, urpe_m, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, MASK_KIND,
         HAS_SOFTCAP, HAS_DROPOUT, K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED, BIAS_KIND,
         HAS_URPE, MASK_INTERIOR, RAW_SCORES)
@@ -409,6 +414,7 @@ def _dkdv_block(dk, dv, k, v, k_pos, k_lo, k_hi, n_valid, offs_n, start_m, bh, b
                 Q_base, QANG_base, DO_base, LSE_bh, DELTA_bh, MASK_base, BIAS_h, URPE_h, QPOS, ROPE_TABLE, BIAS_LUT,
                 L, D, DV, stride_q_l, stride_qang_l, stride_qang_t, stride_do_l, stride_mask_l, stride_qpos_b,
                 stride_qpos_l, q_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+                drop_m0, drop_n0,
                 rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -455,7 +461,7 @@ def _dkdv_block(dk, dv, k, v, k_pos, k_lo, k_hi, n_valid, offs_n, start_m, bh, b
     a = p * gate  # [BLOCK_M, BLOCK_N], the probabilities that multiply V
     keep = True
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
+        keep = dropout_keep(seed, bh, offs_m + drop_m0, offs_n + drop_n0, dropout_p)
         a = tl.where(keep, a * dropout_scale, 0.0)
     dv += tl.dot(tl.trans(a.to(do.dtype)), do, input_precision=DOT_PRECISION)
     dp = tl.trans(tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION))  # [BLOCK_M, BLOCK_N]
@@ -486,7 +492,7 @@ def _attn_bwd_dkdv_kernel(
     stride_qang_b, stride_qang_h, stride_qang_l, stride_qang_t,
     stride_kang_b, stride_kang_h, stride_kang_s, stride_kang_t,
     stride_bias_b, stride_bias_h, stride_urpe_h,
-    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed, drop_m0, drop_n0,
     rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
     # constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -560,7 +566,8 @@ def _attn_bwd_dkdv_kernel(
                 dk, dv, k, v, k_pos, k_lo, k_hi, n_valid, offs_n, start_m, bh, b, Q_base, QANG_base, DO_base,
                 LSE + q_row, DELTA + q_row, MASK_base, BIAS_h, URPE_h, QPOS, ROPE_TABLE, BIAS_LUT, L, D, DV,
                 stride_q_l, stride_qang_l, stride_qang_t, stride_do_l, stride_mask_l, stride_qpos_b, stride_qpos_l,
-                q_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed, rope_scale,
+                q_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+                drop_m0, drop_n0, rope_scale,
                 bias_i0, bias_i1, bias_i2, urpe_m, BLOCK_M, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
                 MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT, Q_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM,
                 ROPE_INTERLEAVED, BIAS_KIND, HAS_URPE, RAW_SCORES, MASK_INTERIOR)
@@ -570,7 +577,8 @@ def _attn_bwd_dkdv_kernel(
                 Q_base, QANG_base, DO_base, LSE + q_row, DELTA + q_row, MASK_base, BIAS_h, URPE_h, QPOS,
                 ROPE_TABLE, BIAS_LUT, L, D, DV, stride_q_l, stride_qang_l, stride_qang_t, stride_do_l, stride_mask_l,
                 stride_qpos_b, stride_qpos_l, q_offset, window_left, window_right, scale, softcap, dropout_p,
-                dropout_scale, seed, rope_scale, bias_i0, bias_i1, bias_i2, urpe_m, BLOCK_M, BLOCK_D, BLOCK_DV,
+                dropout_scale, seed,
+                drop_m0, drop_n0, rope_scale, bias_i0, bias_i1, bias_i2, urpe_m, BLOCK_M, BLOCK_D, BLOCK_DV,
                 IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT, Q_POS_TENSOR,
                 DOT_PRECISION, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED, BIAS_KIND, HAS_URPE, RAW_SCORES, True)
 
@@ -593,7 +601,7 @@ def _dq_block(dq, dparam, q, do, lse2, delta, q_pos, q_lo, q_hi, m_valid, offs_m
               K_base, V_base, KANG_base, MASK_base, DMASK_base, BIAS_h, URPE_h, DBIAS_row, DURPE_row, KPOS,
               ROPE_TABLE, BIAS_LUT, S, D, DV, stride_k_s, stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s,
               stride_dmask_s, stride_kpos_b, stride_kpos_l, k_offset, window_left, window_right, scale, softcap,
-              dropout_p, dropout_scale, seed, rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
+              dropout_p, dropout_scale, seed, drop_m0, drop_n0, rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr,
               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, MASK_KIND: tl.constexpr,
               HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, K_POS_TENSOR: tl.constexpr,
@@ -628,7 +636,7 @@ def _dq_block(dq, dparam, q, do, lse2, delta, q_pos, q_lo, q_hi, m_valid, offs_m
         gate = tl.load(URPE_h + uidx, mask=valid, other=0.0)
     keep = True
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, bh, offs_m, offs_n, dropout_p)
+        keep = dropout_keep(seed, bh, offs_m + drop_m0, offs_n + drop_n0, dropout_p)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     ds, da = _dscore(p, dp, delta, gate, keep, dropout_scale, HAS_DROPOUT, HAS_URPE)
     dq += tl.dot((ds * dcap).to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -667,7 +675,7 @@ def _attn_bwd_dq_kernel(
     stride_qang_b, stride_qang_h, stride_qang_l, stride_qang_t,
     stride_kang_b, stride_kang_h, stride_kang_s, stride_kang_t,
     stride_bias_b, stride_bias_h, stride_urpe_h,
-    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+    q_offset, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed, drop_m0, drop_n0,
     rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
     # constexprs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -740,6 +748,7 @@ def _attn_bwd_dq_kernel(
             KANG_base, MASK_base, DMASK_base, BIAS_h, URPE_h, DBIAS_row, DURPE_row, KPOS, ROPE_TABLE, BIAS_LUT, S, D,
             DV, stride_k_s, stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_dmask_s, stride_kpos_b,
             stride_kpos_l, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+            drop_m0, drop_n0,
             rope_scale, bias_i0, bias_i1, bias_i2, urpe_m, BLOCK_N, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT,
             WINDOW_RIGHT, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT, K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM,
             ROPE_INTERLEAVED, BIAS_KIND, HAS_URPE, MASK_GRAD, BIAS_GRAD, URPE_GRAD, RAW_SCORES, MASK_INTERIOR)
@@ -749,7 +758,8 @@ def _attn_bwd_dq_kernel(
             boundary_start(i, lo, ilo, ihi, BLOCK_N), bh, b, K_base, V_base, KANG_base, MASK_base, DMASK_base,
             BIAS_h, URPE_h, DBIAS_row, DURPE_row, KPOS, ROPE_TABLE, BIAS_LUT, S, D, DV, stride_k_s, stride_v_s,
             stride_kang_s, stride_kang_t, stride_mask_s, stride_dmask_s, stride_kpos_b, stride_kpos_l, k_offset,
-            window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed, rope_scale, bias_i0, bias_i1,
+            window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
+            drop_m0, drop_n0, rope_scale, bias_i0, bias_i1,
             bias_i2, urpe_m, BLOCK_N, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, MASK_KIND, HAS_SOFTCAP,
             HAS_DROPOUT, K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED, BIAS_KIND, HAS_URPE,
             MASK_GRAD, BIAS_GRAD, URPE_GRAD, RAW_SCORES, True)
@@ -920,6 +930,12 @@ def _bias_strides(kp):
     return 0, t.stride(0)
 
 
+def _dropout_state(seed):
+    """(seed, row offset, key offset) of the dropout counter from a seed or such a triple: a block
+    of a longer sequence (a ring shard) draws that sequence's mask at its global (row, key)."""
+    return tuple(seed) if isinstance(seed, (tuple, list)) else (seed, 0, 0)
+
+
 def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp, varlen=None):
     """Sizes, the shared argument list (the common tail of every kernel's signature) and constexprs.
 
@@ -942,8 +958,8 @@ def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, drop
               H, HKV, L, S, D, DV,
               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *qpos_strides, *kpos_strides,
               *angle_strides, *_bias_strides(kp), urpe_stride,
-              q_offset, k_offset, w_left, w_right, scale, softcap or 0.0, dropout_p, _dropout_scale(dropout_p), seed,
-              float(kp.rope_scale), *kp.bias_ints, kp.urpe_m]
+              q_offset, k_offset, w_left, w_right, scale, softcap or 0.0, dropout_p, _dropout_scale(dropout_p),
+              *_dropout_state(seed), float(kp.rope_scale), *kp.bias_ints, kp.urpe_m]
     # xPos keeps its rotated tiles in fp32 (see load_rotated): half inputs then use TF32 dots.
     constexprs = dict(
         BLOCK_D=_config.padded_head_dim(D), BLOCK_DV=_config.padded_head_dim(DV), IS_CAUSAL=causal,

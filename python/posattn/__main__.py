@@ -15,6 +15,10 @@
    materialised bias, FlexAttention and the dense reference, every case) in a subprocess
    from the repository root, its output streamed; only from a source checkout (``bench/``
    is not part of an installed package).
+4. Hugging Face transformers: ``python -m bench.hf`` (posattn inside real models: a tiny Llama
+   trained 50 steps with "sdpa" / "posattn" / fused positions, loss curves, tokens/s, peak
+   memory; a T5 forward + backward at L=2048 with stock SDPA vs ``fuse_positions``), likewise
+   from a source checkout.
 
 Only run as ``__main__``: nothing here runs when ``posattn`` is imported.
 """
@@ -43,6 +47,7 @@ INTERPRETER_FLAG = "--interpreter-check"
 INTERPRETER_DTYPES = (torch.float32, torch.float16)
 INTERPRETER_TIMEOUT_S = 180
 BENCH_TIMEOUT_S = 600
+HF_TIMEOUT_S = 1200
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,30 +389,37 @@ def bench_root() -> str | None:
     return root if os.path.isfile(os.path.join(root, "bench", "__main__.py")) else None
 
 
+def run_bench_module(module: str, what: str, timeout: int, *args: str) -> None:
+    """``python -m bench.<module> *args`` (or ``python -m bench``) in a subprocess from the repository
+    root, its output streamed; only from a source checkout (bench/ is not part of an installed package)."""
+    root = bench_root()
+    name = "bench" + (f".{module}" if module else "")
+    if root is None:
+        print(f"bench/ is not here (posattn is not run from a source checkout): no {what}; run it from the "
+              f"repository: python -m {name} {' '.join(args)}")
+        return
+    cmd = [sys.executable, "-m", name, *args]
+    print(f"$ {' '.join(cmd)}   (in {root})", flush=True)
+    # the same posattn in the bench and in its subprocesses; unbuffered, so its lines stream
+    package_parent = os.path.join(root, "python")
+    pythonpath = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"python -m {name} took longer than {timeout} s and was stopped")
+        return
+    if proc.returncode != 0:
+        print(f"python -m {name} failed (exit {proc.returncode})")
+
+
 def print_cpu_timing() -> None:
     """The benchmark: python -m bench --quick in a subprocess (repository root), its output streamed."""
     print("== timing: posattn backend='cpu' vs torch SDPA / SDPA + bias / FlexAttention / reference (python -m bench)")
     if not posattn.ops.cpu_available():
         print(f"the C++ CPU backend is not available (posattn._C did not load: {posattn.ops._C_ERROR}): no timing")
         return
-    root = bench_root()
-    if root is None:
-        print("bench/ is not here (posattn is not run from a source checkout): no timing; run it from the "
-              "repository: python -m bench --quick")
-        return
-    cmd = [sys.executable, "-m", "bench", "--quick"]
-    print(f"$ {' '.join(cmd)}   (in {root})", flush=True)
-    # the same posattn in the bench and in its memory subprocesses; unbuffered, so its lines stream
-    package_parent = os.path.join(root, "python")
-    pythonpath = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
-    try:
-        proc = subprocess.run(cmd, cwd=root, env=env, timeout=BENCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        print(f"python -m bench --quick took longer than {BENCH_TIMEOUT_S} s and was stopped")
-        return
-    if proc.returncode != 0:
-        print(f"python -m bench --quick failed (exit {proc.returncode})")
+    run_bench_module("", "timing", BENCH_TIMEOUT_S, "--quick")
 
 
 def print_timing() -> None:
@@ -457,6 +469,8 @@ def main(argv=None) -> None:
     print_environment()
     print_correctness()
     print_timing()
+    print()
+    run_bench_module("hf", "Hugging Face section", HF_TIMEOUT_S)
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
 
 

@@ -6,7 +6,8 @@ extension ``posattn._C``; its fake implementations and autograd are registered h
 extension loads). The ops are opaque to autograd and to ``torch.compile``: each one calls a launcher, and the
 backward is itself an op. Positions travel as an optional tensor plus an int offset, the
 window as two ints (−1: unbounded), softcap as a float (0: off), and the dropout seed as a
-0-d int64 CPU tensor so that drawing it needs no ``.item()`` outside the op.
+0-d int64 CPU tensor so that drawing it needs no ``.item()`` outside the op (or [seed, row, key]:
+the counter's (row, key) offset of element (0, 0), for a block of a longer sequence).
 
 Position specs travel flattened (:class:`posattn.positions.KernelPositions`): the tensors
 the kernels read (rotary frequency table, q / k angles, bias parameter, T5 bucket table,
@@ -82,6 +83,17 @@ def _pos(pos: Optional[Tensor], offset: int):
     return offset if pos is None else pos
 
 
+def _seed_state(seed: Optional[Tensor]):
+    """The dropout seed tensor as the Triton launchers take it: [seed] → seed, [seed, row, key]
+    (a block of a longer sequence, e.g. a ring shard) → that triple."""
+    if seed is None:
+        return 0
+    if seed.numel() not in (1, 3):
+        raise ValueError(f"the dropout seed tensor holds 1 value (seed) or 3 (seed, row offset, key offset), got "
+                         f"{seed.numel()}")
+    return int(seed) if seed.numel() == 1 else tuple(int(x) for x in seed.tolist())
+
+
 def _window(left: int, right: int):
     return None if left < 0 and right < 0 else (left, right)
 
@@ -110,7 +122,7 @@ def triton_attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Te
     kp = _unflatten(rope_table, q_angles, k_angles, bias_tensor, bias_lut, urpe_table, spec_ints, rope_scale)
     return _triton().attn_fwd(q, k, v, attn_mask, _pos(q_pos, q_offset), _pos(k_pos, k_offset), causal,
                               _window(window_left, window_right), softcap or None, dropout_p,
-                              0 if seed is None else int(seed), scale, kp)
+                              _seed_state(seed), scale, kp)
 
 
 @triton_attention_fwd.register_fake
@@ -133,7 +145,7 @@ def triton_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     kp = _unflatten(rope_table, q_angles, k_angles, bias_tensor, bias_lut, urpe_table, spec_ints, rope_scale)
     grads = _triton().attn_bwd(
         dout, q, k, v, out, lse, dlse, attn_mask, _pos(q_pos, q_offset), _pos(k_pos, k_offset), causal,
-        _window(window_left, window_right), softcap or None, dropout_p, 0 if seed is None else int(seed), scale,
+        _window(window_left, window_right), softcap or None, dropout_p, _seed_state(seed), scale,
         mask_grad, kp, (angle_grad, bias_grad, urpe_grad), deterministic)
     return _grad_list(grads, q, q_angles, k_angles)
 
@@ -349,3 +361,13 @@ def forward_op(backend: str):
         require_cpu_extension()
         return torch.ops.posattn.cpu_attention_fwd.default
     return triton_attention_fwd
+
+
+def backward_op(backend: str):
+    """The backward custom op of a kernel backend: one call computes the gradients of one
+    (q rows, key block) pair given the final out and lse, which is how a ring of blocks
+    (:mod:`posattn.distributed`) recomputes its blocks."""
+    if backend == "cpu":
+        require_cpu_extension()
+        return torch.ops.posattn.cpu_attention_bwd.default
+    return triton_attention_bwd

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import posattn
-from conftest import DEVICE, HAS_CUDA
+from conftest import CPU, HAS_CUDA, backend_device, kernel_dropout_mask, requires_ext
 from tolerance import assert_close
 
 # Lengths 0, 1, 7, 63 and 130 in one pack (DESIGN §5's odd shapes, plus an empty sequence).
@@ -308,25 +308,19 @@ def test_argument_errors(over, error, match):
         posattn.attention_varlen(**_bad(**over))
 
 
-@pytest.mark.requires_ext
-def test_cpu_backend_not_built_yet():
-    """Until the CPU packed kernel exists, asking for it raises; nothing falls back silently."""
-    args = _bad(q=torch.randn(10, 2, 8), k=torch.randn(12, 1, 8), v=torch.randn(12, 1, 8), backend=None)
-    with pytest.raises(NotImplementedError, match="backend='reference'"):
-        posattn.attention_varlen(**args)
-
-
 # kernel backends -----------------------------------------------------------------------------------------
 
 # Triton runs on CUDA, or on the CPU under the interpreter (fp32, fp16: bf16 tl.dot is broken there).
-KERNELS = [pytest.param("triton", id="triton")]
+KERNELS = [pytest.param("triton", id="triton"), CPU]
 HALF = [pytest.param("triton", torch.float16, id="triton-float16")] + (
-    [pytest.param("triton", torch.bfloat16, id="triton-bfloat16")] if HAS_CUDA else [])
+    [pytest.param("triton", torch.bfloat16, id="triton-bfloat16")] if HAS_CUDA else []) + [
+    pytest.param("cpu", dt, id=f"cpu-{str(dt)[6:]}", marks=requires_ext) for dt in (torch.bfloat16, torch.float16)]
 
 
-def check_kernel(c: Case, backend, dtype=torch.float32, device=DEVICE, **kw_extra):
+def check_kernel(c: Case, backend, dtype=torch.float32, **kw_extra):
     """The kernel against the per-sequence reference in float64 (output, lse, every gradient)
     with the tolerance rule, the reference in ``dtype`` giving the rounding scale."""
+    device = backend_device(backend)
     q, k, v, cu_q, cu_k, kw = make_pack(c, device=device)
     kw.update(kw_extra)
     dout = torch.randn(q.shape[0], c.H, c.Dv, dtype=torch.float64, device=device)
@@ -359,14 +353,15 @@ def test_kernel_noncontiguous_views(backend):
     """Views with other strides, whose gaps hold NaN: a kernel that reads a row or channel
     outside the views fails. q, k from a [T, 3, 2H, D] qkv buffer (every other head), v
     head-major."""
+    device = backend_device(backend)
     lens, H, D = (7, 0, 63, 1), 2, 16
     T = sum(lens)
     torch.manual_seed(4)
-    buf = torch.full((T, 3, 2 * H, D), float("nan"), device=DEVICE)
-    buf[:, :, ::2] = torch.randn(T, 3, H, D, device=DEVICE)
+    buf = torch.full((T, 3, 2 * H, D), float("nan"), device=device)
+    buf[:, :, ::2] = torch.randn(T, 3, H, D, device=device)
     q, k = buf[:, 0, ::2], buf[:, 1, ::2]
-    v = torch.randn(H, T, D, device=DEVICE).transpose(0, 1)
-    cu = cu_seqlens(lens, DEVICE)
+    v = torch.randn(H, T, D, device=device).transpose(0, 1)
+    cu = cu_seqlens(lens, device)
     got = run_pack(q, k, v, cu, cu, backend, causal=True)
     ref = run_pack(q.double(), k.double(), v.double(), cu, cu, "reference", causal=True)
     low = run_pack(q, k, v, cu, cu, "reference", causal=True)
@@ -389,11 +384,12 @@ def test_kernel_never_reads_other_sequences(backend):
     """NaN planted in every row of sequence 1 (q, k and v): the other sequences' outputs, lse
     and gradients have no NaN and are bitwise those of the clean pack (the last sequence's
     first queries see no key: lse −inf there, in both)."""
+    device = backend_device(backend)
     lq, lk, H, D = (7, 63, 1, 70), (9, 63, 1, 66), 2, 16
     torch.manual_seed(5)
-    q = torch.randn(sum(lq), H, D, device=DEVICE)
-    k, v = (torch.randn(sum(lk), 1, D, device=DEVICE) for _ in range(2))
-    cq, ck = cu_seqlens(lq, DEVICE), cu_seqlens(lk, DEVICE)
+    q = torch.randn(sum(lq), H, D, device=device)
+    k, v = (torch.randn(sum(lk), 1, D, device=device) for _ in range(2))
+    cq, ck = cu_seqlens(lq, device), cu_seqlens(lk, device)
     clean = run_pack(q, k, v, cq, ck, backend, causal=True, window=(30, -1))
     q[7:70], k[9:72], v[9:72] = float("nan"), float("nan"), float("nan")
     poisoned = run_pack(q, k, v, cq, ck, backend, causal=True, window=(30, -1))
@@ -401,7 +397,7 @@ def test_kernel_never_reads_other_sequences(backend):
     rows_k = torch.cat((torch.arange(0, 9), torch.arange(72, sum(lk))))
     for name, rows, dim in (("out", rows_q, 0), ("lse", rows_q, 1), ("dq", rows_q, 0), ("dk", rows_k, 0),
                             ("dv", rows_k, 0)):
-        a, b = clean[name].index_select(dim, rows.to(DEVICE)), poisoned[name].index_select(dim, rows.to(DEVICE))
+        a, b = clean[name].index_select(dim, rows.to(device)), poisoned[name].index_select(dim, rows.to(device))
         assert not torch.isnan(b).any(), f"{name}: NaN reached another sequence"
         assert torch.equal(a, b), f"{name}: another sequence's rows changed the result"
 
@@ -420,9 +416,10 @@ def test_kernel_deterministic_bitwise(backend):
 def test_kernel_torch_compile_fullgraph(backend):
     """torch.compile(fullgraph=True) traces the packed op, forward and backward, with the
     maxima given (no host read of cu_seqlens)."""
+    device = backend_device(backend)
     c = Case(lq=(7, 0, 63), lk=(9, 5, 63))
-    q, k, v, cu_q, cu_k, _ = make_pack(c, dtype=torch.float32, device=DEVICE)
-    table = torch.randn(c.H, 9, device=DEVICE)
+    q, k, v, cu_q, cu_k, _ = make_pack(c, dtype=torch.float32, device=device)
+    table = torch.randn(c.H, 9, device=device)
 
     def f(q, k, v, table):
         out, lse = posattn.attention_varlen(q, k, v, cu_q, cu_k, 63, 63, causal=True, return_lse=True,
@@ -442,20 +439,21 @@ def test_kernel_torch_compile_fullgraph(backend):
 def test_opcheck(backend):
     """The packed op's schema, fake and autograd registration (torch.library.opcheck), with
     position tensors and a learnable table."""
+    device = backend_device(backend)
     from posattn import ops
     from posattn.positions import kernel_positions
 
     torch.manual_seed(6)
     lq, lk = (3, 0, 5), (4, 2, 5)
-    q = torch.randn(8, 2, 16, device=DEVICE, requires_grad=True)
-    k, v = (torch.randn(11, 1, 16, device=DEVICE, requires_grad=True) for _ in range(2))
-    cq, ck = cu_seqlens(lq, DEVICE), cu_seqlens(lk, DEVICE)
-    table = torch.randn(2, 7, device=DEVICE, requires_grad=True)
+    q = torch.randn(8, 2, 16, device=device, requires_grad=True)
+    k, v = (torch.randn(11, 1, 16, device=device, requires_grad=True) for _ in range(2))
+    cq, ck = cu_seqlens(lq, device), cu_seqlens(lk, device)
+    table = torch.randn(2, 7, device=device, requires_grad=True)
     kp = kernel_positions(None, posattn.RelativeBias(table), None, q.transpose(0, 1)[None].expand(3, -1, -1, -1),
                           k.transpose(0, 1)[None].expand(3, -1, -1, -1), 0, 0)
     specs = (kp.rope_table, kp.q_angles, kp.k_angles, kp.bias_tensor, kp.bias_lut, kp.urpe_table, ops.spec_ints(kp),
              kp.rope_scale)
-    for q_pos, causal in ((None, True), (torch.arange(8, device=DEVICE), False)):
+    for q_pos, causal in ((None, True), (torch.arange(8, device=device), False)):
         args = (q, k, v, cq, ck, q_pos, None, 0, 0, causal, -1, -1, 0.0, 0.0, None, 0.25, *specs, False)
         torch.library.opcheck(ops.varlen_forward_op(backend), args)
 
@@ -466,18 +464,17 @@ def test_kernel_dropout_with_kernel_mask(backend):
     sequence i drops what posattn.attention's kernels drop for batch row i of a padded
     [n, H, max L, max S] batch, whatever the packing. Checked against the padded oracle given
     that keep-mask, output and every gradient."""
-    from posattn.triton_kernels import dropout_mask
-
+    device = backend_device(backend)
     c = Case(lq=(7, 0, 63, 30), lk=(9, 5, 63, 30), H=2, Hkv=1, kw={"causal": True, "dropout_p": 0.3},
              spec=_table("rel-M9", posattn.RelativeBias, 19))
-    q, k, v, cu_q, cu_k, kw = make_pack(c, device=DEVICE)
+    q, k, v, cu_q, cu_k, kw = make_pack(c, device=device)
     torch.manual_seed(11)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # attention_varlen's first draw after the seed
-    keep = dropout_mask(seed, len(c.lq), c.H, max(c.lq), max(c.lk), 0.3, DEVICE)
+    keep = kernel_dropout_mask(backend, seed, len(c.lq), c.H, max(c.lq), max(c.lk), 0.3, device)
     assert abs(keep.float().mean().item() - 0.7) < 0.03
-    dout = torch.randn(q.shape[0], c.H, c.Dv, dtype=torch.float64, device=DEVICE)
-    dlse = torch.randn(c.H, q.shape[0], dtype=torch.float64, device=DEVICE)
-    args = (c, q, k, v, cu_q, cu_k, kw, dout, dlse, spec_params(c, DEVICE))
+    dout = torch.randn(q.shape[0], c.H, c.Dv, dtype=torch.float64, device=device)
+    dlse = torch.randn(c.H, q.shape[0], dtype=torch.float64, device=device)
+    args = (c, q, k, v, cu_q, cu_k, kw, dout, dlse, spec_params(c, device))
 
     def oracle(q, k, v, cu_q, cu_k, kw):
         return padded_oracle(q, k, v, c.lq, c.lk, dropout_mask=keep, **kw)
@@ -494,19 +491,20 @@ def test_kernel_dropout_with_kernel_mask(backend):
 def test_kernel_edge_packs(backend):
     """An empty pack, a pack without keys (output 0, lse −inf, zero gradients) and int64 prefix
     sums (the same result as int32)."""
-    q = torch.randn(0, 2, 16, device=DEVICE, requires_grad=True)
-    cu0 = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    device = backend_device(backend)
+    q = torch.randn(0, 2, 16, device=device, requires_grad=True)
+    cu0 = torch.zeros(1, dtype=torch.int32, device=device)
     out, lse = posattn.attention_varlen(q, q, q, cu0, cu0, return_lse=True, backend=backend)
     assert out.shape == (0, 2, 16) and lse.shape == (2, 0)
-    q = torch.randn(5, 2, 16, device=DEVICE, requires_grad=True)
-    k = torch.randn(0, 1, 16, device=DEVICE, requires_grad=True)
-    out, lse = posattn.attention_varlen(q, k, k, cu_seqlens((2, 3), DEVICE), cu_seqlens((0, 0), DEVICE),
+    q = torch.randn(5, 2, 16, device=device, requires_grad=True)
+    k = torch.randn(0, 1, 16, device=device, requires_grad=True)
+    out, lse = posattn.attention_varlen(q, k, k, cu_seqlens((2, 3), device), cu_seqlens((0, 0), device),
                                         return_lse=True, backend=backend)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
     out.sum().backward()
     assert torch.equal(q.grad, torch.zeros_like(q))
     c = Case(lq=(7, 0, 63), lk=(9, 5, 63), kw={"causal": True})
-    q, k, v, cu_q, cu_k, _ = make_pack(c, dtype=torch.float32, device=DEVICE)
+    q, k, v, cu_q, cu_k, _ = make_pack(c, dtype=torch.float32, device=device)
     a = posattn.attention_varlen(q, k, v, cu_q, cu_k, causal=True, backend=backend)
     b = posattn.attention_varlen(q, k, v, cu_q.long(), cu_k.long(), causal=True, backend=backend)
     assert torch.equal(a, b)

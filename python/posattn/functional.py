@@ -174,10 +174,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     log; FlashAttention's layout), fp32 on the kernel backends.
 
     ``backend``: "triton" (CUDA tensors; CPU tensors under TRITON_INTERPRET=1: the attention
-    kernels with the sequence of each program from a tile → sequence map, no padding),
+    kernels with the sequence of each program from a tile → sequence map, no padding), "cpu"
+    (the C++ kernels, every sequence's (head, query tile) tasks in one parallel region),
     "reference" (per-sequence dense PyTorch, any dtype incl. float64: the oracle) or None
-    (triton for CUDA, the reference for float64). The CPU kernel for packed batches is not
-    built yet: backend="cpu" (and None for CPU tensors) raises.
+    (triton for CUDA, cpu for CPU tensors, the reference for float64).
     """
     check_specs(rope, bias, urpe)
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window=window,

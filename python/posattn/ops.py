@@ -345,13 +345,18 @@ if _C_ERROR is None:
     torch.library.register_autograd("posattn::cpu_attention_fwd",
                                     _make_backward(torch.ops.posattn.cpu_attention_bwd.default),
                                     setup_context=_setup_context)
+    torch.library.register_fake("posattn::cpu_attention_varlen_fwd")(_varlen_fwd_fake)
+    torch.library.register_fake("posattn::cpu_attention_varlen_bwd")(_varlen_bwd_fake)
+    torch.library.register_autograd("posattn::cpu_attention_varlen_fwd",
+                                    _make_backward(torch.ops.posattn.cpu_attention_varlen_bwd.default),
+                                    setup_context=_setup_context)
 
 
 def varlen_forward_op(backend: str):
-    """The packed-batch forward custom op of a kernel backend (only "triton" so far)."""
-    if backend != "triton":
-        raise NotImplementedError(f"attention_varlen: backend={backend!r} has no packed-batch kernel yet (issue 16); "
-                                  f"use backend='triton' or backend='reference'")
+    """The packed-batch forward custom op of a kernel backend ("triton" or "cpu")."""
+    if backend == "cpu":
+        require_cpu_extension()
+        return torch.ops.posattn.cpu_attention_varlen_fwd.default
     return triton_attention_varlen_fwd
 
 

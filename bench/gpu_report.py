@@ -20,7 +20,8 @@ tensor cores, or when an attention kernel's main loop is not pipelined (no posit
 RoPE) or its interior loop misses LOOP_TARGETS (no position spec).
 
 Specs: none, rope (RoPE), xpos, angles (RotaryAngles, with their gradient), alibi,
-relative (RelativeBias), t5, manhattan (ManhattanDecay), urpe; the backward takes the
+relative (RelativeBias), t5, manhattan (ManhattanDecay), urpe, varlen (no spec, a packed
+batch of sequences: the VARLEN kernels of attention_varlen); the backward takes the
 gradients of the learnable tables (relative, t5, urpe, angles). The preprocess kernel
 ("pre", delta = rowsum(dO * O)) has no dot and is reported once per arch, D and dtype.
 "kernelized" stands for kernelized attention's kernels (triton_kernels/kernelized.py,
@@ -52,7 +53,8 @@ from pathlib import Path
 ARCHS = (80, 90)
 HEAD_DIMS = (64, 128, 256)
 DTYPES = ("fp16", "bf16")
-SPECS = ("none", "rope", "xpos", "angles", "alibi", "relative", "t5", "manhattan", "urpe", "kernelized")
+# "varlen": no position spec, a packed batch (attention_varlen's layout: B sequences of N rows)
+SPECS = ("none", "rope", "xpos", "angles", "alibi", "relative", "t5", "manhattan", "urpe", "kernelized", "varlen")
 KERNELS = ("fwd", "pre", "dkdv", "dq")
 # kernelized attention's kernels, in launch order (spec "kernelized"); none uses tensor cores
 KZ_KERNELS = ("prf_q", "prf_kmax", "prf_k", "prf_bwd", "outer", "contract_f", "contract_e")
@@ -67,7 +69,7 @@ SM86_SHARED_LIMIT = 99 * 1024
 # iteration, (kernel, arch, padded head dim) -> instructions (the FlashAttention-2 tutorial's
 # forward: 522 at sm_90 D=64, 364 at D=128).
 ATTENTION_KERNELS = ("fwd", "dkdv", "dq")
-PIPELINED_SPECS = ("none", "rope")
+PIPELINED_SPECS = ("none", "rope", "varlen")  # "varlen": plain kernels on a packed batch (VARLEN)
 LOOP_TARGETS = {("fwd", 90, 64): 560, ("fwd", 90, 128): 400, ("dq", 90, 64): 320, ("dq", 90, 128): 420,
                 ("dkdv", 90, 64): 380, ("dkdv", 90, 128): 520, ("fwd", 80, 64): 700, ("fwd", 80, 128): 530}
 # The shapes the launches are recorded with: no size is 1 and every stride is a multiple of
@@ -145,7 +147,7 @@ def _position_specs(spec, head_dim, device):
     import torch
 
     import posattn
-    if spec == "none":
+    if spec in ("none", "varlen"):
         return None, None, None, (False, False, False)
     if spec == "rope":
         return posattn.RoPE(), None, None, (False, False, False)
@@ -205,6 +207,10 @@ def record_launches(arch, head_dim, dtype, causal, spec):
     scale = head_dim ** -0.5
     common = dict(attn_mask=None, q_pos=0, k_pos=0, causal=causal, window=None, softcap=None, dropout_p=0.0,
                   seed=0, scale=scale, kp=kp)
+    if spec == "varlen":
+        q, k, v, do = (torch.empty(B * N, H, head_dim, dtype=torch_dtype) for _ in range(4))
+        cu = torch.arange(0, B * N + 1, N, dtype=torch.int32)
+        common["varlen"] = (cu, cu)
     with attention.capture_launches((arch // 10, arch % 10)) as launches:
         out, lse = attention.attn_fwd(q, k, v, **common)
         attention.attn_bwd(do, q, k, v, out, lse, None, mask_grad=False, grads=grads, **common)
@@ -417,7 +423,7 @@ def problems(row, loops=True):
     if loops and row.kernel in ATTENTION_KERNELS and row.spec in PIPELINED_SPECS and not row.pipelined:
         out.append(f"main loops not software-pipelined (no LDGSTS / UTMALDG in one of its {row.loops} loops)")
     target = LOOP_TARGETS.get((row.kernel, row.arch, row.head_dim))
-    if loops and target is not None and row.spec == "none" and row.loop_insts > target:
+    if loops and target is not None and row.spec in ("none", "varlen") and row.loop_insts > target:
         out.append(f"interior loop {row.loop_insts} instructions per iteration > target {target}")
     if row.arch == 80 and row.kernel in ATTENTION_KERNELS and row.shared_bytes > SM86_SHARED_LIMIT:
         out.append(f"{row.shared_bytes} B shared > {SM86_SHARED_LIMIT} (sm_86 / sm_89 run the sm_80 tiles)")

@@ -21,6 +21,14 @@ enum BiasKind : int { BIAS_NONE = 0, BIAS_ALIBI = 1, BIAS_RELATIVE = 2, BIAS_T5 
 using Body = void (*)(void* ctx, int64_t begin, int64_t end);
 using ParallelFor = void (*)(int64_t n, void* ctx, Body body);
 
+// Where the entry of (batch b, head h, row i) of a per-row result sits, in elements from its
+// pointer: contiguous [B, H, L, ..] results in a dense batch, [T, H, ..] rows or [H, T]
+// entries in a sequence of a packed one.
+struct RowStrides {
+  int64_t b, h, l;
+  int64_t at(int64_t bi, int64_t hi, int64_t i) const { return bi * b + hi * h + i * l; }
+};
+
 // Everything both passes read. Strides are in elements; the last dim is contiguous.
 struct AttnArgs {
   int64_t B, H, Hkv, L, S, D, Dv;
@@ -36,6 +44,7 @@ struct AttnArgs {
   bool causal; int64_t window_left, window_right;  // -1: unbounded on that side
   float scale, softcap, dropout_p;                 // softcap 0: off
   uint64_t seed; int64_t drop_row0, drop_key0;  // dropout: Philox key; global (row, key) of element (0, 0)
+  int64_t drop_b0;                              // the counter's batch index of batch 0 (a packed sequence's index)
   // rotary: table = inv_freq [r/2] (+ log2(zeta)/scale_base [r/2] for xPos), or angles
   // (fp32, broadcast strides over [B, H|Hkv, n, r/2])
   int rope_kind, rotary_dim; bool interleaved; float rope_scale;
@@ -47,6 +56,8 @@ struct AttnArgs {
   int64_t bias_i0, bias_i1, bias_i2;
   // URPE gate table [H, 2M+1] fp32
   const float* urpe; int64_t surpe_h; int64_t urpe_m;
+  // the forward's results: out [.., Dv] and lse (the backward reads lse and dlse with lse_s)
+  RowStrides out_s, lse_s;
   ParallelFor parallel;
   // bf16 inputs multiplied as bf16 with fp32 sums, forward and backward (AMX tiles in the
   // amx build, AVX-512-BF16 dot instructions in the avx512 build); set by the op layer when
@@ -54,22 +65,36 @@ struct AttnArgs {
   bool bf16_dot;
 };
 
-// Backward outputs and scratch. dq, dk, dv are contiguous in the input dtype.
+// Backward outputs and scratch.
 struct BwdArgs {
   const void* dout; int64_t sdo_b, sdo_h, sdo_l;
   const void* out; int64_t so_b, so_h, so_l;
-  const float* lse;   // [B, H, L]
-  const float* dlse;  // [B, H, L] or null
-  void* dq; void* dk; void* dv;
+  const float* lse;   // at AttnArgs::lse_s
+  const float* dlse;  // at AttnArgs::lse_s, or null
+  void* dq; void* dk; void* dv;  // in the input dtype at dq_s ([B, H, L, D] rows), dk_s, dv_s ([B, Hkv, S, ..])
+  RowStrides dq_s, dk_s, dv_s;
   float* dmask;       // [B, H, L, S] or null: the float mask's gradient before reduction
-  float* dq_ang;      // [B, H, L, r/2] or null
-  float* dk_ang;      // [B, Hkv, S, r/2] or null
+  float* dq_ang;      // at dqa_s ([B, H, L, r/2] rows) or null
+  float* dk_ang;      // at dka_s ([B, Hkv, S, r/2] rows) or null
+  RowStrides dqa_s, dka_s;
   float* dbias;       // per task [B, H, C] (ALiBi, Manhattan) or [B, H, C, T] (tables), zeroed, or null
   float* durpe;       // per task [B, H, C, 2M+1], zeroed, or null
   int64_t chunks;     // C: query chunks per (batch, head)
   int64_t bias_T;     // entries of the bias table (tables) or 1
   float* dk_part;     // [B, H, C, pad_keys(S), pad_head(D)] zeroed scratch: each task's key gradient
   float* dv_part;     // [B, H, C, pad_keys(S), pad16(Dv)] zeroed scratch
+};
+
+// One problem of a call (a dense batch, or one sequence of a packed batch as a batch of one
+// with every pointer at its first rows) and where its forward results go.
+struct FwdProblem {
+  AttnArgs a;
+  void* out;
+  float* lse;
+};
+struct BwdProblem {
+  AttnArgs a;
+  BwdArgs g;
 };
 
 // Row padding of the packed fp32 operands (the micro-kernel works on whole vectors).
@@ -86,24 +111,38 @@ constexpr int64_t KEY_TILE = 128;
 // stored whole; the rows past S are never read).
 inline int64_t pad_keys(int64_t S) { return (S + KEY_TILE - 1) / KEY_TILE * KEY_TILE; }
 
+// Query-tile chunks per (batch, head) in the backward. Enough tasks to keep every core busy
+// under causal imbalance when B·H is small (B: the sequences of a packed batch); one chunk
+// per (batch, head) otherwise. A rule of the sizes only (never the thread count), so
+// gradients are bitwise the same for any thread count.
+inline int64_t backward_chunks(int64_t B, int64_t H, int64_t L) {
+  const int64_t tiles = (L + QUERY_TILE - 1) / QUERY_TILE;
+  const int64_t want = (32 + B * H - 1) / (B * H);
+  return want < tiles ? want : (tiles > 1 ? tiles : 1);
+}
+
 namespace generic {
-void attention_forward(const AttnArgs& a, void* out, float* lse);
-void attention_backward(const AttnArgs& a, const BwdArgs& g);
+// Every problem's tasks in one parallel region.
+void attention_forward(const FwdProblem* problems, int64_t n);
+void attention_backward(const BwdProblem* problems, int64_t n);
 void dropout_mask(uint64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, float p, bool* keep, ParallelFor par);
 }  // namespace generic
 namespace avx2 {
-void attention_forward(const AttnArgs& a, void* out, float* lse);
-void attention_backward(const AttnArgs& a, const BwdArgs& g);
+// Every problem's tasks in one parallel region.
+void attention_forward(const FwdProblem* problems, int64_t n);
+void attention_backward(const BwdProblem* problems, int64_t n);
 void dropout_mask(uint64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, float p, bool* keep, ParallelFor par);
 }  // namespace avx2
 namespace avx512 {
-void attention_forward(const AttnArgs& a, void* out, float* lse);
-void attention_backward(const AttnArgs& a, const BwdArgs& g);
+// Every problem's tasks in one parallel region.
+void attention_forward(const FwdProblem* problems, int64_t n);
+void attention_backward(const BwdProblem* problems, int64_t n);
 void dropout_mask(uint64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, float p, bool* keep, ParallelFor par);
 }  // namespace avx512
 namespace amx {
-void attention_forward(const AttnArgs& a, void* out, float* lse);
-void attention_backward(const AttnArgs& a, const BwdArgs& g);
+// Every problem's tasks in one parallel region.
+void attention_forward(const FwdProblem* problems, int64_t n);
+void attention_backward(const BwdProblem* problems, int64_t n);
 void dropout_mask(uint64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, float p, bool* keep, ParallelFor par);
 // Asks Linux for the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM); false where refused.
 bool request_tiles();

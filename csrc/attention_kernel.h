@@ -11,7 +11,9 @@
 // backward one task per (batch, head, chunk of query tiles), recomputing p from lse, with
 // dQ finished in the task and dK / dV / table gradients accumulated into per-task partial
 // buffers that a last pass reduces in a fixed order: the gradients are bitwise the same
-// for any thread count.
+// for any thread count. A call takes several problems (a packed batch: one per sequence, a
+// batch of one whose pointers start at the sequence's first rows) and runs each pass over
+// the tasks of all of them in one parallel region.
 
 namespace {
 
@@ -39,6 +41,49 @@ struct Array {
 };
 using Buffer = Array<float>;
 using Bf16Buffer = Array<uint16_t>;  // bf16 bits
+
+// n heap objects, deleted together (no standard container: this header is compiled once per
+// instruction set, and a container's out-of-line code could be shared between the builds).
+template <typename T>
+struct Owned {
+  Array<T*> ptrs;
+  int64_t n;
+  T** p;
+  explicit Owned(int64_t count) : ptrs(count, true), n(count), p(ptrs.p) {}
+  ~Owned() {
+    for (int64_t i = 0; i < n; ++i) delete p[i];
+  }
+  Owned(const Owned&) = delete;
+  Owned& operator=(const Owned&) = delete;
+};
+
+// One parallel region over the tasks of several problems (a packed batch's sequences): task t
+// is task t − first[s] of problem s, run by the problem's body with its context.
+struct Regions {
+  Array<int64_t> first;
+  Array<void*> ctx;
+  int64_t n;
+  Body body;
+  Regions(int64_t problems, Body b) : first(problems + 1, true), ctx(problems, true), n(problems), body(b) {}
+  void add(int64_t s, void* c, int64_t tasks) {
+    ctx.p[s] = c;
+    first.p[s + 1] = first.p[s] + tasks;
+  }
+  static void run_body(void* vself, int64_t begin, int64_t end) {
+    const Regions& r = *static_cast<const Regions*>(vself);
+    while (begin < end) {
+      int64_t lo = 0, hi = r.n - 1;  // the last problem whose first task is <= begin
+      while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (r.first.p[mid] <= begin) lo = mid; else hi = mid - 1;
+      }
+      const int64_t stop = end < r.first.p[lo + 1] ? end : r.first.p[lo + 1];
+      r.body(r.ctx.p[lo], begin - r.first.p[lo], stop - r.first.p[lo]);
+      begin = stop;
+    }
+  }
+  void run(ParallelFor parallel) { parallel(first.p[n], this, &run_body); }
+};
 
 // ---------------------------------------------------------------------------------------
 // dtype conversion (bit-exact round-to-nearest-even, no library calls)
@@ -1207,7 +1252,8 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
           for (int64_t j = 0; j < kt.n; ++j) s[j] *= u[urpe_index(a, qp[i], kt.pos[j])];
         }
         if (a.dropout_p > 0.0f) {  // step 9
-          dropout_row(a.seed, bh, a.drop_row0 + i0 + i, a.drop_key0 + kt.j0, kt.n, a.dropout_p, keep.p);
+          dropout_row(a.seed, a.drop_b0 * a.H + bh, a.drop_row0 + i0 + i, a.drop_key0 + kt.j0, kt.n, a.dropout_p,
+                      keep.p);
           for (int64_t j = 0; j < kt.n; ++j) s[j] *= keep.p[j];
         }
       }
@@ -1223,19 +1269,43 @@ void forward_body(void* vctx, int64_t begin, int64_t end) {
     for (int64_t i = 0; i < m; ++i) {  // l = 0: the row saw no key; l = NaN: a NaN or +inf score
       const float inv = l_i[i] == 0.0f ? 0.0f : 1.0f / l_i[i];
       for (int64_t d = 0; d < a.Dv; ++d) orow.p[d] = acc.p[i * Dvp + d] * inv;
-      store_row<DT>(orow.p, a.Dv, elem<DT>(c.out, ((b * a.H + h) * a.L + i0 + i) * a.Dv));
-      c.lse[(b * a.H + h) * a.L + i0 + i] = l_i[i] == 0.0f ? NEG_INF : m_i[i] + std::log(l_i[i]);
+      store_row<DT>(orow.p, a.Dv, elem<DT>(c.out, a.out_s.at(b, h, i0 + i)));
+      c.lse[a.lse_s.at(b, h, i0 + i)] = l_i[i] == 0.0f ? NEG_INF : m_i[i] + std::log(l_i[i]);
     }
   }
 }
 
+// What every problem of a call needs before its tiles: K and V packed (for the forward or the
+// backward) and the rotary tables of its queries and keys.
+struct Prepass {
+  Owned<Packed> pk;
+  Owned<SinCosTable> qtab, ktab;
+  template <typename Problem>
+  Prepass(const Problem* problems, int64_t n, bool backward) : pk(n), qtab(n), ktab(n) {
+    for (int64_t s = 0; s < n; ++s) {
+      pk.p[s] = new Packed(problems[s].a, backward);
+      qtab.p[s] = new SinCosTable(problems[s].a, false);
+      ktab.p[s] = new SinCosTable(problems[s].a, true);
+    }
+  }
+};
+
 template <DType DT>
-void forward(const AttnArgs& a, void* out, float* lse) {
-  Packed pk(a, false);
-  SinCosTable qtab(a, false), ktab(a, true);
-  pack<DT>(a, pk, ktab, false);
-  FwdCtx<DT> c{&a, &pk, &qtab, out, lse, (a.L + BM - 1) / BM};
-  a.parallel(c.nqt * a.B * a.H, &c, &forward_body<DT>);
+void forward(const FwdProblem* problems, int64_t n) {
+  const Prepass pre(problems, n, false);
+  Packed* const* pk = pre.pk.p;
+  Array<PackCtx<DT>> pc(n, true);
+  Array<FwdCtx<DT>> fc(n, true);
+  Regions packs(n, &pack_body<DT>), tiles(n, &forward_body<DT>);
+  for (int64_t s = 0; s < n; ++s) {
+    const AttnArgs& a = problems[s].a;
+    pc.p[s] = PackCtx<DT>{&a, pk[s], pre.ktab.p[s], false};
+    fc.p[s] = FwdCtx<DT>{&a, pk[s], pre.qtab.p[s], problems[s].out, problems[s].lse, (a.L + BM - 1) / BM};
+    packs.add(s, &pc.p[s], a.B * a.Hkv * pk[s]->nkt);
+    tiles.add(s, &fc.p[s], fc.p[s].nqt * a.B * a.H);
+  }
+  packs.run(problems[0].a.parallel);
+  tiles.run(problems[0].a.parallel);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1295,7 +1365,7 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
       const int32_t centre =
           load_query_tile<DT>(a, *c.qtab, b, h, i0, m, Dp, Qs.p, qp, q_lo, q_hi, dot16 ? 1.0f : a.scale);
       for (int64_t i = 0; i < m; ++i) {
-        const int64_t r = (b * a.H + h) * a.L + i0 + i;
+        const int64_t r = a.lse_s.at(b, h, i0 + i);
         float* d = dO.p + i * Dvp;
         memset(d, 0, Dvp * sizeof(float));
         load_row<DT>(elem<DT>(g.dout, b * g.sdo_b + h * g.sdo_h + (i0 + i) * g.sdo_l), a.Dv, d);
@@ -1356,7 +1426,8 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
           // ap: the probabilities that multiply V (gate, dropout); dp: ∂L/∂p
           for (int64_t j = 0; j < BN; ++j) ap[j] = p[j];
           if (a.dropout_p > 0.0f) {
-            dropout_row(a.seed, bh, a.drop_row0 + i0 + i, a.drop_key0 + kt.j0, kt.n, a.dropout_p, keep.p);
+            dropout_row(a.seed, a.drop_b0 * a.H + bh, a.drop_row0 + i0 + i, a.drop_key0 + kt.j0, kt.n, a.dropout_p,
+                      keep.p);
             for (int64_t j = kt.n; j < BN; ++j) keep.p[j] = 0.0f;
           }
           if (utab) {
@@ -1434,7 +1505,7 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
         if (g.dq_ang) {
           // y, the rotated row, and dy, its gradient: one of Qs and dQ carries the scale
           angle_grad(dy, 1.0f, Qs.p + i * Dp, a.rotary_dim, a.interleaved,
-                     g.dq_ang + ((b * a.H + h) * a.L + i0 + i) * (a.rotary_dim / 2));
+                     g.dq_ang + g.dqa_s.at(b, h, i0 + i));
         }
         if (!dot16) scale_row(dy, Dp, a.scale);  // bf16 dots: dS carried the scale
         if (a.rope_kind != ROPE_NONE) {
@@ -1444,7 +1515,7 @@ void backward_body(void* vctx, int64_t begin, int64_t end) {
           RowRotation rr(a, *c.qtab, b, h, i0 + i, false);
           unrotate(dy, rr.cs, rr.sn, a.rotary_dim, a.interleaved);
         }
-        store_row<DT>(dy, a.D, elem<DT>(g.dq, ((b * a.H + h) * a.L + i0 + i) * a.D));
+        store_row<DT>(dy, a.D, elem<DT>(g.dq, g.dq_s.at(b, h, i0 + i)));
       }
     }
   }
@@ -1489,24 +1560,34 @@ void reduce_keys_body(void* vctx, int64_t begin, int64_t end) {
       if (a.rope_kind != ROPE_NONE) {
         if (g.dk_ang)
           angle_grad(dkr, 1.0f, pk.kr.p + (bhk * a.S + s) * Dp, a.rotary_dim, a.interleaved,
-                     g.dk_ang + (bhk * a.S + s) * (a.rotary_dim / 2));
+                     g.dk_ang + g.dka_s.at(b, hk, s));
         RowRotation rr(a, *c.ktab, b, hk, s, true);
         unrotate(dkr, rr.cs, rr.sn, a.rotary_dim, a.interleaved);
       }
-      store_row<DT>(dkr, a.D, elem<DT>(g.dk, (bhk * a.S + s) * a.D));
-      store_row<DT>(dv.p + j * Dvp, a.Dv, elem<DT>(g.dv, (bhk * a.S + s) * a.Dv));
+      store_row<DT>(dkr, a.D, elem<DT>(g.dk, g.dk_s.at(b, hk, s)));
+      store_row<DT>(dv.p + j * Dvp, a.Dv, elem<DT>(g.dv, g.dv_s.at(b, hk, s)));
     }
   }
 }
 
 template <DType DT>
-void backward(const AttnArgs& a, const BwdArgs& g) {
-  Packed pk(a, true);
-  SinCosTable qtab(a, false), ktab(a, true);
-  pack<DT>(a, pk, ktab, true);
-  BwdCtx<DT> c{&a, &g, &pk, &qtab, &ktab, (a.L + BM - 1) / BM};
-  a.parallel(a.B * a.H * g.chunks, &c, &backward_body<DT>);
-  a.parallel(a.B * a.Hkv * pk.nkt, &c, &reduce_keys_body<DT>);
+void backward(const BwdProblem* problems, int64_t n) {
+  const Prepass pre(problems, n, true);
+  Packed* const* pk = pre.pk.p;
+  Array<PackCtx<DT>> pc(n, true);
+  Array<BwdCtx<DT>> bc(n, true);
+  Regions packs(n, &pack_body<DT>), tiles(n, &backward_body<DT>), keys(n, &reduce_keys_body<DT>);
+  for (int64_t s = 0; s < n; ++s) {
+    const AttnArgs& a = problems[s].a;
+    pc.p[s] = PackCtx<DT>{&a, pk[s], pre.ktab.p[s], true};
+    bc.p[s] = BwdCtx<DT>{&a, &problems[s].g, pk[s], pre.qtab.p[s], pre.ktab.p[s], (a.L + BM - 1) / BM};
+    packs.add(s, &pc.p[s], a.B * a.Hkv * pk[s]->nkt);
+    tiles.add(s, &bc.p[s], a.B * a.H * problems[s].g.chunks);
+    keys.add(s, &bc.p[s], a.B * a.Hkv * pk[s]->nkt);
+  }
+  packs.run(problems[0].a.parallel);
+  tiles.run(problems[0].a.parallel);
+  keys.run(problems[0].a.parallel);
 }
 
 struct DropoutCtx {
@@ -1531,19 +1612,21 @@ void dropout_mask_body(void* vctx, int64_t begin, int64_t end) {
 
 }  // namespace
 
-void attention_forward(const AttnArgs& a, void* out, float* lse) {
-  switch (a.dtype) {
-    case DType::F32: forward<DType::F32>(a, out, lse); break;
-    case DType::BF16: forward<DType::BF16>(a, out, lse); break;
-    case DType::F16: forward<DType::F16>(a, out, lse); break;
+void attention_forward(const FwdProblem* problems, int64_t n) {
+  if (n <= 0) return;
+  switch (problems[0].a.dtype) {
+    case DType::F32: forward<DType::F32>(problems, n); break;
+    case DType::BF16: forward<DType::BF16>(problems, n); break;
+    case DType::F16: forward<DType::F16>(problems, n); break;
   }
 }
 
-void attention_backward(const AttnArgs& a, const BwdArgs& g) {
-  switch (a.dtype) {
-    case DType::F32: backward<DType::F32>(a, g); break;
-    case DType::BF16: backward<DType::BF16>(a, g); break;
-    case DType::F16: backward<DType::F16>(a, g); break;
+void attention_backward(const BwdProblem* problems, int64_t n) {
+  if (n <= 0) return;
+  switch (problems[0].a.dtype) {
+    case DType::F32: backward<DType::F32>(problems, n); break;
+    case DType::BF16: backward<DType::BF16>(problems, n); break;
+    case DType::F16: backward<DType::F16>(problems, n); break;
   }
 }
 

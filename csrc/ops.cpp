@@ -2,12 +2,13 @@
 // the deterministic reductions. The kernels themselves (attention_kernel.h) see no torch
 // type; this file turns tensors into AttnArgs / BwdArgs.
 //
-// Schemas match posattn::triton_attention_{fwd,bwd} (python/posattn/ops.py), which
-// registers the fake implementations and autograd for both backends.
+// Schemas match posattn::triton_attention_{fwd,bwd} and posattn::triton_attention_varlen_{fwd,bwd}
+// (python/posattn/ops.py), which registers the fake implementations and autograd for both backends.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -24,16 +25,6 @@ namespace {
 
 using at::Tensor;
 using c10::optional;
-
-// Query-tile chunks per (batch, head) in the backward. Enough tasks to keep every core busy
-// under causal imbalance when B·H is small; one chunk per (batch, head) otherwise. A rule of
-// the sizes only (never the thread count), so gradients are bitwise the same for any thread
-// count.
-int64_t backward_chunks(int64_t B, int64_t H, int64_t L) {
-  const int64_t tiles = (L + QUERY_TILE - 1) / QUERY_TILE;
-  const int64_t want = (32 + B * H - 1) / (B * H);
-  return std::max<int64_t>(1, std::min(want, tiles));
-}
 
 #if defined(POSATTN_HAVE_AMX)
 // AMX-TILE and AMX-BF16 (CPUID.(7,0):EDX bits 24, 22), the tile state enabled by the OS in
@@ -74,8 +65,8 @@ bool cpu_supports(const char* feature) {
 // attention_kernel.h and whether bf16 inputs are multiplied as bf16 (fp32 sums) or in fp32.
 struct Kernels {
   const char* name;
-  void (*forward)(const AttnArgs&, void*, float*);
-  void (*backward)(const AttnArgs&, const BwdArgs&);
+  void (*forward)(const FwdProblem*, int64_t);
+  void (*backward)(const BwdProblem*, int64_t);
   void (*dropout_mask)(uint64_t, int64_t, int64_t, int64_t, int64_t, float, bool*, ParallelFor);
   bool bf16_dot;
 };
@@ -182,7 +173,8 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const option
                  const optional<Tensor>& seed, double scale, const optional<Tensor>& rope_table,
                  const optional<Tensor>& q_angles, const optional<Tensor>& k_angles,
                  const optional<Tensor>& bias_tensor, const optional<Tensor>& bias_lut,
-                 const optional<Tensor>& urpe_table, at::IntArrayRef spec_ints, double rope_scale) {
+                 const optional<Tensor>& urpe_table, at::IntArrayRef spec_ints, double rope_scale,
+                 int64_t slope_rows = -1) {
   Prepared p;
   AttnArgs& a = p.a;
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-d [B, H, L, D], got ", q.sizes(), ", ",
@@ -236,7 +228,7 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const option
   TORCH_CHECK(dropout_p == 0.0 || seed.has_value(), "dropout_p > 0 needs a seed tensor");
   // seed: [seed] or [seed, row, key], the last two offsetting the dropout counter's (row, key) so
   // that a block of a longer sequence (a ring shard) draws that sequence's mask
-  a.seed = 0; a.drop_row0 = 0; a.drop_key0 = 0;
+  a.seed = 0; a.drop_row0 = 0; a.drop_key0 = 0; a.drop_b0 = 0;
   if (seed.has_value()) {
     TORCH_CHECK(seed->numel() == 1 || seed->numel() == 3, "the dropout seed tensor holds 1 value (seed) or 3 (seed, "
                 "row offset, key offset), got ", seed->numel());
@@ -283,9 +275,11 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const option
     a.bias = p.bias.data_ptr<float>();
     const Tensor& t = p.bias;
     if (a.bias_kind == BIAS_ALIBI) {
+      // one row of slopes per batch, or per sequence of a packed batch (slope_rows)
+      const int64_t rows = slope_rows < 0 ? a.B : slope_rows;
       TORCH_CHECK((t.dim() == 1 && t.size(0) == a.H) ||
-                  (t.dim() == 2 && (t.size(0) == a.B || t.size(0) == 1) && t.size(1) == a.H),
-                  "ALiBi slopes have shape ", t.sizes(), "; expected (", a.H, ",) or (", a.B, " or 1, ", a.H, ")");
+                  (t.dim() == 2 && (t.size(0) == rows || t.size(0) == 1) && t.size(1) == a.H),
+                  "ALiBi slopes have shape ", t.sizes(), "; expected (", a.H, ",) or (", rows, " or 1, ", a.H, ")");
       a.sbias_b = t.dim() == 2 && t.size(0) > 1 ? t.stride(0) : 0;
       a.sbias_h = t.stride(t.dim() - 1);
     } else if (a.bias_kind == BIAS_MANHATTAN) {
@@ -320,6 +314,8 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const option
     a.urpe = p.urpe.data_ptr<float>();
     a.surpe_h = p.urpe.stride(0);
   }
+  a.out_s = {a.H * a.L * a.Dv, a.L * a.Dv, a.Dv};  // contiguous [B, H, L, Dv] and [B, H, L]
+  a.lse_s = {a.H * a.L, a.L, 1};
   a.parallel = &parallel;
   // xPos keeps fp32 operands (its decays exceed bf16's precision budget), as on the GPU.
   a.bf16_dot = a.dtype == DType::BF16 && a.rope_kind != ROPE_XPOS && kernels().bf16_dot;
@@ -364,21 +360,49 @@ Tensor sum_to_shape(const Tensor& full, at::IntArrayRef shape) {
   return out.reshape(shape);
 }
 
-// The per-task partial sums [B, H, C, T] of a parameter gradient, summed over the chunks
-// (and the batch unless per_batch) in a fixed order: [H, T] (or [B, H, T]).
-Tensor sum_parts(const Tensor& part, bool per_batch) {
-  const int64_t B = part.size(0), H = part.size(1), C = part.size(2), T = part.size(3);
+// The per-task partial sums of a parameter gradient, [H, C_b, T] for each batch (or sequence)
+// b in turn, summed over the chunks (and the batches unless per_batch) in a fixed order:
+// [H, T] (or [B, H, T]).
+Tensor sum_parts(const Tensor& part, int64_t H, int64_t T, const std::vector<int64_t>& chunks, bool per_batch) {
+  const int64_t B = static_cast<int64_t>(chunks.size());
   Tensor out = per_batch ? at::zeros({B, H, T}, part.options()) : at::zeros({H, T}, part.options());
-  const float* src = part.data_ptr<float>();
+  const float* x = part.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h)
-      for (int64_t c = 0; c < C; ++c) {
-        const float* x = src + ((b * H + h) * C + c) * T;
+      for (int64_t c = 0; c < chunks[b]; ++c, x += T) {
         float* o = dst + ((per_batch ? b * H : 0) + h) * T;
         for (int64_t t = 0; t < T; ++t) o[t] += x[t];
       }
   return out;
+}
+
+// The spec tensors' gradients into the backward ops' list [dq, dk, dv, mask, q angles, k angles,
+// bias, urpe] (empty: no gradient): angle gradients summed to the angles' shapes, the per-task
+// bias / URPE partial sums (chunks: C per batch or sequence) reduced.
+void spec_grads(std::vector<Tensor>& grads, const Prepared& p, const Tensor& dq_ang, const Tensor& dk_ang,
+                const optional<Tensor>& q_angles, const optional<Tensor>& k_angles, const Tensor& dbias_part,
+                const optional<Tensor>& bias_tensor, const Tensor& durpe_part, const optional<Tensor>& urpe_table,
+                const std::vector<int64_t>& chunks) {
+  const AttnArgs& a = p.a;
+  if (dq_ang.defined()) {
+    Tensor gq = sum_to_shape(dq_ang, q_angles->sizes());
+    Tensor gk = sum_to_shape(dk_ang, (k_angles.has_value() ? *k_angles : *q_angles).sizes());
+    if (k_angles.has_value()) {
+      grads[4] = gq.to(q_angles->scalar_type());
+      grads[5] = gk.to(k_angles->scalar_type());
+    } else {
+      grads[4] = (gq + gk).to(q_angles->scalar_type());
+    }
+  }
+  const int64_t B = static_cast<int64_t>(chunks.size());
+  if (dbias_part.defined()) {
+    const bool per_batch = a.bias_kind == BIAS_ALIBI && p.bias.dim() == 2 && p.bias.size(0) == B && B > 1;
+    grads[6] = sum_parts(dbias_part, a.H, dbias_part.size(-1), chunks, per_batch)
+                   .reshape(bias_tensor->sizes()).to(bias_tensor->scalar_type());
+  }
+  if (durpe_part.defined())
+    grads[7] = sum_parts(durpe_part, a.H, durpe_part.size(-1), chunks, false).to(urpe_table->scalar_type());
 }
 
 std::tuple<Tensor, Tensor> cpu_attention_fwd(
@@ -396,7 +420,8 @@ std::tuple<Tensor, Tensor> cpu_attention_fwd(
   Tensor out = at::empty({a.B, a.H, a.L, a.Dv}, q.options());
   Tensor lse = at::empty({a.B, a.H, a.L}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  kernels().forward(a, out.data_ptr(), lse.data_ptr<float>());
+  const FwdProblem problem{a, out.data_ptr(), lse.data_ptr<float>()};
+  kernels().forward(&problem, 1);
   return {out, lse};
 }
 
@@ -450,38 +475,248 @@ std::vector<Tensor> cpu_attention_bwd(
   g.lse = l.data_ptr<float>();
   g.dlse = dl.defined() ? dl.data_ptr<float>() : nullptr;
   g.dq = dq.data_ptr(); g.dk = dk.data_ptr(); g.dv = dv.data_ptr();
+  g.dq_s = {a.H * a.L * a.D, a.L * a.D, a.D};
+  g.dk_s = {a.Hkv * a.S * a.D, a.S * a.D, a.D};
+  g.dv_s = {a.Hkv * a.S * a.Dv, a.S * a.Dv, a.Dv};
   g.dmask = mask_grad ? dmask_full.data_ptr<float>() : nullptr;
   g.dq_ang = angle_grad ? dq_ang.data_ptr<float>() : nullptr;
   g.dk_ang = angle_grad ? dk_ang.data_ptr<float>() : nullptr;
+  g.dqa_s = {a.H * a.L * half, a.L * half, half};
+  g.dka_s = {a.Hkv * a.S * half, a.S * half, half};
   g.dbias = bias_grad ? dbias_part.data_ptr<float>() : nullptr;
   g.durpe = urpe_grad ? durpe_part.data_ptr<float>() : nullptr;
   g.chunks = C;
   g.bias_T = T;
   g.dk_part = dk_part.data_ptr<float>();
   g.dv_part = dv_part.data_ptr<float>();
-  if (a.L > 0 && a.S > 0) {
-    kernels().backward(a, g);
-  }
+  // (L or S = 0 too: the kernels write the zero gradients of the other side)
+  const BwdProblem problem{a, g};
+  kernels().backward(&problem, 1);
 
   // an empty tensor stands for "no gradient" (ops cannot return None); outputs must not alias
   std::vector<Tensor> grads{dq, dk, dv};
   for (int i = 0; i < 5; ++i) grads.push_back(q.new_empty({0}));
   if (mask_grad) grads[3] = sum_to_shape(dmask_full, attn_mask->sizes()).to(attn_mask->scalar_type());
-  if (angle_grad) {
-    Tensor gq = sum_to_shape(dq_ang, q_angles->sizes());
-    Tensor gk = sum_to_shape(dk_ang, (k_angles.has_value() ? *k_angles : *q_angles).sizes());
-    if (k_angles.has_value()) {
-      grads[4] = gq.to(q_angles->scalar_type());
-      grads[5] = gk.to(k_angles->scalar_type());
-    } else {
-      grads[4] = (gq + gk).to(q_angles->scalar_type());
-    }
+  spec_grads(grads, p, dq_ang, dk_ang, q_angles, k_angles, dbias_part, bias_tensor, durpe_part, urpe_table,
+             std::vector<int64_t>(a.B, C));
+  return grads;
+}
+
+// ---------------------------------------------------------------------------------------
+// packed batches (attention_varlen): every sequence a problem of its own, a batch of one
+// whose pointers start at its first rows; the kernels run all of them in one parallel region
+// ---------------------------------------------------------------------------------------
+
+// The prefix sums [n+1] of a packed batch as host values, checked against the rows they cut.
+std::vector<int64_t> prefix_sums(const Tensor& cu, const char* name, int64_t total, const char* rows) {
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 1 && (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
+              name, " must be a 1-d int32 (or int64) tensor of n+1 prefix sums, got ", cu.scalar_type(), " of shape ",
+              cu.sizes());
+  TORCH_CHECK(cu.device().is_cpu(), name, " is on ", cu.device(), "; backend='cpu' needs CPU tensors");
+  const Tensor c = cu.to(at::kLong).contiguous();
+  const int64_t* x = c.data_ptr<int64_t>();
+  std::vector<int64_t> out(x, x + c.numel());
+  TORCH_CHECK(out[0] == 0, name, "[0] = ", out[0], "; the prefix sums start at 0");
+  for (size_t i = 1; i < out.size(); ++i)
+    TORCH_CHECK(out[i] >= out[i - 1], name, " decreases at index ", i, " (", out[i - 1], " -> ", out[i],
+                "); sequence lengths cannot be negative");
+  TORCH_CHECK(out.back() == total, name, "[-1] = ", out.back(), " but ", rows, " has ", total,
+              " rows; the last prefix sum is the number of packed rows");
+  return out;
+}
+
+// A packed [T, heads, dim] tensor seen as the dense [1, heads, T, dim] (the same memory).
+Tensor as_batch(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3, name, " must be 3-d [total rows, heads, dim] in a packed batch, got shape ", t.sizes());
+  return t.transpose(0, 1).unsqueeze(0);
+}
+
+const void* shift(const void* base, int64_t elements, DType dt) {
+  return static_cast<const char*>(base) + elements * (dt == DType::F32 ? 4 : 2);
+}
+void* shift(void* base, int64_t elements, DType dt) {
+  return static_cast<char*>(base) + elements * (dt == DType::F32 ? 4 : 2);
+}
+
+struct Pack {
+  Prepared p;
+  std::vector<int64_t> cq, ck;  // prefix sums
+  int64_t n;
+};
+
+Pack prepare_pack(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
+                  const Tensor& cu_seqlens_k, const optional<Tensor>& q_pos, const optional<Tensor>& k_pos,
+                  int64_t q_offset, int64_t k_offset, bool causal, int64_t window_left, int64_t window_right,
+                  double softcap, double dropout_p, const optional<Tensor>& seed, double scale,
+                  const optional<Tensor>& rope_table, const optional<Tensor>& q_angles,
+                  const optional<Tensor>& k_angles, const optional<Tensor>& bias_tensor,
+                  const optional<Tensor>& bias_lut, const optional<Tensor>& urpe_table, at::IntArrayRef spec_ints,
+                  double rope_scale) {
+  Pack pk;
+  const Tensor q4 = as_batch(q, "q"), k4 = as_batch(k, "k"), v4 = as_batch(v, "v");
+  pk.cq = prefix_sums(cu_seqlens_q, "cu_seqlens_q", q.size(0), "q");
+  pk.ck = prefix_sums(cu_seqlens_k, "cu_seqlens_k", k.size(0), "k");
+  TORCH_CHECK(pk.cq.size() == pk.ck.size(), "cu_seqlens_q holds ", pk.cq.size() - 1, " sequences and cu_seqlens_k ",
+              pk.ck.size() - 1, "; q and k must pack the same sequences");
+  pk.n = static_cast<int64_t>(pk.cq.size()) - 1;
+  pk.p = prepare(q4, k4, v4, c10::nullopt, q_pos, k_pos, q_offset, k_offset,
+                 causal, window_left, window_right, softcap, dropout_p, seed, scale, rope_table, q_angles, k_angles,
+                 bias_tensor, bias_lut, urpe_table, spec_ints, rope_scale, pk.n);
+  TORCH_CHECK(!pk.p.q_pos.defined() || pk.p.q_pos.dim() == 1, "q_pos of a packed batch is 1-d [total query rows]");
+  TORCH_CHECK(!pk.p.k_pos.defined() || pk.p.k_pos.dim() == 1, "k_pos of a packed batch is 1-d [total key rows]");
+  return pk;
+}
+
+// Sequence s of the pack as a dense batch of one: inputs at its first rows, its own lengths,
+// positions restarting (keys at k_offset + 0 .., queries bottom-right unless q_pos), its row
+// of ALiBi slopes, its dropout counter (s·H + h, local row, local key), results in the packed
+// [T, H, ..] / [H, T] layouts.
+AttnArgs sequence(const Pack& pk, int64_t s) {
+  const AttnArgs& a = pk.p.a;
+  AttnArgs v = a;
+  const int64_t q0 = pk.cq[s], k0 = pk.ck[s];
+  v.B = 1;
+  v.L = pk.cq[s + 1] - q0;
+  v.S = pk.ck[s + 1] - k0;
+  v.q = shift(a.q, q0 * a.sq_l, a.dtype);
+  v.k = shift(a.k, k0 * a.sk_l, a.dtype);
+  v.v = shift(a.v, k0 * a.sv_l, a.dtype);
+  if (a.q_pos) v.q_pos = a.q_pos + q0; else v.q_offset = a.q_offset + v.S - v.L;
+  if (a.k_pos) v.k_pos = a.k_pos + k0;
+  if (a.q_ang) v.q_ang = a.q_ang + q0 * a.sqa_l;
+  if (a.k_ang) v.k_ang = a.k_ang + k0 * a.ska_l;
+  if (a.bias) v.bias = a.bias + s * a.sbias_b;
+  v.sbias_b = 0;
+  v.drop_b0 = s;
+  v.out_s = {0, a.Dv, a.H * a.Dv};
+  v.lse_s = {0, a.L, 1};  // a.L: the packed query rows
+  return v;
+}
+
+// The sequences with the most work (L·S) first: their tasks start first and the short ones fill
+// the gaps at the end of the region (the order changes which thread runs a task, never a result).
+template <typename Problem>
+void longest_first(std::vector<Problem>& problems) {
+  std::stable_sort(problems.begin(), problems.end(),
+                   [](const Problem& x, const Problem& y) { return x.a.L * x.a.S > y.a.L * y.a.S; });
+}
+
+std::tuple<Tensor, Tensor> cpu_attention_varlen_fwd(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+    const optional<Tensor>& q_pos, const optional<Tensor>& k_pos, int64_t q_offset, int64_t k_offset, bool causal,
+    int64_t window_left, int64_t window_right, double softcap, double dropout_p, const optional<Tensor>& seed,
+    double scale, const optional<Tensor>& rope_table, const optional<Tensor>& q_angles,
+    const optional<Tensor>& k_angles, const optional<Tensor>& bias_tensor, const optional<Tensor>& bias_lut,
+    const optional<Tensor>& urpe_table, at::IntArrayRef spec_ints, double rope_scale, bool deterministic) {
+  (void)deterministic;  // the CPU backend is always deterministic
+  const Pack pk = prepare_pack(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_offset, k_offset, causal,
+                               window_left, window_right, softcap, dropout_p, seed, scale, rope_table, q_angles,
+                               k_angles, bias_tensor, bias_lut, urpe_table, spec_ints, rope_scale);
+  const AttnArgs& a = pk.p.a;
+  Tensor out = at::empty({a.L, a.H, a.Dv}, q.options());
+  Tensor lse = at::empty({a.H, a.L}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  std::vector<FwdProblem> problems;
+  for (int64_t s = 0; s < pk.n; ++s) {
+    const AttnArgs seq = sequence(pk, s);
+    problems.push_back({seq, shift(out.data_ptr(), pk.cq[s] * a.H * a.Dv, a.dtype), lse.data_ptr<float>() + pk.cq[s]});
   }
-  if (bias_grad) {
-    const bool per_batch = a.bias_kind == BIAS_ALIBI && p.bias.dim() == 2 && p.bias.size(0) == a.B && a.B > 1;
-    grads[6] = sum_parts(dbias_part, per_batch).reshape(bias_tensor->sizes()).to(bias_tensor->scalar_type());
+  longest_first(problems);
+  kernels().forward(problems.data(), pk.n);
+  return {out, lse};
+}
+
+std::vector<Tensor> cpu_attention_varlen_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+    const optional<Tensor>& dlse, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+    const optional<Tensor>& q_pos, const optional<Tensor>& k_pos, int64_t q_offset, int64_t k_offset, bool causal,
+    int64_t window_left, int64_t window_right, double softcap, double dropout_p, const optional<Tensor>& seed,
+    double scale, const optional<Tensor>& rope_table, const optional<Tensor>& q_angles,
+    const optional<Tensor>& k_angles, const optional<Tensor>& bias_tensor, const optional<Tensor>& bias_lut,
+    const optional<Tensor>& urpe_table, at::IntArrayRef spec_ints, double rope_scale, bool deterministic,
+    bool mask_grad, bool angle_grad, bool bias_grad, bool urpe_grad) {
+  (void)deterministic;
+  (void)mask_grad;  // no mask in a packed batch
+  const Pack pk = prepare_pack(q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_offset, k_offset, causal,
+                               window_left, window_right, softcap, dropout_p, seed, scale, rope_table, q_angles,
+                               k_angles, bias_tensor, bias_lut, urpe_table, spec_ints, rope_scale);
+  const AttnArgs& a = pk.p.a;
+  const int64_t Tq = a.L, Tk = a.S, n = pk.n;
+  TORCH_CHECK(dout.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({Tq, a.H, a.Dv}),
+              "dout and out must be [Tq, H, Dv] = [", Tq, ", ", a.H, ", ", a.Dv, "], got ", dout.sizes(), " and ",
+              out.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({a.H, Tq}) && lse.scalar_type() == at::kFloat,
+              "lse must be float32 [H, Tq] = [", a.H, ", ", Tq, "]");
+  const Tensor d_out = last_dim_contiguous(dout.to(q.scalar_type()));
+  const Tensor o = last_dim_contiguous(out);
+  const Tensor l = lse.contiguous();
+  Tensor dl;
+  if (dlse.has_value()) dl = dlse->to(at::kFloat).contiguous();
+
+  const int64_t Dp = pad_head(a.D, a.bf16_dot), Dvp = pad16(a.Dv), half = a.rotary_dim / 2;
+  angle_grad = angle_grad && a.rope_kind == ROPE_ANGLES;
+  bias_grad = bias_grad && a.bias_kind != BIAS_NONE;
+  urpe_grad = urpe_grad && a.urpe != nullptr;
+  const bool scalar_bias = a.bias_kind == BIAS_ALIBI || a.bias_kind == BIAS_MANHATTAN;
+  const int64_t T = bias_grad && !scalar_bias ? pk.p.bias.size(1) : 1, U = 2 * a.urpe_m + 1;
+  // each sequence's chunks and its share of the scratch (per task: keys padded to whole tiles)
+  std::vector<int64_t> chunks(n);
+  int64_t key_rows = 0, parts = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    chunks[s] = backward_chunks(n, a.H, pk.cq[s + 1] - pk.cq[s]);
+    key_rows += a.H * chunks[s] * pad_keys(pk.ck[s + 1] - pk.ck[s]);
+    parts += a.H * chunks[s];
   }
-  if (urpe_grad) grads[7] = sum_parts(durpe_part, false).to(urpe_table->scalar_type());
+  auto f32 = q.options().dtype(at::kFloat);
+  Tensor dq = at::empty({Tq, a.H, a.D}, q.options());
+  Tensor dk = at::empty({Tk, a.Hkv, a.D}, q.options());
+  Tensor dv = at::empty({Tk, a.Hkv, a.Dv}, q.options());
+  Tensor dk_part = at::zeros({key_rows, Dp}, f32);
+  Tensor dv_part = at::zeros({key_rows, Dvp}, f32);
+  Tensor dq_ang = angle_grad ? at::zeros({1, a.H, Tq, half}, f32) : Tensor();
+  Tensor dk_ang = angle_grad ? at::zeros({1, a.Hkv, Tk, half}, f32) : Tensor();
+  Tensor dbias_part = bias_grad ? at::zeros({parts, T}, f32) : Tensor();
+  Tensor durpe_part = urpe_grad ? at::zeros({parts, U}, f32) : Tensor();
+
+  std::vector<BwdProblem> problems;
+  int64_t rows_done = 0, parts_done = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    const int64_t q0 = pk.cq[s], k0 = pk.ck[s];
+    BwdProblem pr{sequence(pk, s), BwdArgs{}};
+    BwdArgs& g = pr.g;
+    g.dout = shift(d_out.data_ptr(), q0 * d_out.stride(0), a.dtype);
+    g.sdo_b = 0; g.sdo_h = d_out.stride(1); g.sdo_l = d_out.stride(0);
+    g.out = shift(o.data_ptr(), q0 * o.stride(0), a.dtype);
+    g.so_b = 0; g.so_h = o.stride(1); g.so_l = o.stride(0);
+    g.lse = l.data_ptr<float>() + q0;
+    g.dlse = dl.defined() ? dl.data_ptr<float>() + q0 : nullptr;
+    g.dq = shift(dq.data_ptr(), q0 * a.H * a.D, a.dtype);
+    g.dk = shift(dk.data_ptr(), k0 * a.Hkv * a.D, a.dtype);
+    g.dv = shift(dv.data_ptr(), k0 * a.Hkv * a.Dv, a.dtype);
+    g.dq_s = {0, a.D, a.H * a.D};
+    g.dk_s = {0, a.D, a.Hkv * a.D};
+    g.dv_s = {0, a.Dv, a.Hkv * a.Dv};
+    g.dmask = nullptr;
+    g.dq_ang = angle_grad ? dq_ang.data_ptr<float>() + q0 * half : nullptr;
+    g.dk_ang = angle_grad ? dk_ang.data_ptr<float>() + k0 * half : nullptr;
+    g.dqa_s = {0, Tq * half, half};
+    g.dka_s = {0, Tk * half, half};
+    g.dbias = bias_grad ? dbias_part.data_ptr<float>() + parts_done * T : nullptr;
+    g.durpe = urpe_grad ? durpe_part.data_ptr<float>() + parts_done * U : nullptr;
+    g.chunks = chunks[s];
+    g.bias_T = T;
+    g.dk_part = dk_part.data_ptr<float>() + rows_done * Dp;
+    g.dv_part = dv_part.data_ptr<float>() + rows_done * Dvp;
+    rows_done += a.H * chunks[s] * pad_keys(pr.a.S);
+    parts_done += a.H * chunks[s];
+    problems.push_back(pr);
+  }
+  longest_first(problems);
+  kernels().backward(problems.data(), n);
+
+  std::vector<Tensor> grads{dq, dk, dv};
+  for (int i = 0; i < 5; ++i) grads.push_back(q.new_empty({0}));
+  spec_grads(grads, pk.p, dq_ang, dk_ang, q_angles, k_angles, dbias_part, bias_tensor, durpe_part, urpe_table, chunks);
   return grads;
 }
 
@@ -522,6 +757,19 @@ TORCH_LIBRARY(posattn, m) {
       "Tensor? q_angles, Tensor? k_angles, Tensor? bias_tensor, Tensor? bias_lut, Tensor? urpe_table, "
       "SymInt[] spec_ints, float rope_scale, bool deterministic, bool mask_grad, bool angle_grad, bool bias_grad, "
       "bool urpe_grad) -> Tensor[]");
+  m.def(
+      "cpu_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? q_pos, "
+      "Tensor? k_pos, SymInt q_offset, SymInt k_offset, bool causal, SymInt window_left, SymInt window_right, "
+      "float softcap, float dropout_p, Tensor? seed, float scale, Tensor? rope_table, Tensor? q_angles, "
+      "Tensor? k_angles, Tensor? bias_tensor, Tensor? bias_lut, Tensor? urpe_table, SymInt[] spec_ints, "
+      "float rope_scale, bool deterministic) -> (Tensor, Tensor)");
+  m.def(
+      "cpu_attention_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? q_pos, Tensor? k_pos, SymInt q_offset, SymInt k_offset, "
+      "bool causal, SymInt window_left, SymInt window_right, float softcap, float dropout_p, Tensor? seed, "
+      "float scale, Tensor? rope_table, Tensor? q_angles, Tensor? k_angles, Tensor? bias_tensor, Tensor? bias_lut, "
+      "Tensor? urpe_table, SymInt[] spec_ints, float rope_scale, bool deterministic, bool mask_grad, "
+      "bool angle_grad, bool bias_grad, bool urpe_grad) -> Tensor[]");
   m.def("cpu_dropout_mask(int seed, int B, int H, int L, int S, float dropout_p) -> Tensor");
   m.def("cpu_isa() -> str");
   m.def("cpu_isas() -> str[]");
@@ -530,6 +778,8 @@ TORCH_LIBRARY(posattn, m) {
 TORCH_LIBRARY_IMPL(posattn, CPU, m) {
   m.impl("cpu_attention_fwd", &posattn::cpu_attention_fwd);
   m.impl("cpu_attention_bwd", &posattn::cpu_attention_bwd);
+  m.impl("cpu_attention_varlen_fwd", &posattn::cpu_attention_varlen_fwd);
+  m.impl("cpu_attention_varlen_bwd", &posattn::cpu_attention_varlen_bwd);
 }
 
 TORCH_LIBRARY_IMPL(posattn, CompositeExplicitAutograd, m) {

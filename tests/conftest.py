@@ -47,6 +47,15 @@ def backend_device(backend):
     return "cpu" if backend == "cpu" else DEVICE
 
 
+def kernel_dropout_mask(backend, seed, B, H, L, S, p, device):
+    """The keep-mask (bool [B, H, L, S]) that ``backend``'s kernels draw for ``seed``."""
+    if backend == "cpu":
+        import posattn
+        return posattn.ops.cpu_dropout_mask(seed, B, H, L, S, p)
+    from posattn.triton_kernels import dropout_mask
+    return dropout_mask(seed, B, H, L, S, p, device)
+
+
 def backend_fixtures(device_name="device"):
     """The fixtures of a module whose tests run once per kernel backend: ``backend``
     (ids ``triton`` / ``cpu``) and ``device``, the device that backend's tensors live on.
@@ -95,7 +104,7 @@ def pytest_report_header(config):
 
 # The gpu_smoke selection: a GPU runner's per-push check, every kernel family forward and
 # backward once (plain, GQA, masks, softcap, each position spec, SDPA, the CPU ops' schemas,
-# kernelized attention), kept small because on a GPU every test compiles its own Triton
+# kernelized attention, packed batches), kept small because on a GPU every test compiles its own Triton
 # specialisations: test function -> how many of its parametrizations (in collection order).
 GPU_SMOKE = {
     "test_attention.py::test_shapes": 4,
@@ -118,6 +127,8 @@ GPU_SMOKE = {
     "test_api.py::test_backend_none_and_the_override": 1,
     "test_api.py::test_import_does_not_import_triton": 1,
     "test_kernelized.py::test_fused_backends_against_dense_oracle": 2,
+    "test_varlen.py::test_kernel": 3,
+    "test_varlen.py::test_kernel_never_reads_other_sequences": 1,
 }
 HAS_HF = importlib.util.find_spec("transformers") is not None
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import posattn
-from conftest import backend_dtype_params, backend_fixtures
+from conftest import backend_dtype_params, backend_fixtures, kernel_dropout_mask
 from tolerance import assert_close
 
 HALF = backend_dtype_params()  # (backend, dtype): triton-float16, cpu-bfloat16, cpu-float16, …
@@ -260,14 +260,6 @@ def _seed_drawn_after(manual_seed):
     # posattn.attention draws its Philox seed as the first torch.randint after manual_seed
     torch.manual_seed(manual_seed)
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
-
-
-def kernel_dropout_mask(backend, seed, B, H, L, S, p, device):
-    """The keep-mask (bool [B, H, L, S]) that ``backend``'s kernels draw for ``seed``."""
-    if backend == "cpu":
-        return posattn.ops.cpu_dropout_mask(seed, B, H, L, S, p)
-    from posattn.triton_kernels import dropout_mask
-    return dropout_mask(seed, B, H, L, S, p, device)
 
 
 @pytest.mark.parametrize("c", [Case(B=2, H=4, Hkv=2, L=63, S=130, D=40, kw={"dropout_p": 0.3}),

@@ -33,6 +33,9 @@ MAIN = [Case(arch, d, dtype, causal, spec, kernel)
         for spec in ("none", "rope") for kernel in KERNELS]
 MAIN += [Case(arch, d, dtype, False, "none", kernel)
          for arch, dtype in ((80, "bf16"), (90, "fp16")) for d in HEAD_DIMS for kernel in KERNELS]
+# Packed batches (attention_varlen): the same kernels with VARLEN, causal, both targets.
+MAIN += [Case(arch, d, dtype, True, "varlen", kernel)
+         for arch, dtype in ((80, "fp16"), (90, "bf16")) for d in HEAD_DIMS for kernel in KERNELS]
 # POSATTN_AUTOTUNE=0's fixed config must hold up too (it ignores dtype and flags).
 FIXED = [Case(arch, d, "fp16", False, "none", kernel) for arch in (80, 90) for d in HEAD_DIMS for kernel in KERNELS]
 # Kernelized attention's kernels (feature map, outer product, contractions): no tensor-core

@@ -25,8 +25,6 @@ from transformers import (BloomConfig, BloomForCausalLM, DynamicCache, Gemma2Con
 from posattn.integrations.transformers import fuse_positions, register, unfuse_positions  # noqa: E402
 
 pytestmark = requires_ext
-needs_varlen = pytest.mark.skipif(not hasattr(posattn, "attention_varlen"),
-                                  reason="packed sequences need posattn.attention_varlen (the varlen issue)")
 
 VOCAB = 61
 
@@ -194,7 +192,6 @@ def test_decode_with_dynamic_cache_matches_full_forward():
     assert_close("logits", got[v], ref[v], same[v])
 
 
-@needs_varlen
 @pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "cache"])
 @pytest.mark.parametrize("fuse", [False, True], ids=["interface", "fused"])
 def test_llama_packed_position_ids(cache, fuse):
@@ -210,18 +207,6 @@ def test_llama_packed_position_ids(cache, fuse):
     compare((ours, stock64, stock32), torch.ones(1, 13), input_ids=ids, position_ids=pos)
 
 
-@pytest.mark.skipif(hasattr(posattn, "attention_varlen"), reason="attention_varlen exists: the packed tests run")
-def test_packed_batches_raise_until_varlen_exists():
-    """Until posattn.attention_varlen exists, packed input is refused, never silently attended
-    across its sequences."""
-    ours, _, _ = twins(LlamaForCausalLM, llama_config())
-    ids = torch.randint(1, VOCAB, (1, 13))
-    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4]])
-    with pytest.raises(RuntimeError, match="attention_varlen"):
-        ours(input_ids=ids, attention_mask=torch.ones(1, 13), position_ids=pos)
-
-
-@needs_varlen
 @pytest.mark.parametrize("fuse", [False, True], ids=["interface", "fused"])
 def test_llama_cu_seq_lens_kwargs(fuse):
     """FlashAttention-style kwargs name the sequences (position_ids here do not restart, so only

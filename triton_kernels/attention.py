@@ -9,6 +9,12 @@ bounds and visible, no attn_mask) run a block routine without masks, bounds or p
 loads, the boundary tiles (causal diagonal, window edges, ragged ends, position tensors,
 masks) the same routine with them (constexpr MASK). No loop has a branch around its loads,
 so Triton software-pipelines them (async copies). Softmax runs in base 2.
+
+Packed batches (``attention_varlen``, constexpr VARLEN) run the same kernels: q [Tq, H, D],
+k / v [Tk, Hkv, D*] arrive as [n, H, T, D] views with batch stride 0, each program reads its
+sequence and tile from a tile → sequence map built on the device, shifts its row pointers to
+the sequence's first rows (cu_seqlens) and works on that sequence's lengths; lse and delta
+are [H, Tq]. A new layout is a new way of computing row addresses, not a new loop.
 """
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -71,6 +77,34 @@ def _visible_tiles(own_lo, own_hi, full, offset, window_left, window_right, N, B
         last = -BLOCK
     ilo, ihi = interior_tiles(lo, hi, first, tl.where(full, last, -BLOCK), BLOCK)
     return lo, hi, ilo, ihi
+
+
+@triton.jit
+def _varlen_tile(TILE_MAP, CU_Q, CU_K, slot, q_offset, Q_POS_TENSOR: tl.constexpr):
+    """A packed batch's program ``slot``: its sequence (−1 for a spare program past the last
+    tile), its tile index inside the sequence, the sequence's first query / key rows, its
+    lengths, and its query offset (bottom-right by default: the last query sits at the last
+    key's position). TILE_MAP [2, slots] is computed on the device by the launcher."""
+    b = tl.load(TILE_MAP + slot)
+    tile = tl.load(TILE_MAP + tl.num_programs(0) + slot)
+    seq = tl.maximum(b, 0)
+    q_start = tl.load(CU_Q + seq)
+    k_start = tl.load(CU_K + seq)
+    L = tl.load(CU_Q + seq + 1) - q_start
+    S = tl.load(CU_K + seq + 1) - k_start
+    if not Q_POS_TENSOR:
+        q_offset += S - L
+    return b, tile, q_start.to(tl.int64), k_start.to(tl.int64), L, S, q_offset
+
+
+@triton.jit
+def _varlen_inputs(q_start, k_start, Q, QPOS, QANG, K, V, KPOS, KANG, stride_q_l, stride_qpos_l, stride_qang_l,
+                   stride_k_s, stride_v_s, stride_kpos_l, stride_kang_s):
+    """The shared inputs' pointers moved to a sequence's first query / key rows (the launcher
+    passes batch strides of 0 for a packed batch)."""
+    return (Q + q_start * stride_q_l, QPOS + q_start * stride_qpos_l, QANG + q_start * stride_qang_l,
+            K + k_start * stride_k_s, V + k_start * stride_v_s, KPOS + k_start * stride_kpos_l,
+            KANG + k_start * stride_kang_s)
 
 
 @triton.jit
@@ -210,11 +244,11 @@ def _fwd_loops(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_m, bh
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd_kernel(
-    # outputs, and the per-key flags of non-finite values in V [B, HKV, S]
-    O, LSE, V_BAD_KEYS,
+    # outputs, the per-key flags of non-finite values in V [B, HKV, S], the packed batch's tile map
+    O, LSE, V_BAD_KEYS, TILE_MAP,
     stride_o_b, stride_o_h, stride_o_l,
     # shared by every kernel (one list, built once by the launcher): inputs, sizes, strides, scalars
-    Q, K, V, MASK, QPOS, KPOS, ROPE_TABLE, QANG, KANG, BIAS, BIAS_LUT, URPE_T,
+    Q, K, V, MASK, QPOS, KPOS, ROPE_TABLE, QANG, KANG, BIAS, BIAS_LUT, URPE_T, CU_Q, CU_K,
     H, HKV, L, S, D, DV,
     stride_q_b, stride_q_h, stride_q_l,
     stride_k_b, stride_k_h, stride_k_s,
@@ -232,12 +266,31 @@ def _attn_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, Q_POS_TENSOR: tl.constexpr, K_POS_TENSOR: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr,
     BLOCK_R: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr, MASK_INTERIOR: tl.constexpr,
-    RAW_SCORES: tl.constexpr,
+    RAW_SCORES: tl.constexpr, VARLEN: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
+    if VARLEN:
+        # A packed batch: the program's sequence b and query tile from the tile map, its rows
+        # addressed from the sequence's first rows (the launcher passes batch strides of 0);
+        # per-row buffers (lse, V's flags) are [heads, total rows]. No tile spans two sequences.
+        b, start_m, q_start, k_start, L_seq, S_seq, q_offset = _varlen_tile(TILE_MAP, CU_Q, CU_K, start_m, q_offset,
+                                                                            Q_POS_TENSOR)
+        if b < 0:
+            return
+        h = bh
+        bh = b * H + h
+        q_row = h * L + q_start
+        k_row = (h // (H // HKV)) * S + k_start
+        L, S = L_seq, S_seq
+        Q, QPOS, QANG, K, V, KPOS, KANG = _varlen_inputs(q_start, k_start, Q, QPOS, QANG, K, V, KPOS, KANG,
+                                                         stride_q_l, stride_qpos_l, stride_qang_l, stride_k_s,
+                                                         stride_v_s, stride_kpos_l, stride_kang_s)
+        O += q_start * stride_o_l
+    else:
+        q_row = bh * L
     hkv = h // (H // HKV)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -269,7 +322,8 @@ def _attn_fwd_kernel(
     # v_j reaches each row's accumulator, and a row whose accumulator is not finite is NaN.
 
     acc, l_i, m_i = _fwd_loops(
-        acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_m, bh, b, V_BAD_KEYS + (b * HKV + hkv) * S,
+        acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_m, bh, b,
+        V_BAD_KEYS + (k_row if VARLEN else (b * HKV + hkv) * S),
         K_base, V_base, KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT, L, S, D, DV, stride_k_s,
         stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b, stride_kpos_l, k_offset,
         window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
@@ -289,7 +343,7 @@ def _attn_fwd_kernel(
     lse += row_nan
     tl.store(O + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_l + offs_dv[None, :],
              out.to(O.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + bh * L + offs_m, lse, mask=m_valid)
+    tl.store(LSE + q_row + offs_m, lse, mask=m_valid)
 
 
 @triton.jit(do_not_specialize=["L"])
@@ -422,13 +476,13 @@ def _dkdv_block(dk, dv, k, v, k_pos, k_lo, k_hi, n_valid, offs_n, start_m, bh, b
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv_kernel(
-    # backward inputs and outputs
-    DO, LSE, DELTA, DK, DV_OUT, DKANG,
+    # backward inputs and outputs, the packed batch's tile map (over keys)
+    DO, LSE, DELTA, DK, DV_OUT, DKANG, TILE_MAP,
     stride_do_b, stride_do_h, stride_do_l,
     stride_dk_b, stride_dk_h, stride_dk_s,
     stride_dv_b, stride_dv_h, stride_dv_s,
     # shared by every kernel (one list, built once by the launcher): inputs, sizes, strides, scalars
-    Q, K, V, MASK, QPOS, KPOS, ROPE_TABLE, QANG, KANG, BIAS, BIAS_LUT, URPE_T,
+    Q, K, V, MASK, QPOS, KPOS, ROPE_TABLE, QANG, KANG, BIAS, BIAS_LUT, URPE_T, CU_Q, CU_K,
     H, HKV, L, S, D, DV,
     stride_q_b, stride_q_h, stride_q_l,
     stride_k_b, stride_k_h, stride_k_s,
@@ -446,7 +500,7 @@ def _attn_bwd_dkdv_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, Q_POS_TENSOR: tl.constexpr, K_POS_TENSOR: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr,
     BLOCK_R: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr, MASK_INTERIOR: tl.constexpr,
-    RAW_SCORES: tl.constexpr,
+    RAW_SCORES: tl.constexpr, VARLEN: tl.constexpr,
     ANGLE_GRAD: tl.constexpr,
 ):
     """One key tile of one KV head: dK, dV summed over every query head of its group (no atomics)."""
@@ -454,6 +508,25 @@ def _attn_bwd_dkdv_kernel(
     bhkv = tl.program_id(1).to(tl.int64)
     b = bhkv // HKV
     hkv = bhkv % HKV
+    L_rows = L  # rows of the lse / delta buffers: [B·H, L], or [H, total queries] for a packed batch
+    if VARLEN:  # as in the forward kernel, over key tiles
+        b, start_n, q_start, k_start, L_seq, S_seq, q_offset = _varlen_tile(TILE_MAP, CU_Q, CU_K, start_n, q_offset,
+                                                                            Q_POS_TENSOR)
+        if b < 0:
+            return
+        hkv = bhkv
+        k_row = hkv * S + k_start
+        L, S = L_seq, S_seq
+        Q, QPOS, QANG, K, V, KPOS, KANG = _varlen_inputs(q_start, k_start, Q, QPOS, QANG, K, V, KPOS, KANG,
+                                                         stride_q_l, stride_qpos_l, stride_qang_l, stride_k_s,
+                                                         stride_v_s, stride_kpos_l, stride_kang_s)
+        DO += q_start * stride_do_l
+        LSE += q_start
+        DELTA += q_start
+        DK += k_start * stride_dk_s
+        DV_OUT += k_start * stride_dv_s
+    else:
+        k_row = bhkv * S
 
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -478,6 +551,10 @@ def _attn_bwd_dkdv_kernel(
     for g in range(0, GROUP):
         h = hkv * GROUP + g
         bh = b * H + h
+        if VARLEN:
+            q_row = h * L_rows  # LSE, DELTA start at the sequence's first row
+        else:
+            q_row = bh * L_rows
         Q_base = Q + b * stride_q_b + h * stride_q_h
         QANG_base = QANG + b * stride_qang_b + h * stride_qang_h
         DO_base = DO + b * stride_do_b + h * stride_do_h
@@ -487,7 +564,7 @@ def _attn_bwd_dkdv_kernel(
         for start_m in range(ilo, ihi, BLOCK_M):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, k_pos, k_lo, k_hi, n_valid, offs_n, start_m, bh, b, Q_base, QANG_base, DO_base,
-                LSE + bh * L, DELTA + bh * L, MASK_base, BIAS_h, URPE_h, QPOS, ROPE_TABLE, BIAS_LUT, L, D, DV,
+                LSE + q_row, DELTA + q_row, MASK_base, BIAS_h, URPE_h, QPOS, ROPE_TABLE, BIAS_LUT, L, D, DV,
                 stride_q_l, stride_qang_l, stride_qang_t, stride_do_l, stride_mask_l, stride_qpos_b, stride_qpos_l,
                 q_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
                 drop_m0, drop_n0, rope_scale,
@@ -497,7 +574,7 @@ def _attn_bwd_dkdv_kernel(
         for i in range(0, boundary_count(lo, hi, ilo, ihi, BLOCK_M)):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, k_pos, k_lo, k_hi, n_valid, offs_n, boundary_start(i, lo, ilo, ihi, BLOCK_M), bh, b,
-                Q_base, QANG_base, DO_base, LSE + bh * L, DELTA + bh * L, MASK_base, BIAS_h, URPE_h, QPOS,
+                Q_base, QANG_base, DO_base, LSE + q_row, DELTA + q_row, MASK_base, BIAS_h, URPE_h, QPOS,
                 ROPE_TABLE, BIAS_LUT, L, D, DV, stride_q_l, stride_qang_l, stride_qang_t, stride_do_l, stride_mask_l,
                 stride_qpos_b, stride_qpos_l, q_offset, window_left, window_right, scale, softcap, dropout_p,
                 dropout_scale, seed,
@@ -515,7 +592,7 @@ def _attn_bwd_dkdv_kernel(
     if ANGLE_GRAD:
         dang = angle_grad(dk, K_rows, n_valid, offs_d, D, ROTARY_DIM, ROPE_INTERLEAVED, BLOCK_R)
         offs_r = tl.arange(0, BLOCK_R)
-        tl.store(DKANG + (bhkv * S + offs_n[:, None]) * (ROTARY_DIM // 2) + offs_r[None, :], dang,
+        tl.store(DKANG + (k_row + offs_n[:, None]) * (ROTARY_DIM // 2) + offs_r[None, :], dang,
                  mask=n_valid[:, None] & (offs_r[None, :] < ROTARY_DIM // 2))
 
 
@@ -581,14 +658,14 @@ def _dq_block(dq, dparam, q, do, lse2, delta, q_pos, q_lo, q_hi, m_valid, offs_m
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq_kernel(
-    # backward inputs and outputs
-    DO, LSE, DELTA, DQ, DMASK, DQANG, DBIAS, DURPE,
+    # backward inputs and outputs, the packed batch's tile map
+    DO, LSE, DELTA, DQ, DMASK, DQANG, DBIAS, DURPE, TILE_MAP,
     stride_do_b, stride_do_h, stride_do_l,
     stride_dq_b, stride_dq_h, stride_dq_l,
     stride_dmask_b, stride_dmask_h, stride_dmask_l, stride_dmask_s,
     stride_dbias_b, stride_dbias_h, stride_dbias_m, stride_durpe_b, stride_durpe_h, stride_durpe_m,
     # shared by every kernel (one list, built once by the launcher): inputs, sizes, strides, scalars
-    Q, K, V, MASK, QPOS, KPOS, ROPE_TABLE, QANG, KANG, BIAS, BIAS_LUT, URPE_T,
+    Q, K, V, MASK, QPOS, KPOS, ROPE_TABLE, QANG, KANG, BIAS, BIAS_LUT, URPE_T, CU_Q, CU_K,
     H, HKV, L, S, D, DV,
     stride_q_b, stride_q_h, stride_q_l,
     stride_k_b, stride_k_h, stride_k_s,
@@ -606,7 +683,7 @@ def _attn_bwd_dq_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, Q_POS_TENSOR: tl.constexpr, K_POS_TENSOR: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr,
     BLOCK_R: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr, MASK_INTERIOR: tl.constexpr,
-    RAW_SCORES: tl.constexpr,
+    RAW_SCORES: tl.constexpr, VARLEN: tl.constexpr,
     ANGLE_GRAD: tl.constexpr, MASK_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, URPE_GRAD: tl.constexpr,
 ):
     """One query tile of one query head: dQ, the float mask's gradient, and the gradients of
@@ -615,6 +692,23 @@ def _attn_bwd_dq_kernel(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
+    slot = start_m  # the program's row of per-program partial sums
+    if VARLEN:  # as in the forward kernel
+        b, start_m, q_start, k_start, L_seq, S_seq, q_offset = _varlen_tile(TILE_MAP, CU_Q, CU_K, start_m, q_offset,
+                                                                            Q_POS_TENSOR)
+        if b < 0:
+            return
+        h = bh
+        bh = b * H + h
+        q_row = h * L + q_start
+        L, S = L_seq, S_seq
+        Q, QPOS, QANG, K, V, KPOS, KANG = _varlen_inputs(q_start, k_start, Q, QPOS, QANG, K, V, KPOS, KANG,
+                                                         stride_q_l, stride_qpos_l, stride_qang_l, stride_k_s,
+                                                         stride_v_s, stride_kpos_l, stride_kang_s)
+        DO += q_start * stride_do_l
+        DQ += q_start * stride_dq_l
+    else:
+        q_row = bh * L
     hkv = h // (H // HKV)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -629,8 +723,8 @@ def _attn_bwd_dq_kernel(
                      rope_scale, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED)  # [BLOCK_M, BLOCK_D]
     do = tl.load(DO + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_l + offs_dv[None, :],
                  mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_M, BLOCK_DV]
-    lse2 = _lse2(tl.load(LSE + bh * L + offs_m, mask=m_valid, other=float("-inf")))
-    delta = tl.load(DELTA + bh * L + offs_m, mask=m_valid, other=0.0)
+    lse2 = _lse2(tl.load(LSE + q_row + offs_m, mask=m_valid, other=float("-inf")))
+    delta = tl.load(DELTA + q_row + offs_m, mask=m_valid, other=0.0)
 
     K_base = K + b * stride_k_b + hkv * stride_k_h
     V_base = V + b * stride_v_b + hkv * stride_v_h
@@ -641,8 +735,8 @@ def _attn_bwd_dq_kernel(
     URPE_h = URPE_T + h * stride_urpe_h
     # Table gradients go to this program's own row (deterministic mode) or straight into
     # the [H, T] gradient (strides choose); ALiBi / Manhattan store one partial per program.
-    DBIAS_row = DBIAS + b * stride_dbias_b + h * stride_dbias_h + start_m * stride_dbias_m
-    DURPE_row = DURPE + b * stride_durpe_b + h * stride_durpe_h + start_m * stride_durpe_m
+    DBIAS_row = DBIAS + b * stride_dbias_b + h * stride_dbias_h + slot * stride_dbias_m
+    DURPE_row = DURPE + b * stride_durpe_b + h * stride_durpe_h + slot * stride_durpe_m
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dparam = tl.zeros([BLOCK_M], tl.float32)
@@ -678,7 +772,7 @@ def _attn_bwd_dq_kernel(
     if ANGLE_GRAD:
         dang = angle_grad(dq, Q_rows, m_valid, offs_d, D, ROTARY_DIM, ROPE_INTERLEAVED, BLOCK_R)
         offs_r = tl.arange(0, BLOCK_R)
-        tl.store(DQANG + (bh * L + offs_m[:, None]) * (ROTARY_DIM // 2) + offs_r[None, :], dang,
+        tl.store(DQANG + (q_row + offs_m[:, None]) * (ROTARY_DIM // 2) + offs_r[None, :], dang,
                  mask=m_valid[:, None] & (offs_r[None, :] < ROTARY_DIM // 2))
     if BIAS_GRAD:
         if BIAS_KIND == 1 or BIAS_KIND == 4:
@@ -842,8 +936,11 @@ def _dropout_state(seed):
     return tuple(seed) if isinstance(seed, (tuple, list)) else (seed, 0, 0)
 
 
-def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp):
-    """Sizes, the shared argument list (the common tail of every kernel's signature) and constexprs."""
+def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp, varlen=None):
+    """Sizes, the shared argument list (the common tail of every kernel's signature) and constexprs.
+
+    ``varlen``: (cu_seqlens_q, cu_seqlens_k) of a packed batch, whose q, k, v come as
+    :func:`_packed` views (B = the number of sequences, L / S = the total rows)."""
     B, H, L, D = q.shape
     _, HKV, S, _ = k.shape
     DV = v.shape[-1]
@@ -856,7 +953,8 @@ def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, drop
     # Absent tensors are replaced by q: their loads are compiled out by the constexpr flags,
     # but the pointer arithmetic around them is still traced.
     pointers = (mask, qpos, kpos, rope_table, qa, ka, kp.bias_tensor, kp.bias_lut, kp.urpe_table)
-    shared = [q, k, v, *(q if t is None else t for t in pointers),
+    cu_q, cu_k = varlen if varlen is not None else (q, q)
+    shared = [q, k, v, *(q if t is None else t for t in pointers), cu_q, cu_k,
               H, HKV, L, S, D, DV,
               *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *qpos_strides, *kpos_strides,
               *angle_strides, *_bias_strides(kp), urpe_stride,
@@ -868,7 +966,7 @@ def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, drop
         WINDOW_LEFT=has_left, WINDOW_RIGHT=has_right, MASK_KIND=mask_kind, HAS_SOFTCAP=softcap is not None,
         HAS_DROPOUT=dropout_p > 0.0, Q_POS_TENSOR=q_tensor, K_POS_TENSOR=k_tensor,
         DOT_PRECISION=_dot_precision(q.dtype), BIAS_KIND=kp.bias_kind, HAS_URPE=kp.urpe_table is not None,
-        MASK_INTERIOR=_config.mask_all_tiles(),
+        MASK_INTERIOR=_config.mask_all_tiles(), VARLEN=varlen is not None,
         # q·k enters exp2 unscaled (the scale folded into the exponent): no bias, float mask or
         # softcap, and a positive scale (the row max commutes with the multiply only then)
         RAW_SCORES=kp.bias_kind == BIAS_NONE and mask_kind != MASK_FLOAT and softcap is None and scale > 0,
@@ -876,32 +974,72 @@ def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, drop
     return (B, H, HKV, L, S, D, DV), shared, constexprs
 
 
-def _tile_args(kind, q, causal, kp, head_dim):
+def _tile_args(kind, q, causal, kp, head_dim, varlen=False):
     """The tile config of kernel ``kind`` ("fwd", "dkdv", "dq") and its launch keywords."""
     interpret = _config.triton_interpret() and _CAPTURE.get() is None
     capability = None if interpret else _capability(q.device)
     flags = [name for name, on in (("rotary", kp.rope_kind != ROPE_NONE), ("bias", kp.bias_kind != BIAS_NONE),
-                                   ("urpe", kp.urpe_table is not None), ("causal", causal)) if on]
+                                   ("urpe", kp.urpe_table is not None), ("causal", causal), ("varlen", varlen)) if on]
     cfg = _config.tile_config(kind, head_dim, interpret, capability=capability, dtype=q.dtype, flags=flags)
     return cfg, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def attn_fwd(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp=None):
+def _packed(x, n):
+    """A packed [T, h, d] tensor as the kernels' [B, h, T, d] with B = n sequences and batch
+    stride 0: a view; each program finds its sequence's rows through cu_seqlens."""
+    x = x.transpose(0, 1)
+    return x[None].expand(n, *x.shape)
+
+
+def _tile_map(cu, total, block):
+    """The tile → sequence map of a packed batch, computed on the device without a host sync:
+    int32 [2, slots], row 0 the sequence of each program (−1: spare), row 1 its tile index in
+    that sequence. ``slots`` = ⌈total / block⌉ + n bounds Σ ⌈len_i / block⌉, known on the host."""
+    n = cu.numel() - 1
+    slots = triton.cdiv(total, block) + n
+    if n == 0:
+        return torch.full((2, slots), -1, dtype=torch.int32, device=cu.device), slots
+    tiles = (cu[1:] - cu[:-1]).long().add(block - 1).div(block, rounding_mode="floor")  # [n]
+    ends = tiles.cumsum(0)
+    slot = torch.arange(slots, device=cu.device)
+    seq = torch.searchsorted(ends, slot, right=True)
+    tile = slot - (ends - tiles)[seq.clamp(max=n - 1)]
+    return torch.stack((torch.where(seq < n, seq, -1), tile)).to(torch.int32), slots
+
+
+def attn_fwd(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp=None,
+             varlen=None):
     """Forward. Returns out [B, H, L, Dv] (q's dtype) and lse [B, H, L] (fp32, natural log).
 
     ``kp``: the flattened position specs (:class:`posattn.positions.KernelPositions`).
+    ``varlen``: (cu_seqlens_q, cu_seqlens_k), int32 [n+1], for a packed batch: q [Tq, H, D],
+    k [Tk, Hkv, D], v [Tk, Hkv, Dv], positions [Tq] / [Tk] tensors or offsets (added to each
+    sequence's default: keys 0.., queries S_i − L_i..); returns out [Tq, H, Dv], lse [H, Tq].
     """
     kp = KernelPositions() if kp is None else kp
     _check_device(q, k, v, attn_mask)
+    if varlen is not None:
+        n = varlen[0].numel() - 1
+        out = _alloc((q.shape[0], q.shape[1], v.shape[-1]), q.dtype, q.device)
+        lse = _alloc((q.shape[1], q.shape[0]), torch.float32, q.device)
+        # [HKV, Tk]: NaN for a key whose value row is not finite, else 0
+        v_bad_keys = torch.where(torch.isfinite(v).all(dim=-1), 0.0, float("nan")).to(torch.float32).T.contiguous()
+        q, k, v, out_view = (_packed(t, n) for t in (q, k, v, out))
     (B, H, HKV, L, S, D, DV), shared, cx = _launch_meta(
-        q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp)
-    out = _alloc((B, H, L, DV), q.dtype, q.device)
-    lse = _alloc((B, H, L), torch.float32, q.device)
-    # [B, HKV, S] on the device: NaN for a key whose value row is not finite, else 0
-    v_bad_keys = torch.where(torch.isfinite(v).all(dim=-1), 0.0, float("nan")).to(torch.float32).contiguous()
-    cfg, tiles = _tile_args("fwd", q, causal, kp, max(D, DV))
-    _launch(_attn_fwd_kernel, (triton.cdiv(L, cfg.block_m), B * H))(
-        out, lse, v_bad_keys, *out.stride()[:3], *shared, **tiles, **cx)
+        q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp, varlen)
+    cfg, tiles = _tile_args("fwd", q, causal, kp, max(D, DV), varlen is not None)
+    if varlen is None:
+        out = out_view = _alloc((B, H, L, DV), q.dtype, q.device)
+        lse = _alloc((B, H, L), torch.float32, q.device)
+        # [B, HKV, S] on the device: NaN for a key whose value row is not finite, else 0
+        v_bad_keys = torch.where(torch.isfinite(v).all(dim=-1), 0.0, float("nan")).to(torch.float32).contiguous()
+        tile_map, grid = q, (triton.cdiv(L, cfg.block_m), B * H)
+    else:
+        tile_map, slots = _tile_map(varlen[0], L, cfg.block_m)
+        grid = (slots, H)
+    if grid[0] * grid[1] > 0:
+        _launch(_attn_fwd_kernel, grid)(
+            out_view, lse, v_bad_keys, tile_map, *out_view.stride()[:3], *shared, **tiles, **cx)
     return out, lse
 
 
@@ -912,7 +1050,7 @@ def _sum_to(grad, shape):
 
 
 def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale,
-             mask_grad, kp=None, grads=(False, False, False), deterministic=False):
+             mask_grad, kp=None, grads=(False, False, False), deterministic=False, varlen=None):
     """Backward. Returns dq, dk, dv (like q, k, v), the float mask's gradient reduced to the
     mask's own shape (if ``mask_grad``, else None), and the gradients of the position
     parameters that ``grads`` = (angles, bias, urpe) asks for (else None): the angles'
@@ -921,35 +1059,52 @@ def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, windo
 
     ``deterministic``: bitwise-reproducible parameter and mask gradients (per-program
     partial sums, reduced afterwards) instead of fp32 atomics into one buffer.
+    ``varlen``: a packed batch, as in :func:`attn_fwd` (do, out [Tq, H, Dv], lse, dlse [H, Tq]).
     """
     kp = KernelPositions() if kp is None else kp
     angle_grad, bias_grad, urpe_grad = grads
     _check_device(do, q, k, v, attn_mask)
-    (B, H, HKV, L, S, D, DV), shared, cx = _launch_meta(
-        q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp)
     if do.stride(-1) != 1:
         do = do.contiguous()
     if dlse is not None:
         dlse = dlse.contiguous()  # autograd hands out expanded (stride-0) gradients, e.g. of lse.sum()
-    kv_cfg, kv_tiles = _tile_args("dkdv", q, causal, kp, max(D, DV))
-    q_cfg, q_tiles = _tile_args("dq", q, causal, kp, max(D, DV))
-    n_m = triton.cdiv(L, q_cfg.block_m)
+    dq, dk, dv = _alloc_like(q), _alloc_like(k), _alloc_like(v)
+    # the row-wise preprocess sees a packed batch as one sequence of Tq rows: delta [H, Tq] like lse
+    rows_view = (lambda t: t.transpose(0, 1)[None]) if varlen is not None else (lambda t: t)
+    out_rows, do_rows = rows_view(out), rows_view(do)
+    if varlen is not None:
+        n = varlen[0].numel() - 1
+        q, k, v, do, dq, dk, dv = (_packed(t, n) for t in (q, k, v, do, dq, dk, dv))
+    (B, H, HKV, L, S, D, DV), shared, cx = _launch_meta(
+        q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp, varlen)
+    kv_cfg, kv_tiles = _tile_args("dkdv", q, causal, kp, max(D, DV), varlen is not None)
+    q_cfg, q_tiles = _tile_args("dq", q, causal, kp, max(D, DV), varlen is not None)
     dev = q.device
+    if varlen is None:
+        n_m = triton.cdiv(L, q_cfg.block_m)
+        q_map, q_grid = q, (n_m, B * H)
+        kv_map, kv_grid = q, (triton.cdiv(S, kv_cfg.block_n), B * HKV)
+    else:
+        q_map, n_m = _tile_map(varlen[0], L, q_cfg.block_m)
+        kv_map, kv_slots = _tile_map(varlen[1], S, kv_cfg.block_n)
+        q_grid, kv_grid = (n_m, H), (kv_slots, HKV)
+    B_rows = 1 if varlen is not None else B  # per-row buffers of a packed batch: [H, Tq]
 
-    delta = _alloc((B, H, L), torch.float32, dev)
+    delta = _alloc((B_rows, H, L), torch.float32, dev)
     pre_block = 64
-    _launch(_attn_bwd_preprocess_kernel, (triton.cdiv(L, pre_block), B * H))(
-        out, do, q if dlse is None else dlse, delta, H, L, DV, *out.stride()[:3], *do.stride()[:3],
-        BLOCK_M=pre_block, BLOCK_DV=cx["BLOCK_DV"], HAS_DLSE=dlse is not None,
-    )
+    if L * H > 0:
+        _launch(_attn_bwd_preprocess_kernel, (triton.cdiv(L, pre_block), B_rows * H))(
+            out_rows, do_rows, q if dlse is None else dlse, delta, H, L, DV, *out_rows.stride()[:3],
+            *do_rows.stride()[:3], BLOCK_M=pre_block, BLOCK_DV=cx["BLOCK_DV"], HAS_DLSE=dlse is not None,
+        )
 
     r2 = kp.rotary_dim // 2
-    dq_ang = _alloc((B, H, L, r2), torch.float32, dev) if angle_grad else None
-    dk_ang = _alloc((B, HKV, S, r2), torch.float32, dev) if angle_grad else None
-    dq, dk, dv = _alloc_like(q), _alloc_like(k), _alloc_like(v)
-    _launch(_attn_bwd_dkdv_kernel, (triton.cdiv(S, kv_cfg.block_n), B * HKV))(
-        do, lse, delta, dk, dv, q if dk_ang is None else dk_ang, *do.stride()[:3], *dk.stride()[:3],
-        *dv.stride()[:3], *shared, ANGLE_GRAD=angle_grad, **kv_tiles, **cx)
+    dq_ang = _alloc((B_rows, H, L, r2), torch.float32, dev) if angle_grad else None
+    dk_ang = _alloc((B_rows, HKV, S, r2), torch.float32, dev) if angle_grad else None
+    if kv_grid[0] * kv_grid[1] > 0:
+        _launch(_attn_bwd_dkdv_kernel, kv_grid)(
+            do, lse, delta, dk, dv, q if dk_ang is None else dk_ang, kv_map, *do.stride()[:3], *dk.stride()[:3],
+            *dv.stride()[:3], *shared, ANGLE_GRAD=angle_grad, **kv_tiles, **cx)
 
     dmask = dmask_buf = None
     dmask_view = q  # a dummy pointer (and strides) when no mask gradient is taken: MASK_GRAD=False never reads it
@@ -963,18 +1118,22 @@ def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, windo
     dbias, dbias_buf, dbias_strides = None, q, (0, 0, 0)
     if bias_grad:
         if kp.bias_kind in (BIAS_ALIBI, BIAS_MANHATTAN):  # one partial sum per program
-            dbias_buf = _alloc((B, H, n_m), torch.float32, dev)
+            # (a packed batch's sequence b uses only its own programs' slots: the rest stay 0)
+            dbias_buf = _alloc((B, H, n_m), torch.float32, dev, zero=varlen is not None)
             dbias_strides = dbias_buf.stride()
         else:
             dbias_buf, dbias_strides = _table_grad_buffer(kp.bias_tensor, B, H, n_m, deterministic, dev)
     durpe_buf, durpe_strides = (_table_grad_buffer(kp.urpe_table, B, H, n_m, deterministic, dev) if urpe_grad
                                 else (q, (0, 0, 0)))
 
-    _launch(_attn_bwd_dq_kernel, (n_m, B * H))(
-        do, lse, delta, dq, dmask_view, q if dq_ang is None else dq_ang, dbias_buf, durpe_buf,
-        *do.stride()[:3], *dq.stride()[:3], *dmask_view.stride(), *dbias_strides, *durpe_strides,
-        *shared, ANGLE_GRAD=angle_grad, MASK_GRAD=mask_grad, BIAS_GRAD=bias_grad, URPE_GRAD=urpe_grad,
-        **q_tiles, **cx)
+    if q_grid[0] * q_grid[1] > 0:
+        _launch(_attn_bwd_dq_kernel, q_grid)(
+            do, lse, delta, dq, dmask_view, q if dq_ang is None else dq_ang, dbias_buf, durpe_buf, q_map,
+            *do.stride()[:3], *dq.stride()[:3], *dmask_view.stride(), *dbias_strides, *durpe_strides,
+            *shared, ANGLE_GRAD=angle_grad, MASK_GRAD=mask_grad, BIAS_GRAD=bias_grad, URPE_GRAD=urpe_grad,
+            **q_tiles, **cx)
+    if varlen is not None:
+        dq, dk, dv = (t[0].transpose(0, 1) for t in (dq, dk, dv))
 
     if mask_grad:
         dmask = _sum_to(dmask_buf, attn_mask.shape).to(attn_mask.dtype)

@@ -5,7 +5,7 @@ No device is probed and Triton is not imported at import time.
 from . import reference
 from . import kernelized
 from . import nn
-from .functional import attention, kernelized_attention, scaled_dot_product_attention
+from .functional import attention, attention_varlen, kernelized_attention, scaled_dot_product_attention
 from .positions import (URPE, ALiBi, ManhattanDecay, RelativeBias, RoPE, RotaryAngles, T5Bias, XPos, alibi_slopes,
                         carope_angles)
 
@@ -21,5 +21,5 @@ def __getattr__(name):
 
 
 __all__ = ["ALiBi", "ManhattanDecay", "RelativeBias", "RoPE", "RotaryAngles", "T5Bias", "URPE", "XPos", "__version__",
-           "alibi_slopes", "attention", "carope_angles", "distributed", "kernelized", "kernelized_attention", "nn",
-           "reference", "scaled_dot_product_attention"]
+           "alibi_slopes", "attention", "attention_varlen", "carope_angles", "distributed", "kernelized",
+           "kernelized_attention", "nn", "reference", "scaled_dot_product_attention"]

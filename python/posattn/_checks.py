@@ -108,3 +108,72 @@ def check_mask(attn_mask, shape4, q):
     if not broadcasts_to(attn_mask.shape, shape4):
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, H, L, S] = "
                          f"{list(shape4)}")
+
+
+def check_cu_seqlens(cu, name: str, device) -> None:
+    """The shape, dtype and device of a prefix-sum tensor [n+1] (its values: :func:`check_cu_values`)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor of prefix sums [n+1], got {type(cu).__name__}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name} has shape {tuple(cu.shape)}; it must be 1-D [n+1] (0, then the running total of "
+                         f"the n sequence lengths), e.g. torch.tensor([0, 3, 7], dtype=torch.int32)")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} has dtype {cu.dtype}; it must be int32 (int64 is accepted): convert it with "
+                        f".to(torch.int32)")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but the inputs are on {device}; move it with .to({device})")
+
+
+def check_cu_values(values: list, name: str, total: int, rows: str) -> None:
+    """Prefix sums as a list on the host: 0 first, non-decreasing, the total number of rows last."""
+    if values[0] != 0:
+        raise ValueError(f"{name}[0] = {values[0]}; prefix sums start at 0 (prepend a 0)")
+    for i in range(len(values) - 1):
+        if values[i + 1] < values[i]:
+            raise ValueError(f"{name} decreases at index {i + 1} ({values[i]} -> {values[i + 1]}); it must be the "
+                             f"non-decreasing prefix sums of the sequence lengths (torch.cumsum of the lengths, "
+                             f"with a leading 0)")
+    if values[-1] != total:
+        raise ValueError(f"{name}[-1] = {values[-1]} but {rows} has {total} rows; the last prefix sum is the total "
+                         f"number of packed rows")
+
+
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, window=None,
+                        softcap=None, dropout_p=0.0, scale=None, q_pos=None, k_pos=None):
+    """Shapes, dtypes and devices of posattn.attention_varlen's inputs (no device sync: the
+    values of cu_seqlens are checked by :func:`check_cu_values` where they are read)."""
+    for name, t, layout in (("q", q, "[Tq, H, D]"), ("k", k, "[Tk, Hkv, D]"), ("v", v, "[Tk, Hkv, Dv]")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"attention_varlen: {name} must be 3-D {layout} (the sequences' rows packed along "
+                             f"dim 0), got shape {tuple(t.shape)}; for [B, H, L, D] batches use posattn.attention")
+    Tq, H, D = q.shape
+    Tk, Hkv, _ = k.shape
+    if v.shape[0] != Tk or v.shape[1] != Hkv:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in rows and heads (dims 0, 1)")
+    # the remaining checks (dtypes, devices, head dims, GQA, window, softcap, dropout, scale)
+    # are posattn.attention's, on [1, H, T, D] views
+    check_attention_inputs(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                           window=window, softcap=softcap, dropout_p=dropout_p, scale=scale)
+    check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.device)
+    check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q describes {cu_seqlens_q.numel() - 1} sequences but cu_seqlens_k "
+                         f"{cu_seqlens_k.numel() - 1}; every sequence has queries and keys (an empty one has "
+                         f"equal consecutive entries)")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if m is not None and not (_is_int(m) and m >= 0):
+            raise TypeError(f"{name}={m!r} must be a Python int ≥ 0 (the longest sequence) or None")
+    for name, pos, total, rows in (("q_pos", q_pos, Tq, "Tq"), ("k_pos", k_pos, Tk, "Tk")):
+        if pos is None:
+            continue
+        if not isinstance(pos, torch.Tensor) or pos.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"attention_varlen: {name} must be an int32/int64 tensor [{rows}] of positions (one per "
+                            f"packed row) or None, got {getattr(pos, 'dtype', type(pos).__name__)}")
+        if tuple(pos.shape) != (total,):
+            raise ValueError(f"attention_varlen: {name} has shape {tuple(pos.shape)}; expected ({total},), one "
+                             f"position per packed row ({rows} = {total})")
+        if pos.device != q.device:
+            raise ValueError(f"{name} is on {pos.device} but the inputs are on {q.device}; move it with "
+                             f".to({q.device})")

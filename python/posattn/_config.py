@@ -102,7 +102,8 @@ def padded_head_dim(d: int) -> int:
 # (H100; also used above). Keys: (kernel, padded head dim) -> TileConfig, and more specific
 # (kernel, padded head dim, variant) entries for variants that need other tiles. Variants
 # (first match wins): "rotary" (RoPE / xPos / angles: tiles rotated on load), "bias" (ALiBi,
-# relative, T5, Manhattan), "urpe", "causal", then the dtype name ("float16", "bfloat16").
+# relative, T5, Manhattan), "urpe", "causal", "varlen" (packed batches: attention_varlen),
+# then the dtype name ("float16", "bfloat16").
 # Every entry was chosen with the AOT report (python -m bench.gpu_report; Triton 3.9,
 # ptxas from its wheel): no register spills, shared memory within the target, tensor-core
 # instructions; tests/test_gpu_report.py keeps the main configs that way. "Was a/b": the
@@ -150,6 +151,7 @@ _SM80 = {
     ("dkdv", 128, "urpe"): TileConfig(64, 32, 8, 2),  # was 28/26
     ("dq", 64, "bias"): TileConfig(64, 32, 4, 2),  # was relative 93/92, T5 45/44
     ("dq", 64, "urpe"): TileConfig(64, 32, 4, 2),  # was 92/91
+    ("dkdv", 64, "varlen"): TileConfig(64, 32, 8, 2),  # packed batches: (64, 32, 4, 2) spilled 2/2 (causal, fp16)
 }
 _SM90 = {
     **_BASE,
@@ -197,7 +199,7 @@ def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-VARIANTS = ("rotary", "bias", "urpe", "causal")
+VARIANTS = ("rotary", "bias", "urpe", "causal", "varlen")
 
 
 def tile_config(kind: str, head_dim: int, interpret: bool, capability=(8, 0), dtype="float16",

@@ -1,4 +1,5 @@
-"""Public functions: :func:`attention` and the SDPA drop-in :func:`scaled_dot_product_attention`."""
+"""Public functions: :func:`attention`, :func:`attention_varlen` (packed variable-length batches) and the SDPA
+drop-in :func:`scaled_dot_product_attention`."""
 from __future__ import annotations
 
 import math
@@ -6,9 +7,9 @@ import math
 import torch
 
 from . import _config, ops, reference
-from ._checks import check_attention_inputs
+from ._checks import check_attention_inputs, check_cu_values, check_varlen_inputs
 from .kernelized import check_kernelized_inputs, features, kernelized
-from .positions import check_specs, kernel_positions
+from .positions import ALiBi, RoPE, RotaryAngles, check_specs, kernel_positions
 
 
 def select_backend(backend, q: torch.Tensor) -> str:
@@ -42,6 +43,15 @@ def select_backend(backend, q: torch.Tensor) -> str:
             raise TypeError(f"backend='cpu' takes float32, bfloat16 and float16, got {q.dtype}; float64 runs on "
                             f"backend='reference'")
     return backend
+
+
+def _kernel_inputs(q, k, v, backend):
+    """q, k, v as the kernels take them (last dim contiguous: copied once otherwise), after the
+    head-dim limit."""
+    if max(q.shape[-1], v.shape[-1]) > _config.MAX_HEAD_DIM:
+        raise ValueError(f"head dims D={q.shape[-1]}, Dv={v.shape[-1]}: backend={backend!r} takes head dims up to "
+                         f"{_config.MAX_HEAD_DIM}; use backend='reference' for larger ones")
+    return (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
 
 
 def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, bias=None, urpe=None, softcap=None,
@@ -111,10 +121,7 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
                                    k_pos=k_pos, return_lse=return_lse)
 
     D = q.shape[-1]
-    if max(D, v.shape[-1]) > _config.MAX_HEAD_DIM:
-        raise ValueError(f"head dims D={D}, Dv={v.shape[-1]}: backend={backend!r} takes head dims up to "
-                         f"{_config.MAX_HEAD_DIM}; use backend='reference' for larger ones")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = _kernel_inputs(q, k, v, backend)
     if attn_mask is not None and attn_mask.dim() < 4:
         attn_mask = attn_mask[(None,) * (4 - attn_mask.dim())]  # a view: the gradient keeps the mask's shape
     q_tensor = q_pos if isinstance(q_pos, torch.Tensor) else None
@@ -128,6 +135,168 @@ def attention(q, k, v, *, causal=False, window=None, attn_mask=None, rope=None, 
         float(dropout_p), seed, 1.0 / math.sqrt(D) if scale is None else float(scale), kp.rope_table, kp.q_angles,
         kp.k_angles, kp.bias_tensor, kp.bias_lut, kp.urpe_table, ops.spec_ints(kp), float(kp.rope_scale),
         bool(deterministic))
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *, causal=False,
+                     window=None, rope=None, bias=None, urpe=None, softcap=None, dropout_p=0.0, scale=None, q_pos=None,
+                     k_pos=None, return_lse=False, backend=None, deterministic=False):
+    """Attention over a packed batch of variable-length sequences, no padding (FlashAttention's
+    varlen layout; ByteTransformer's padding-free packing).
+
+    Shapes: q [Tq, H, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv], the rows of n sequences packed along
+    dim 0 (any strides, last dim contiguous); H a multiple of Hkv (grouped-query attention).
+    ``cu_seqlens_q`` / ``cu_seqlens_k``: int32 (int64 accepted) prefix sums [n+1]: sequence i
+    has the query rows [cu_seqlens_q[i], cu_seqlens_q[i+1]) (L_i of them) and the key rows
+    [cu_seqlens_k[i], cu_seqlens_k[i+1]) (S_i). A query attends only to its own sequence's keys.
+    Lengths may be 0 (a sequence with no keys gives output 0 and lse −inf).
+
+    Positions restart in every sequence: keys 0 .. S_i−1 and queries S_i−L_i .. S_i−1
+    (bottom-right, FlashAttention's convention: with ``causal`` the last query sees every key,
+    chunked prefill and L_i ≠ S_i come out right). ``q_pos`` [Tq] / ``k_pos`` [Tk] int tensors
+    override them row by row (e.g. Hugging Face's packed ``position_ids``). Causality, windows
+    and every position encoding are functions of these positions, as in :func:`attention`.
+
+    Every keyword means what it means in :func:`attention`; there is no ``attn_mask``. Specs
+    across the pack: RoPE's dynamic / LongRoPE frequencies are chosen by the largest position
+    in the whole pack (one frequency set for all sequences); ALiBi slopes are (H,) or (n, H)
+    (one row per sequence); RotaryAngles' angles index packed rows: q_angles [1, H or 1, Tq, r/2],
+    k_angles [1, Hkv or 1, Tk, r/2] (None: q_angles, which needs cu_seqlens_q == cu_seqlens_k).
+
+    ``max_seqlen_q`` / ``max_seqlen_k``: the longest sequence (Python ints), as FlashAttention
+    takes them. The lengths' values are checked (0 first, non-decreasing, the total last, the
+    maxima not below the longest sequence) wherever that costs no device synchronisation: on
+    CPU tensors always; on CUDA tensors when a maximum is not given (reading cu_seqlens once,
+    one synchronisation); never while torch.compile traces. With both maxima given on a GPU
+    the prefix sums are trusted, as FlashAttention does.
+
+    Returns out [Tq, H, Dv] in q's dtype, and with ``return_lse`` also lse [H, Tq] (natural
+    log; FlashAttention's layout), fp32 on the kernel backends.
+
+    ``backend``: "triton" (CUDA tensors; CPU tensors under TRITON_INTERPRET=1: the attention
+    kernels with the sequence of each program from a tile → sequence map, no padding), "cpu"
+    (the C++ kernels, every sequence's (head, query tile) tasks in one parallel region),
+    "reference" (per-sequence dense PyTorch, any dtype incl. float64: the oracle) or None
+    (triton for CUDA, cpu for CPU tensors, the reference for float64).
+    """
+    check_specs(rope, bias, urpe)
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window=window,
+                        softcap=softcap, dropout_p=dropout_p, scale=scale, q_pos=q_pos, k_pos=k_pos)
+    n = cu_seqlens_q.numel() - 1
+    _check_varlen_specs(rope, bias, urpe, q, k, n, cu_seqlens_q, cu_seqlens_k)
+    backend = select_backend(backend, q)
+    # RoPE with dynamic NTK / LongRoPE scaling needs the largest position of the pack on the host
+    read = backend == "reference" or _dynamic_rope(rope) or (not torch.compiler.is_compiling() and (
+        q.device.type == "cpu" or max_seqlen_q is None or max_seqlen_k is None))
+    cu_q = cu_k = None
+    if read:
+        cu_q, cu_k = _read_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    rope = _pack_rope(rope, q.shape[-1], cu_q, cu_k, q_pos, k_pos)
+    if backend == "reference":
+        return _varlen_reference(q, k, v, cu_q, cu_k, causal=causal, window=window, rope=rope, bias=bias, urpe=urpe,
+                                 softcap=softcap, dropout_p=dropout_p, scale=scale, q_pos=q_pos, k_pos=k_pos,
+                                 return_lse=return_lse)
+    forward = ops.varlen_forward_op(backend)
+    D = q.shape[-1]
+    q, k, v = _kernel_inputs(q, k, v, backend)
+    cu_seqlens_q, cu_seqlens_k = (c.to(torch.int32).contiguous() for c in (cu_seqlens_q, cu_seqlens_k))
+    left, right = window if window is not None else (-1, -1)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else None
+    # the specs see the pack as n sequences of Tq / Tk rows ([n, H, T, D] views, batch stride 0)
+    kp = kernel_positions(rope, bias, urpe, q.transpose(0, 1)[None].expand(n, -1, -1, -1),
+                          k.transpose(0, 1)[None].expand(n, -1, -1, -1), 0 if q_pos is None else q_pos,
+                          0 if k_pos is None else k_pos)
+    out, lse = forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, 0, 0, bool(causal), left, right, float(softcap or 0.0),
+        float(dropout_p), seed, 1.0 / math.sqrt(D) if scale is None else float(scale), kp.rope_table, kp.q_angles,
+        kp.k_angles, kp.bias_tensor, kp.bias_lut, kp.urpe_table, ops.spec_ints(kp), float(kp.rope_scale),
+        bool(deterministic))
+    return (out, lse) if return_lse else out
+
+
+def _check_varlen_specs(rope, bias, urpe, q, k, n, cu_seqlens_q, cu_seqlens_k):
+    """Spec shapes against the pack: heads (and ALiBi's optional row per sequence); rotary
+    angles over packed rows."""
+    for spec in (bias, urpe):
+        if spec is not None:
+            spec.check(n, q.shape[1], q.device)
+    if isinstance(rope, RotaryAngles):
+        for name, t, rows in (("q_angles", rope.q_angles, q.shape[0]), ("k_angles", rope.k_angles, k.shape[0])):
+            if t is not None and (t.shape[0] != 1 or t.shape[2] != rows):
+                raise ValueError(f"attention_varlen: RotaryAngles {name} has shape {tuple(t.shape)}; over a packed "
+                                 f"batch it is [1, heads or 1, {rows}, r/2] (one row of angles per packed row)")
+        if rope.k_angles is None and (q.shape[0] != k.shape[0] or not torch.equal(cu_seqlens_q, cu_seqlens_k)):
+            raise ValueError("attention_varlen: RotaryAngles(k_angles=None) rotates the keys with q_angles, which "
+                             "needs cu_seqlens_q == cu_seqlens_k; pass k_angles")
+
+
+def _read_cu_seqlens(cu_seqlens_q, cu_seqlens_k, Tq, Tk, max_seqlen_q, max_seqlen_k):
+    """The prefix sums as host lists (one device synchronisation on a GPU), checked."""
+    cu_q, cu_k = torch.stack((cu_seqlens_q.long(), cu_seqlens_k.long())).tolist()
+    check_cu_values(cu_q, "cu_seqlens_q", Tq, "q")
+    check_cu_values(cu_k, "cu_seqlens_k", Tk, "k")
+    for name, given, cu in (("max_seqlen_q", max_seqlen_q, cu_q), ("max_seqlen_k", max_seqlen_k, cu_k)):
+        longest = max((b - a for a, b in zip(cu, cu[1:])), default=0)
+        if given is not None and given < longest:
+            raise ValueError(f"{name}={given} but the longest sequence has {longest} rows; pass the longest length "
+                             f"(or None to have it computed)")
+    return cu_q, cu_k
+
+
+def _dynamic_rope(rope) -> bool:
+    """A RoPE whose frequencies depend on the largest position (dynamic NTK, LongRoPE)."""
+    if not isinstance(rope, RoPE) or rope.inv_freq is not None:
+        return False
+    return (rope.scaling or {}).get("rope_type", (rope.scaling or {}).get("type")) in ("dynamic", "longrope")
+
+
+def _pack_rope(rope, D, cu_q, cu_k, q_pos, k_pos):
+    """A dynamic RoPE gets its frequencies fixed by the largest position in the whole pack
+    (the prefix sums ``cu_q`` / ``cu_k`` as host lists), so every sequence uses the same."""
+    if not _dynamic_rope(rope):
+        return rope
+    largest = -1
+    for i in range(len(cu_q) - 1):
+        L, S = cu_q[i + 1] - cu_q[i], cu_k[i + 1] - cu_k[i]
+        if k_pos is None and S:
+            largest = max(largest, S - 1)
+        if q_pos is None and L:
+            largest = max(largest, S - 1)
+    for pos in (q_pos, k_pos):
+        if pos is not None and pos.numel():
+            largest = max(largest, int(pos.max()))
+    inv, factor = rope.frequencies(D, max(largest, 0), 0, 1, 1)
+    return RoPE(theta=rope.theta, dim=2 * inv.numel(), interleaved=rope.interleaved, inv_freq=inv,
+                attention_factor=factor)
+
+
+def _sequence_specs(rope, bias, i, qs, qe, ks, ke):
+    """The specs of sequence i: ALiBi's row of slopes, RotaryAngles' rows of angles."""
+    if isinstance(bias, ALiBi) and bias.slopes.dim() == 2 and bias.slopes.shape[0] != 1:
+        bias = ALiBi(bias.slopes[i])
+    if isinstance(rope, RotaryAngles):
+        rope = RotaryAngles(rope.q_angles[:, :, qs:qe],
+                            None if rope.k_angles is None else rope.k_angles[:, :, ks:ke], rope.interleaved)
+    return rope, bias
+
+
+def _varlen_reference(q, k, v, cu_q, cu_k, *, causal, window, rope, bias, urpe, softcap, dropout_p, scale, q_pos,
+                      k_pos, return_lse):
+    """posattn.reference.attention on each sequence, concatenated (autograd through it all)."""
+    H, D, Dv = q.shape[1], q.shape[2], v.shape[2]
+    rope = _pack_rope(rope, D, cu_q, cu_k, q_pos, k_pos)
+    outs, lses = [q.new_empty((0, H, Dv))], [q.new_empty((H, 0))]
+    for i in range(len(cu_q) - 1):
+        qs, qe, ks, ke = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+        seq_rope, seq_bias = _sequence_specs(rope, bias, i, qs, qe, ks, ke)
+        out, lse = reference.attention(
+            q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None],
+            causal=causal, window=window, rope=seq_rope, bias=seq_bias, urpe=urpe, softcap=softcap,
+            dropout_p=dropout_p, scale=scale, q_pos=(ke - ks) - (qe - qs) if q_pos is None else q_pos[qs:qe],
+            k_pos=0 if k_pos is None else k_pos[ks:ke], return_lse=True)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    out, lse = torch.cat(outs), torch.cat(lses, dim=1)
     return (out, lse) if return_lse else out
 
 

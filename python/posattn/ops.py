@@ -147,12 +147,17 @@ def triton_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
         dout, q, k, v, out, lse, dlse, attn_mask, _pos(q_pos, q_offset), _pos(k_pos, k_offset), causal,
         _window(window_left, window_right), softcap or None, dropout_p, _seed_state(seed), scale,
         mask_grad, kp, (angle_grad, bias_grad, urpe_grad), deterministic)
+    return _grad_list(grads, q, q_angles, k_angles)
+
+
+def _grad_list(grads, q, q_angles, k_angles):
+    """The launcher's gradients as the backward ops return them: angle gradients in the angles'
+    dtype, and (custom ops cannot return None) an empty tensor for "no gradient"."""
     dq, dk, dv, dmask, dq_angles, dk_angles, dbias, durpe = grads
     if dq_angles is not None:
         dq_angles = dq_angles.to(q_angles.dtype)
     if dk_angles is not None:
         dk_angles = dk_angles.to(k_angles.dtype)
-    # custom ops cannot return None: an empty tensor stands for "no gradient"
     return [dq, dk, dv, *(g if g is not None else q.new_empty(0) for g in (dmask, dq_angles, dk_angles, dbias, durpe))]
 
 
@@ -171,20 +176,26 @@ def _bwd_fake(dout, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, q_offset, 
 _FWD_ARGS = ("q", "k", "v", "attn_mask", "q_pos", "k_pos", "q_offset", "k_offset", "causal", "window_left",
              "window_right", "softcap", "dropout_p", "seed", "scale", "rope_table", "q_angles", "k_angles",
              "bias_tensor", "bias_lut", "urpe_table", "spec_ints", "rope_scale", "deterministic")
+# The packed-batch ops take the same arguments with the mask's place held by the prefix sums.
+_VARLEN_FWD_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", *_FWD_ARGS[4:])
 _PARAMS = ("q_offset", "k_offset", "causal", "window_left", "window_right", "softcap", "dropout_p")
 _SPEC_TENSORS = ("rope_table", "q_angles", "k_angles", "bias_tensor", "bias_lut", "urpe_table")
 
 
 def _setup_context(ctx, inputs, output):
-    args = dict(zip(_FWD_ARGS, inputs))
+    names = _FWD_ARGS if len(inputs) == len(_FWD_ARGS) else _VARLEN_FWD_ARGS
+    args = dict(zip(names, inputs))
     out, lse = output
-    ctx.save_for_backward(args["q"], args["k"], args["v"], out, lse, args["attn_mask"], args["q_pos"],
+    # the layout tensors: the mask (dense ops) or the two prefix sums (packed ops)
+    layout = (args["attn_mask"],) if names is _FWD_ARGS else (args["cu_seqlens_q"], args["cu_seqlens_k"])
+    ctx.names, ctx.n_layout = names, len(layout)
+    ctx.save_for_backward(args["q"], args["k"], args["v"], out, lse, *layout, args["q_pos"],
                           args["k_pos"], args["seed"], *(args[n] for n in _SPEC_TENSORS))
     ctx.params = tuple(args[n] for n in _PARAMS)
     ctx.scale, ctx.spec_ints, ctx.rope_scale = args["scale"], args["spec_ints"], args["rope_scale"]
     ctx.deterministic = args["deterministic"]
-    need = dict(zip(_FWD_ARGS, ctx.needs_input_grad))
-    mask = args["attn_mask"]
+    need = dict(zip(names, ctx.needs_input_grad))
+    mask = args.get("attn_mask")
     ctx.mask_grad = mask is not None and mask.dtype.is_floating_point and need["attn_mask"]
     ctx.angle_grad = need["q_angles"] or need["k_angles"]
     ctx.bias_grad = need["bias_tensor"]
@@ -199,21 +210,77 @@ def _make_backward(bwd_op):
 
 
 def _backward(bwd_op, ctx, dout, dlse):
-    q, k, v, out, lse, attn_mask, q_pos, k_pos, seed, *specs = ctx.saved_tensors
+    q, k, v, out, lse, *saved = ctx.saved_tensors
+    layout, (q_pos, k_pos, seed, *specs) = saved[:ctx.n_layout], saved[ctx.n_layout:]
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv, dmask, dqa, dka, dbias, durpe = bwd_op(
-        dout, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, *ctx.params, seed, ctx.scale, *specs,
+        dout, q, k, v, out, lse, dlse, *layout, q_pos, k_pos, *ctx.params, seed, ctx.scale, *specs,
         ctx.spec_ints, ctx.rope_scale, ctx.deterministic, ctx.mask_grad, ctx.angle_grad, ctx.bias_grad,
         ctx.urpe_grad)
     grads = dict(q=dq, k=dk, v=dv, attn_mask=dmask if ctx.mask_grad else None,
                  q_angles=dqa if ctx.angle_grad else None,
                  k_angles=dka if ctx.angle_grad and specs[2] is not None else None,
                  bias_tensor=dbias if ctx.bias_grad else None, urpe_table=durpe if ctx.urpe_grad else None)
-    return tuple(grads.get(name) for name in _FWD_ARGS)
+    return tuple(grads.get(name) for name in ctx.names)
 
 
 torch.library.register_autograd("posattn::triton_attention_fwd", _make_backward(triton_attention_bwd),
+                                setup_context=_setup_context)
+
+
+@torch.library.custom_op("posattn::triton_attention_varlen_fwd", mutates_args=())
+def triton_attention_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                q_pos: Optional[Tensor], k_pos: Optional[Tensor], q_offset: int, k_offset: int,
+                                causal: bool, window_left: int, window_right: int, softcap: float, dropout_p: float,
+                                seed: Optional[Tensor], scale: float, rope_table: Optional[Tensor],
+                                q_angles: Optional[Tensor], k_angles: Optional[Tensor], bias_tensor: Optional[Tensor],
+                                bias_lut: Optional[Tensor], urpe_table: Optional[Tensor], spec_ints: List[int],
+                                rope_scale: float, deterministic: bool) -> tuple[Tensor, Tensor]:
+    """A packed batch (q [Tq, H, D], cu_seqlens int32 [n+1]): out [Tq, H, Dv], lse [H, Tq]."""
+    kp = _unflatten(rope_table, q_angles, k_angles, bias_tensor, bias_lut, urpe_table, spec_ints, rope_scale)
+    return _triton().attn_fwd(q, k, v, None, _pos(q_pos, q_offset), _pos(k_pos, k_offset), causal,
+                              _window(window_left, window_right), softcap or None, dropout_p,
+                              0 if seed is None else int(seed), scale, kp, varlen=(cu_seqlens_q, cu_seqlens_k))
+
+
+@triton_attention_varlen_fwd.register_fake
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, *args):
+    Tq, H, _ = q.shape
+    return q.new_empty((Tq, H, v.shape[-1])), q.new_empty((H, Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("posattn::triton_attention_varlen_bwd", mutates_args=())
+def triton_attention_varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                dlse: Optional[Tensor], cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                q_pos: Optional[Tensor], k_pos: Optional[Tensor], q_offset: int, k_offset: int,
+                                causal: bool, window_left: int, window_right: int, softcap: float, dropout_p: float,
+                                seed: Optional[Tensor], scale: float, rope_table: Optional[Tensor],
+                                q_angles: Optional[Tensor], k_angles: Optional[Tensor], bias_tensor: Optional[Tensor],
+                                bias_lut: Optional[Tensor], urpe_table: Optional[Tensor], spec_ints: List[int],
+                                rope_scale: float, deterministic: bool, mask_grad: bool, angle_grad: bool,
+                                bias_grad: bool, urpe_grad: bool) -> List[Tensor]:
+    """The backward of the packed forward; returns the dense op's list (the mask slot empty)."""
+    kp = _unflatten(rope_table, q_angles, k_angles, bias_tensor, bias_lut, urpe_table, spec_ints, rope_scale)
+    grads = _triton().attn_bwd(
+        dout, q, k, v, out, lse, dlse, None, _pos(q_pos, q_offset), _pos(k_pos, k_offset), causal,
+        _window(window_left, window_right), softcap or None, dropout_p, 0 if seed is None else int(seed), scale,
+        False, kp, (angle_grad, bias_grad, urpe_grad), deterministic, varlen=(cu_seqlens_q, cu_seqlens_k))
+    return _grad_list(grads, q, q_angles, k_angles)
+
+
+@triton_attention_varlen_bwd.register_fake
+def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, q_pos, k_pos, q_offset, k_offset,
+                     causal, window_left, window_right, softcap, dropout_p, seed, scale, rope_table, q_angles,
+                     k_angles, bias_tensor, bias_lut, urpe_table, spec_ints, rope_scale, deterministic, mask_grad,
+                     angle_grad, bias_grad, urpe_grad):
+    return _bwd_fake(dout, q, k, v, out, lse, dlse, None, q_pos, k_pos, q_offset, k_offset, causal, window_left,
+                     window_right, softcap, dropout_p, seed, scale, rope_table, q_angles, k_angles, bias_tensor,
+                     bias_lut, urpe_table, spec_ints, rope_scale, deterministic, False, angle_grad, bias_grad,
+                     urpe_grad)
+
+
+torch.library.register_autograd("posattn::triton_attention_varlen_fwd", _make_backward(triton_attention_varlen_bwd),
                                 setup_context=_setup_context)
 
 def _kz_outer_fake(phi, w, lo, hi, append_phi, n_pad):
@@ -278,6 +345,19 @@ if _C_ERROR is None:
     torch.library.register_autograd("posattn::cpu_attention_fwd",
                                     _make_backward(torch.ops.posattn.cpu_attention_bwd.default),
                                     setup_context=_setup_context)
+    torch.library.register_fake("posattn::cpu_attention_varlen_fwd")(_varlen_fwd_fake)
+    torch.library.register_fake("posattn::cpu_attention_varlen_bwd")(_varlen_bwd_fake)
+    torch.library.register_autograd("posattn::cpu_attention_varlen_fwd",
+                                    _make_backward(torch.ops.posattn.cpu_attention_varlen_bwd.default),
+                                    setup_context=_setup_context)
+
+
+def varlen_forward_op(backend: str):
+    """The packed-batch forward custom op of a kernel backend ("triton" or "cpu")."""
+    if backend == "cpu":
+        require_cpu_extension()
+        return torch.ops.posattn.cpu_attention_varlen_fwd.default
+    return triton_attention_varlen_fwd
 
 
 def forward_op(backend: str):

@@ -171,10 +171,6 @@ def _scan_packing(position_ids, B, L):
 
 def _varlen(query, key, value, cu_q, cu_k, max_q, max_k, **kw):
     import posattn
-    if not hasattr(posattn, "attention_varlen"):
-        raise RuntimeError("packed sequences (position_ids that restart within a row, or cu_seq_lens) need "
-                           "posattn.attention_varlen, which posattn does not have yet; pass padded batches with an "
-                           "attention_mask instead, or use attn_implementation='sdpa' for packed batches")
     B, H, L, D = query.shape
     S, Hkv = key.shape[2], key.shape[1]
     q = query.transpose(1, 2).reshape(B * L, H, D)

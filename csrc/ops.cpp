@@ -783,8 +783,8 @@ std::tuple<Tensor, Tensor> cpu_attention_kvcache(
     table = block_table->to(at::kInt).contiguous();
     if (table.numel() > 0) {
       const int64_t lo = table.min().item<int64_t>(), hi = table.max().item<int64_t>();
-      TORCH_CHECK(lo >= 0 && hi < k_cache.size(0), "block_table holds pages in [", lo, ", ", hi, "] but the caches have ",
-                  k_cache.size(0), " pages");
+      TORCH_CHECK(lo >= 0 && hi < k_cache.size(0), "block_table holds pages in [", lo, ", ", hi,
+                  "] but the caches have ", k_cache.size(0), " pages");
     }
     d.block_table = table.data_ptr<int32_t>();
     d.sbt_b = table.size(1);

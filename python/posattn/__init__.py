@@ -21,6 +21,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'posattn' has no attribute {name!r}")
 
 
-__all__ = ["ALiBi", "ManhattanDecay", "RelativeBias", "RoPE", "RotaryAngles", "T5Bias", "URPE", "XPos", "__version__",
-           "alibi_slopes", "attention", "attention_varlen", "attention_with_kvcache", "carope_angles", "distributed", "kernelized",
-           "kernelized_attention", "nn", "reference", "scaled_dot_product_attention"]
+__all__ = ["ALiBi", "ManhattanDecay", "RelativeBias", "RoPE", "RotaryAngles", "T5Bias", "URPE", "XPos",
+           "__version__", "alibi_slopes", "attention", "attention_varlen", "attention_with_kvcache", "carope_angles",
+           "distributed", "kernelized", "kernelized_attention", "nn", "reference", "scaled_dot_product_attention"]

@@ -352,25 +352,6 @@ if _C_ERROR is None:
                                     setup_context=_setup_context)
 
 
-def _kvcache_fake(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, causal, window_left,
-                  window_right, softcap, scale, rope_table, bias_tensor, bias_lut, spec_ints, rope_scale, num_splits):
-    B, H, L, _ = q.shape
-    return q.new_empty((B, H, L, v_cache.shape[-1])), q.new_empty((B, H, L), dtype=torch.float32)
-
-
-if _C_ERROR is None:
-    torch.library.register_fake("posattn::cpu_attention_kvcache")(_kvcache_fake)
-
-
-def kvcache_op(backend: str):
-    """The KV-cache decode op of a kernel backend (it appends to the caches in place)."""
-    if backend == "cpu":
-        require_cpu_extension()
-        return torch.ops.posattn.cpu_attention_kvcache.default
-    raise NotImplementedError("attention_with_kvcache: the Triton decode kernel is not built yet; use backend='cpu' "
-                              "(CPU tensors) or backend='reference'")
-
-
 def varlen_forward_op(backend: str):
     """The packed-batch forward custom op of a kernel backend ("triton" or "cpu")."""
     if backend == "cpu":
@@ -398,8 +379,8 @@ def backward_op(backend: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# KV-cache decoding, Triton backend (posattn.attention_with_kvcache; triton_kernels/decode.py).
-# posattn::cpu_attention_kvcache (the C++ backend) has the same schema.
+# KV-cache decoding (posattn.attention_with_kvcache): the Triton op (triton_kernels/decode.py) and
+# posattn::cpu_attention_kvcache (the C++ backend), one schema, one fake.
 # --------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("posattn::triton_attention_kvcache", mutates_args=("k_cache", "v_cache"))
@@ -420,3 +401,15 @@ def _kvcache_fake(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, blo
                   window_right, softcap, scale, rope_table, bias_tensor, bias_lut, spec_ints, rope_scale, num_splits):
     B, H, L, _ = q.shape
     return q.new_empty((B, H, L, v_cache.shape[-1])), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+if _C_ERROR is None:
+    torch.library.register_fake("posattn::cpu_attention_kvcache")(_kvcache_fake)
+
+
+def kvcache_op(backend: str):
+    """The KV-cache decode op of a kernel backend ("triton" or "cpu"); it appends to the caches in place."""
+    if backend == "cpu":
+        require_cpu_extension()
+        return torch.ops.posattn.cpu_attention_kvcache.default
+    return triton_attention_kvcache

@@ -945,10 +945,13 @@ struct Packed {
 // scores of exactly the rows that see those keys (poison_scores), where a plain product would
 // also spread 0·NaN into rows whose key is masked.
 inline bool zero_non_finite(float* x, int64_t n) {
-  bool any = false;
-  for (int64_t e = 0; e < n; ++e)
-    if (!std::isfinite(x[e])) { x[e] = 0.0f; any = true; }
-  return any;
+  uint32_t any = 0;
+  for (int64_t e = 0; e < n; ++e) {  // branch-free, so it vectorises: exponent all ones = inf or NaN
+    const uint32_t bad = (f2u(x[e]) & 0x7f800000u) == 0x7f800000u;
+    any |= bad;
+    x[e] = bad ? 0.0f : x[e];
+  }
+  return any != 0;
 }
 
 // s[j] = NaN where the row sees key j (s[j] != −inf) and v_j holds a non-finite value (the
@@ -1630,6 +1633,52 @@ void append_body(void* vctx, int64_t begin, int64_t end) {
   }
 }
 
+// s[r·ld] = q_r · k for the m rows of Q [m][ldq] (zero past D) and one key row k in the cache's
+// dtype, converted as it is read: the key stays in registers for the whole block of rows.
+template <DType DT>
+inline void key_row_scores(const void* krow, int64_t D, const float* Q, int64_t ldq, int64_t m, float* s, int64_t ld) {
+#if defined(__AVX512F__)
+  __m512 k[16];  // D ≤ 256
+  const int64_t nv = (D + 15) / 16;
+  for (int64_t c = 0; c < nv; ++c) {
+    const int64_t left = D - c * 16;
+    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+    if constexpr (DT == DType::F32) {
+      k[c] = _mm512_maskz_loadu_ps(mask, static_cast<const float*>(krow) + c * 16);
+    } else {
+      const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(krow) + c * 16);
+      k[c] = DT == DType::BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                               : _mm512_cvtph_ps(h);
+    }
+  }
+  for (int64_t r = 0; r < m; ++r) {
+    const float* q = Q + r * ldq;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 1 < nv; c += 2) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c * 16), k[c], a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c * 16 + 16), k[c + 1], a1);
+    }
+    if (c < nv) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c * 16), k[c], a0);
+    s[r * ld] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  }
+#else
+  float k[256];
+  load_row<DT>(krow, D, k);
+  for (int64_t r = 0; r < m; ++r) {  // 16 independent lanes (vectorised without reassociation), then summed
+    const float* q = Q + r * ldq;
+    float lanes[16] = {};
+    int64_t e = 0;
+    for (; e + 16 <= D; e += 16)
+      for (int64_t l = 0; l < 16; ++l) lanes[l] += q[e + l] * k[e + l];
+    for (; e < D; ++e) lanes[0] += q[e] * k[e];
+    float sum = 0.0f;
+    for (int64_t l = 0; l < 16; ++l) sum += lanes[l];
+    s[r * ld] = sum;
+  }
+#endif
+}
+
 // Rows in a decode task's block: the G heads of a KV group times the L queries, up to BM.
 inline int64_t decode_row_blocks(const AttnArgs& a) { return (a.H / a.Hkv * a.L + BM - 1) / BM; }
 
@@ -1640,7 +1689,7 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
   const int64_t G = base.H / base.Hkv, rows = G * base.L, RB = decode_row_blocks(base);
   const int64_t Dp = pad16(base.D), Dvp = pad16(base.Dv), P = d.splits;
   const bool plain = base.bias_kind == BIAS_NONE && base.softcap == 0.0f;
-  Buffer Qs(BM * Dp), QT(Dp * BM), Kb(BN * Dp, true), Vb(BN * Dvp, true), ST(BN * BM), S(BM * BN), acc(BM * Dvp);
+  Buffer Qs(BM * Dp), Vb(BN * Dvp, true), S(BM * BN), acc(BM * Dvp);
   float cs[128], sn[128], m_i[BM], l_i[BM];
   int32_t qp[BM];
   uint8_t bad[BN];
@@ -1652,9 +1701,8 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
     a.S = d.seqlens[b] + (d.k_new ? a.L : 0);
     a.q_offset = a.S - a.L;
     a.k_offset = 0;
-    const int64_t r0 = rb * BM, m = rows - r0 < BM ? rows - r0 : BM, mp = pad16(m);
+    const int64_t r0 = rb * BM, m = rows - r0 < BM ? rows - r0 : BM;
     int32_t q_lo = INT32_MAX, q_hi = INT32_MIN;
-    memset(QT.p, 0, Dp * mp * sizeof(float));
     for (int64_t r = 0; r < m; ++r) {  // row r0 + r: head hk·G + (r0 + r) / L, query (r0 + r) % L
       const int64_t h = hk * G + (r0 + r) / a.L, i = (r0 + r) % a.L;
       float* row = Qs.p + r * Dp;
@@ -1667,7 +1715,7 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
         row_sincos(a, qp[r], nullptr, cs, sn);
         rotate(row, cs, sn, a.rotary_dim, a.interleaved);
       }
-      for (int64_t e = 0; e < a.D; ++e) QT.p[e * mp + r] = row[e] * a.scale;
+      for (int64_t e = 0; e < a.D; ++e) row[e] *= a.scale;
       m_i[r] = NEG_INF;
       l_i[r] = 0.0f;
     }
@@ -1681,20 +1729,22 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
       if (!tile_visible(a, q_lo, q_hi, kt)) continue;
       const bool interior = tile_interior(a, q_lo, q_hi, kt);
       bool any_bad = false;
-      for (int64_t j = 0; j < kt.n; ++j) {
+      for (int64_t j = 0; j < kt.n; ++j) {  // the scores [rows][keys], then V's rows staged in fp32
         const int64_t key = kt.j0 + j;
-        load_row<DT>(elem<DT>(d.k_cache, cache_row(d, b, hk, key, d.skc_b, d.skc_h, d.skc_s)), a.D, Kb.p + j * Dp);
+        key_row_scores<DT>(elem<DT>(d.k_cache, cache_row(d, b, hk, key, d.skc_b, d.skc_h, d.skc_s)), a.D, Qs.p, Dp, m,
+                           S.p + j, BN);
         float* vr = Vb.p + j * Dvp;
         load_row<DT>(elem<DT>(d.v_cache, cache_row(d, b, hk, key, d.svc_b, d.svc_h, d.svc_s)), a.Dv, vr);
-        bad[j] = zero_non_finite(vr, a.Dv);  // a non-finite v_j: a NaN score of key j below
+        // A non-finite v_j acts as a NaN score of key j in the rows that see it. Where a row may
+        // not see every key of the tile, V's non-finite entries are zeroed and the scores of the
+        // rows that see them marked; on an interior tile every row sees every key, so the value
+        // reaches the accumulator, and a row whose accumulator is not finite ends as NaN below.
+        bad[j] = !interior && zero_non_finite(vr, a.Dv);
         any_bad = any_bad || bad[j];
       }
-      // scores transposed, [keys][rows] = K · (scale·Q)ᵀ, then one row per query row
-      gemm(kt.n, mp, a.D, Kb.p, Dp, 1, QT.p, mp, ST.p, mp, false);
       const bool elementwise = !plain || !interior || kt.n < BN;
       for (int64_t r = 0; r < m; ++r) {
         float* sr = S.p + r * BN;
-        for (int64_t j = 0; j < kt.n; ++j) sr[j] = ST.p[j * mp + r];
         for (int64_t j = kt.n; j < BN; ++j) sr[j] = NEG_INF;
         const int64_t h = hk * G + (r0 + r) / a.L, i = (r0 + r) % a.L;
         if (elementwise) score_row(a, b, h, i, qp[r], kt, interior, sr, nullptr);
@@ -1718,8 +1768,14 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
       const int64_t slot = ((b * a.H + h) * a.L + i) * P + split;
       const float inv = l_i[r] == 0.0f ? 0.0f : 1.0f / l_i[r];
       float* o = d.part_out + slot * Dvp;
-      for (int64_t e = 0; e < a.Dv; ++e) o[e] = acc.p[r * Dvp + e] * inv;
-      d.part_lse[slot] = l_i[r] == 0.0f ? NEG_INF : m_i[r] + std::log(l_i[r]);
+      float poison = 0.0f;  // NaN when the accumulator took a non-finite value (an interior tile's v)
+      for (int64_t e = 0; e < a.Dv; ++e) {
+        o[e] = acc.p[r * Dvp + e] * inv;
+        poison += acc.p[r * Dvp + e] * 0.0f;
+      }
+      if (poison != 0.0f || poison != poison)
+        for (int64_t e = 0; e < a.Dv; ++e) o[e] = poison;
+      d.part_lse[slot] = l_i[r] == 0.0f ? NEG_INF : m_i[r] + std::log(l_i[r]) + poison;
     }
   }
 }

@@ -186,6 +186,19 @@ def test_kernel_half(backend, dtype):
     check(Case(L=3, page=16, H=8, Hkv=2, D=64), backend, dtype, rope=posattn.RoPE())
 
 
+@requires_ext
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16", "avx512", "avx2", "generic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_every_cpu_path(isa, dtype, monkeypatch):
+    """Each instruction-set build of the C++ decode kernel (POSATTN_CPU_ISA), odd head dims (the
+    vector loads' tails), against the reference."""
+    if isa not in posattn.ops.cpu_isas():
+        pytest.skip(f"this CPU (or its OS) does not run the {isa} path")
+    monkeypatch.setenv("POSATTN_CPU_ISA", isa)
+    check(Case(lens=(0, 70, 300), L=3, H=4, Hkv=2, D=40, Dv=24, page=16, kw={"softcap": 3.0}), "cpu", dtype,
+          rope=posattn.RoPE(dim=24))
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 def test_num_splits_agree(backend):
     """num_splits 0 (chosen), 1, 3 and 64 agree up to rounding; each fixed count is run-to-run identical."""

@@ -5,6 +5,7 @@
     python -m bench --only kernelized ...       the kernelized-attention N sweep (adaptive, up to 64k)
     python -m bench --only ring ...             sequence parallelism: ring / Ulysses ranks vs one process
     python -m bench --only varlen ...           a packed variable-length batch (attention_varlen) vs padding
+    python -m bench --only decode ...           one decode step over a KV cache (attention_with_kvcache) vs context
 
 Cases (``bench.harness.CASES``): plain, causal, ALiBi (causal), learnable RelativeBias (M=128),
 learnable T5Bias (32 buckets), RoPE (causal; posattn's fused rotation against rotary-then-SDPA /
@@ -22,13 +23,16 @@ posattn faster; peak memory), CSV rows appended to bench/results/bench.csv and a
 bench/results/<case>.png (log-log time and memory vs N); --out DIR puts both elsewhere. See
 bench/harness.py for the timing and memory method, and docs/benchmarks.md for the latest tables.
 
-The other modes take their own options after --targets / --only kernelized / ring / varlen (listed
-with --help after them). --targets and --only kernelized measure through the same harness
-(configurations, warm-up, round-robin timing, memory subprocesses, machine and version columns) and
-only add what their question needs: target verdicts, and an adaptive size schedule with growth fits
-and crossovers. --only ring (bench/ring.py) times ranks in spawned processes; --only varlen
-(bench/varlen.py) times a packed batch against its padded and per-sequence peers, round-robin with
-the harness's machine and version columns, after checking that they all compute the same thing.
+The other modes take their own options after --targets / --only kernelized / ring / varlen /
+decode (listed with --help after them). --targets and --only kernelized measure through the same
+harness (configurations, warm-up, round-robin timing, memory subprocesses, machine and version
+columns) and only add what their question needs: target verdicts, and an adaptive size schedule
+with growth fits and crossovers. --only ring (bench/ring.py) times ranks in spawned processes;
+--only varlen (bench/varlen.py) times a packed batch against its padded and per-sequence peers,
+round-robin with the harness's machine and version columns, after checking that they all compute
+the same thing; --only decode (bench/decode.py) does the same for one decode step (append +
+attend) over a KV cache against the context length, with the cache bytes read per step against
+the machine's measured bandwidth.
 """
 import argparse
 import csv
@@ -918,10 +922,16 @@ def main(argv=None):
         i = argv.index("varlen")
         varlen.main(argv[:i - 1] + argv[i + 1:])
         return
+    if "decode" in argv and argv[argv.index("decode") - 1] == "--only":
+        from . import decode
+        i = argv.index("decode")
+        decode.main(argv[:i - 1] + argv[i + 1:])
+        return
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
                                      epilog="--targets: the CPU backend's target table; --only kernelized: the kernelized "
-                                            "N sweep; --only ring / varlen: sequence parallelism / packed "
-                                            "variable-length batches (each takes its own options after it)")
+                                            "N sweep; --only ring / varlen / decode: sequence parallelism / packed "
+                                            "variable-length batches / KV-cache decoding (each takes its own options "
+                                            "after it)")
     parser.add_argument("--quick", action="store_true",
                         help="N 512 and 1024, 3 timed runs, the reference at 512 only: < 2 minutes")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUTDIR=${OUT:-bench/results}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
-CASES=${GPU_CHECK_CASES:-plain causal alibi relbias t5 rope window varlen}
+CASES=${GPU_CHECK_CASES:-plain causal alibi relbias t5 rope window varlen decode}
 RUN_TESTS=1 RUN_BENCH=1 WITH_CPU=0
 for arg in "$@"; do
   case "$arg" in

@@ -24,6 +24,11 @@ relative (RelativeBias), t5, manhattan (ManhattanDecay), urpe, varlen (no spec, 
 batch of sequences: the VARLEN kernels of attention_varlen); the backward takes the
 gradients of the learnable tables (relative, t5, urpe, angles). The preprocess kernel
 ("pre", delta = rowsum(dO * O)) has no dot and is reported once per arch, D and dtype.
+"decode" stands for KV-cache decoding's kernels (triton_kernels/decode.py, attention_with_kvcache): a
+decoding step of DECODE_B sequences, H = 4·Hkv query heads on a paged cache (pages of 16
+rows) with RoPE and new keys, split 4 ways: the append kernel (rotate the new keys into the
+cache), the split-KV attention kernel (its BLOCK_M rows are the G·L query rows of a KV group)
+and the merge of the splits (combine); only the attention kernel has tensor-core work.
 "kernelized" stands for kernelized attention's kernels (triton_kernels/kernelized.py,
 launched by their own launchers): the PRF feature map of queries (prf_q), of keys (its
 max pass prf_kmax, then prf_k) and its backward (prf_bwd) on x in the dtype, and the
@@ -54,11 +59,14 @@ ARCHS = (80, 90)
 HEAD_DIMS = (64, 128, 256)
 DTYPES = ("fp16", "bf16")
 # "varlen": no position spec, a packed batch (attention_varlen's layout: B sequences of N rows)
-SPECS = ("none", "rope", "xpos", "angles", "alibi", "relative", "t5", "manhattan", "urpe", "kernelized", "varlen")
+SPECS = ("none", "rope", "xpos", "angles", "alibi", "relative", "t5", "manhattan", "urpe", "kernelized", "varlen",
+         "decode")
 KERNELS = ("fwd", "pre", "dkdv", "dq")
 # kernelized attention's kernels, in launch order (spec "kernelized"); none uses tensor cores
 KZ_KERNELS = ("prf_q", "prf_kmax", "prf_k", "prf_bwd", "outer", "contract_f", "contract_e")
-NO_MMA = ("pre", *KZ_KERNELS)
+# KV-cache decoding's kernels, in launch order (spec "decode")
+DECODE_KERNELS = ("append", "decode", "combine")
+NO_MMA = ("pre", *KZ_KERNELS, "append", "combine")
 # Shared memory per block that each target allows (opt-in maximum): sm_80 163 KB, sm_90 227 KB.
 # The sm_80 tile table also serves sm_86 / sm_89 (99 KB), so the attention kernels are held to that.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -191,6 +199,33 @@ def record_kernelized_launches(arch, head_dim, dtype):
     return {name: (kernel, args, kwargs) for name, (kernel, _grid, args, kwargs) in zip(KZ_KERNELS, launches)}
 
 
+# A decoding step: DECODE_B sequences, one query each, DECODE_HKV KV heads of 4 query heads,
+# room for N keys per sequence in pages of DECODE_PAGE rows, DECODE_SPLITS splits.
+DECODE_B, DECODE_HKV, DECODE_PAGE, DECODE_SPLITS = 8, 8, 16, 4
+
+
+def record_decode_launches(arch, head_dim, dtype, causal):
+    """{kernel name: (JITFunction, args, kwargs)} of kvcache_fwd (append, decode, combine) on sm_<arch>."""
+    import torch
+
+    import posattn
+    from posattn.positions import kernel_positions
+    from posattn.triton_kernels import attention, decode
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    pages = N // DECODE_PAGE
+    q = torch.empty(DECODE_B, 4 * DECODE_HKV, 1, head_dim, dtype=torch_dtype)
+    k_cache, v_cache = (torch.empty(DECODE_B * pages, DECODE_HKV, DECODE_PAGE, head_dim, dtype=torch_dtype)
+                        for _ in range(2))
+    k, v = (torch.empty(DECODE_B, DECODE_HKV, 1, head_dim, dtype=torch_dtype) for _ in range(2))
+    seqlens = torch.zeros(DECODE_B, dtype=torch.int32)
+    table = torch.zeros(DECODE_B, pages, dtype=torch.int32)
+    kp = kernel_positions(posattn.RoPE(), None, None, q, k_cache, 0, 0)
+    with attention.capture_launches((arch // 10, arch % 10)) as launches:
+        decode.kvcache_fwd(q, k_cache, v_cache, k, v, seqlens, None, table, causal, None, None, head_dim ** -0.5, kp,
+                           DECODE_SPLITS)
+    return {name: (kernel, args, kwargs) for name, (kernel, _grid, args, kwargs) in zip(DECODE_KERNELS, launches)}
+
+
 def record_launches(arch, head_dim, dtype, causal, spec):
     """{kernel name: (JITFunction, args, kwargs)} that attn_fwd / attn_bwd launch on sm_<arch>
     (for spec "kernelized": kernelized attention's launchers)."""
@@ -200,6 +235,8 @@ def record_launches(arch, head_dim, dtype, causal, spec):
     from posattn.triton_kernels import attention
     if spec == "kernelized":
         return record_kernelized_launches(arch, head_dim, dtype)
+    if spec == "decode":
+        return record_decode_launches(arch, head_dim, dtype, causal)
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     q, k, v, do = (torch.empty(B, H, N, head_dim, dtype=torch_dtype) for _ in range(4))
     rope, bias, urpe, grads = _position_specs(spec, head_dim, q.device)
@@ -315,8 +352,9 @@ def run_case(case: Case) -> Row:
     compiled = compile_launch(kernel, args, kwargs, case.arch)
     seconds = time.perf_counter() - start
     stats = sass_stats(compiled.asm["cubin"])
-    # kernelized attention's kernels tile rows and features (BLOCK_R, BLOCK_F) where attention tiles M and N
-    tiles = dict(block_m=kwargs.get("BLOCK_M", kwargs.get("BLOCK_R")),
+    # kernelized attention's kernels tile rows and features (BLOCK_R, BLOCK_F) where attention tiles M and N;
+    # decoding's append and combine kernels tile new rows (BLOCK_L) and splits (BLOCK_S)
+    tiles = dict(block_m=kwargs.get("BLOCK_M", kwargs.get("BLOCK_R", kwargs.get("BLOCK_L", kwargs.get("BLOCK_S")))),
                  block_n=kwargs.get("BLOCK_N", kwargs.get("BLOCK_F", 0)),
                  num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3))
     return Row(**asdict(case), **tiles, **stats, shared_bytes=compiled.metadata.shared,
@@ -325,7 +363,7 @@ def run_case(case: Case) -> Row:
 
 def cases(archs, head_dims, dtypes, causals, specs, kernels):
     """Every requested case; the preprocess kernel (no positions, no mask) once per arch, D and dtype,
-    and kernelized attention's kernels (no causal flag) once as well."""
+    and kernelized attention's kernels and decoding's append and merge kernels (no causal flag) once as well."""
     out = []
     for arch in archs:
         for d in head_dims:
@@ -334,9 +372,13 @@ def cases(archs, head_dims, dtypes, causals, specs, kernels):
                     out.append(Case(arch, d, dtype, False, "none", "pre"))
                 if "kernelized" in specs:
                     out.extend(Case(arch, d, dtype, False, "kernelized", kernel) for kernel in KZ_KERNELS)
+                if "decode" in specs:  # the append and merge kernels know nothing of causality
+                    out.extend(Case(arch, d, dtype, False, "decode", kernel) for kernel in ("append", "combine"))
                 for causal in causals:
                     for spec in specs:
-                        if spec != "kernelized":
+                        if spec == "decode":
+                            out.append(Case(arch, d, dtype, causal, spec, "decode"))
+                        elif spec != "kernelized":
                             out.extend(Case(arch, d, dtype, causal, spec, kernel) for kernel in kernels
                                        if kernel != "pre")
     return out
@@ -425,7 +467,7 @@ def problems(row, loops=True):
     target = LOOP_TARGETS.get((row.kernel, row.arch, row.head_dim))
     if loops and target is not None and row.spec in ("none", "varlen") and row.loop_insts > target:
         out.append(f"interior loop {row.loop_insts} instructions per iteration > target {target}")
-    if row.arch == 80 and row.kernel in ATTENTION_KERNELS and row.shared_bytes > SM86_SHARED_LIMIT:
+    if row.arch == 80 and row.kernel in (*ATTENTION_KERNELS, "decode") and row.shared_bytes > SM86_SHARED_LIMIT:
         out.append(f"{row.shared_bytes} B shared > {SM86_SHARED_LIMIT} (sm_86 / sm_89 run the sm_80 tiles)")
     if row.spill_stores or row.spill_loads or row.stack_bytes:
         out.append(f"spills ({row.spill_stores} STL, {row.spill_loads} LDL, {row.stack_bytes} B stack)")

@@ -97,6 +97,27 @@ struct BwdProblem {
   BwdArgs g;
 };
 
+// Decoding over a KV cache (attention_with_kvcache). `a` carries the queries and the score
+// parameters (B, H, Hkv, L, D, Dv, dtype, q, causal, window, scale, softcap, rotary and bias
+// specs; its S, k and v are unused): batch row b has S_b = seqlens[b] (+ L when new rows are
+// appended) keys at positions 0 .. S_b − 1 and its queries at S_b − L .. S_b − 1.
+struct DecodeArgs {
+  AttnArgs a;
+  void* k_cache; int64_t skc_b, skc_h, skc_s;  // [rows or pages, Hkv, slots, D]
+  void* v_cache; int64_t svc_b, svc_h, svc_s;  // [rows or pages, Hkv, slots, Dv]
+  const void* k_new; int64_t skn_b, skn_h, skn_l;  // [B, Hkv, L, D] rows to append, or null
+  const void* v_new; int64_t svn_b, svn_h, svn_l;
+  const int32_t* seqlens;      // [B] rows cached before the call
+  const int32_t* batch_idx;    // [B] the cache row of each batch row, or null (row b)
+  const int32_t* block_table;  // [B, pages] (row stride sbt_b) of a paged cache, or null
+  int64_t sbt_b, page_size;
+  int64_t splits;              // key ranges per (batch row, KV head, row block), merged exactly
+  float* part_out;             // [B, H, L, splits, pad16(Dv)] scratch: each split's normalised output
+  float* part_lse;             // [B, H, L, splits] scratch: each split's lse
+  void* out;                   // [B, H, L, Dv] contiguous, q's dtype
+  float* lse;                  // [B, H, L]
+};
+
 // Row padding of the packed fp32 operands (the micro-kernel works on whole vectors).
 inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
 // The head dims as the kernels store them: whole vectors, and for bf16 dots whole 32-element
@@ -125,24 +146,28 @@ namespace generic {
 // Every problem's tasks in one parallel region.
 void attention_forward(const FwdProblem* problems, int64_t n);
 void attention_backward(const BwdProblem* problems, int64_t n);
+void attention_decode(const DecodeArgs& d);
 void dropout_mask(uint64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, float p, bool* keep, ParallelFor par);
 }  // namespace generic
 namespace avx2 {
 // Every problem's tasks in one parallel region.
 void attention_forward(const FwdProblem* problems, int64_t n);
 void attention_backward(const BwdProblem* problems, int64_t n);
+void attention_decode(const DecodeArgs& d);
 void dropout_mask(uint64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, float p, bool* keep, ParallelFor par);
 }  // namespace avx2
 namespace avx512 {
 // Every problem's tasks in one parallel region.
 void attention_forward(const FwdProblem* problems, int64_t n);
 void attention_backward(const BwdProblem* problems, int64_t n);
+void attention_decode(const DecodeArgs& d);
 void dropout_mask(uint64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, float p, bool* keep, ParallelFor par);
 }  // namespace avx512
 namespace amx {
 // Every problem's tasks in one parallel region.
 void attention_forward(const FwdProblem* problems, int64_t n);
 void attention_backward(const BwdProblem* problems, int64_t n);
+void attention_decode(const DecodeArgs& d);
 void dropout_mask(uint64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, float p, bool* keep, ParallelFor par);
 // Asks Linux for the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM); false where refused.
 bool request_tiles();

@@ -945,10 +945,13 @@ struct Packed {
 // scores of exactly the rows that see those keys (poison_scores), where a plain product would
 // also spread 0·NaN into rows whose key is masked.
 inline bool zero_non_finite(float* x, int64_t n) {
-  bool any = false;
-  for (int64_t e = 0; e < n; ++e)
-    if (!std::isfinite(x[e])) { x[e] = 0.0f; any = true; }
-  return any;
+  uint32_t any = 0;
+  for (int64_t e = 0; e < n; ++e) {  // branch-free, so it vectorises: exponent all ones = inf or NaN
+    const uint32_t bad = (f2u(x[e]) & 0x7f800000u) == 0x7f800000u;
+    any |= bad;
+    x[e] = bad ? 0.0f : x[e];
+  }
+  return any != 0;
 }
 
 // s[j] = NaN where the row sees key j (s[j] != −inf) and v_j holds a non-finite value (the
@@ -1590,6 +1593,230 @@ void backward(const BwdProblem* problems, int64_t n) {
   keys.run(problems[0].a.parallel);
 }
 
+// ---------------------------------------------------------------------------------------
+// decoding over a KV cache: one task per (batch row, KV head, block of query rows, split of the
+// key range). The rows of a block are the G query heads of the KV head times the L queries (so a
+// KV row is read once for the whole group); K and V tiles are read from the cache as they come
+// (no pre-pass: a decode step reads each cached row once). Each split writes its normalised
+// partial output and lse; a last pass merges the splits in a fixed order.
+// ---------------------------------------------------------------------------------------
+
+// Element offset of logical row j (KV head hk) of batch row b in a cache with strides (sb, sh, ss).
+inline int64_t cache_row(const DecodeArgs& d, int64_t b, int64_t hk, int64_t j, int64_t sb, int64_t sh, int64_t ss) {
+  if (d.block_table) {
+    const int64_t page = d.block_table[b * d.sbt_b + j / d.page_size];
+    return page * sb + hk * sh + (j % d.page_size) * ss;
+  }
+  return (d.batch_idx ? d.batch_idx[b] : b) * sb + hk * sh + j * ss;
+}
+
+// The new rows written into the cache, keys rotated at their positions (one task per (b, hk)).
+template <DType DT>
+void append_body(void* vctx, int64_t begin, int64_t end) {
+  const DecodeArgs& d = *static_cast<const DecodeArgs*>(vctx);
+  const AttnArgs& a = d.a;
+  Buffer row(pad16(a.D > a.Dv ? a.D : a.Dv));
+  float cs[128], sn[128];
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / a.Hkv, hk = task % a.Hkv;
+    for (int64_t l = 0; l < a.L; ++l) {
+      const int64_t j = d.seqlens[b] + l;
+      load_row<DT>(elem<DT>(d.k_new, b * d.skn_b + hk * d.skn_h + l * d.skn_l), a.D, row.p);
+      if (a.rope_kind == ROPE_FREQ) {
+        row_sincos(a, static_cast<int32_t>(j), nullptr, cs, sn);
+        rotate(row.p, cs, sn, a.rotary_dim, a.interleaved);
+      }
+      store_row<DT>(row.p, a.D, elem<DT>(d.k_cache, cache_row(d, b, hk, j, d.skc_b, d.skc_h, d.skc_s)));
+      load_row<DT>(elem<DT>(d.v_new, b * d.svn_b + hk * d.svn_h + l * d.svn_l), a.Dv, row.p);
+      store_row<DT>(row.p, a.Dv, elem<DT>(d.v_cache, cache_row(d, b, hk, j, d.svc_b, d.svc_h, d.svc_s)));
+    }
+  }
+}
+
+// s[r·ld] = q_r · k for the m rows of Q [m][ldq] (zero past D) and one key row k in the cache's
+// dtype, converted as it is read: the key stays in registers for the whole block of rows.
+template <DType DT>
+inline void key_row_scores(const void* krow, int64_t D, const float* Q, int64_t ldq, int64_t m, float* s, int64_t ld) {
+#if defined(__AVX512F__)
+  __m512 k[16];  // D ≤ 256
+  const int64_t nv = (D + 15) / 16;
+  for (int64_t c = 0; c < nv; ++c) {
+    const int64_t left = D - c * 16;
+    const __mmask16 mask = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+    if constexpr (DT == DType::F32) {
+      k[c] = _mm512_maskz_loadu_ps(mask, static_cast<const float*>(krow) + c * 16);
+    } else {
+      const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(krow) + c * 16);
+      k[c] = DT == DType::BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                               : _mm512_cvtph_ps(h);
+    }
+  }
+  for (int64_t r = 0; r < m; ++r) {
+    const float* q = Q + r * ldq;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 1 < nv; c += 2) {
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c * 16), k[c], a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c * 16 + 16), k[c + 1], a1);
+    }
+    if (c < nv) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c * 16), k[c], a0);
+    s[r * ld] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  }
+#else
+  float k[256];
+  load_row<DT>(krow, D, k);
+  for (int64_t r = 0; r < m; ++r) {  // 16 independent lanes (vectorised without reassociation), then summed
+    const float* q = Q + r * ldq;
+    float lanes[16] = {};
+    int64_t e = 0;
+    for (; e + 16 <= D; e += 16)
+      for (int64_t l = 0; l < 16; ++l) lanes[l] += q[e + l] * k[e + l];
+    for (; e < D; ++e) lanes[0] += q[e] * k[e];
+    float sum = 0.0f;
+    for (int64_t l = 0; l < 16; ++l) sum += lanes[l];
+    s[r * ld] = sum;
+  }
+#endif
+}
+
+// Rows in a decode task's block: the G heads of a KV group times the L queries, up to BM.
+inline int64_t decode_row_blocks(const AttnArgs& a) { return (a.H / a.Hkv * a.L + BM - 1) / BM; }
+
+template <DType DT>
+void decode_body(void* vctx, int64_t begin, int64_t end) {
+  const DecodeArgs& d = *static_cast<const DecodeArgs*>(vctx);
+  const AttnArgs& base = d.a;
+  const int64_t G = base.H / base.Hkv, rows = G * base.L, RB = decode_row_blocks(base);
+  const int64_t Dp = pad16(base.D), Dvp = pad16(base.Dv), P = d.splits;
+  const bool plain = base.bias_kind == BIAS_NONE && base.softcap == 0.0f;
+  Buffer Qs(BM * Dp), Vb(BN * Dvp, true), S(BM * BN), acc(BM * Dvp);
+  float cs[128], sn[128], m_i[BM], l_i[BM];
+  int32_t qp[BM];
+  uint8_t bad[BN];
+  KeyTile kt;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t split = task % P, rb = task / P % RB, bhk = task / P / RB;
+    const int64_t b = bhk / base.Hkv, hk = bhk % base.Hkv;
+    AttnArgs a = base;  // this batch row's keys and positions
+    a.S = d.seqlens[b] + (d.k_new ? a.L : 0);
+    a.q_offset = a.S - a.L;
+    a.k_offset = 0;
+    const int64_t r0 = rb * BM, m = rows - r0 < BM ? rows - r0 : BM;
+    int32_t q_lo = INT32_MAX, q_hi = INT32_MIN;
+    for (int64_t r = 0; r < m; ++r) {  // row r0 + r: head hk·G + (r0 + r) / L, query (r0 + r) % L
+      const int64_t h = hk * G + (r0 + r) / a.L, i = (r0 + r) % a.L;
+      float* row = Qs.p + r * Dp;
+      memset(row, 0, Dp * sizeof(float));
+      load_row<DT>(elem<DT>(a.q, b * a.sq_b + h * a.sq_h + i * a.sq_l), a.D, row);
+      qp[r] = static_cast<int32_t>(a.q_offset + i);
+      q_lo = qp[r] < q_lo ? qp[r] : q_lo;
+      q_hi = qp[r] > q_hi ? qp[r] : q_hi;
+      if (a.rope_kind == ROPE_FREQ) {
+        row_sincos(a, qp[r], nullptr, cs, sn);
+        rotate(row, cs, sn, a.rotary_dim, a.interleaved);
+      }
+      for (int64_t e = 0; e < a.D; ++e) row[e] *= a.scale;
+      m_i[r] = NEG_INF;
+      l_i[r] = 0.0f;
+    }
+    memset(acc.p, 0, BM * Dvp * sizeof(float));
+    // this split's share of the key tiles the block can see
+    int64_t t0, t1;
+    key_tile_range(a, q_lo, q_hi, (a.S + BN - 1) / BN, t0, t1);
+    const int64_t nt = t1 > t0 ? t1 - t0 : 0, s0 = t0 + split * nt / P, s1 = t0 + (split + 1) * nt / P;
+    for (int64_t t = s0; t < s1; ++t) {
+      key_tile(a, b, t, kt);
+      if (!tile_visible(a, q_lo, q_hi, kt)) continue;
+      const bool interior = tile_interior(a, q_lo, q_hi, kt);
+      bool any_bad = false;
+      for (int64_t j = 0; j < kt.n; ++j) {  // the scores [rows][keys], then V's rows staged in fp32
+        const int64_t key = kt.j0 + j;
+        key_row_scores<DT>(elem<DT>(d.k_cache, cache_row(d, b, hk, key, d.skc_b, d.skc_h, d.skc_s)), a.D, Qs.p, Dp, m,
+                           S.p + j, BN);
+        float* vr = Vb.p + j * Dvp;
+        load_row<DT>(elem<DT>(d.v_cache, cache_row(d, b, hk, key, d.svc_b, d.svc_h, d.svc_s)), a.Dv, vr);
+        // A non-finite v_j acts as a NaN score of key j in the rows that see it. Where a row may
+        // not see every key of the tile, V's non-finite entries are zeroed and the scores of the
+        // rows that see them marked; on an interior tile every row sees every key, so the value
+        // reaches the accumulator, and a row whose accumulator is not finite ends as NaN below.
+        bad[j] = !interior && zero_non_finite(vr, a.Dv);
+        any_bad = any_bad || bad[j];
+      }
+      const bool elementwise = !plain || !interior || kt.n < BN;
+      for (int64_t r = 0; r < m; ++r) {
+        float* sr = S.p + r * BN;
+        for (int64_t j = kt.n; j < BN; ++j) sr[j] = NEG_INF;
+        const int64_t h = hk * G + (r0 + r) / a.L, i = (r0 + r) % a.L;
+        if (elementwise) score_row(a, b, h, i, qp[r], kt, interior, sr, nullptr);
+        if (any_bad)
+          for (int64_t j = 0; j < kt.n; ++j)
+            if (bad[j] && sr[j] != NEG_INF) sr[j] = __builtin_nanf("");
+        const float m_new = nan_max(row_max(sr), m_i[r]);
+        if (m_new == NEG_INF) {  // nothing visible in this row yet
+          for (int64_t j = 0; j < BN; ++j) sr[j] = 0.0f;
+          continue;
+        }
+        const float alpha = m_new == m_i[r] ? 1.0f : exp_approx(m_i[r] - m_new);
+        l_i[r] = l_i[r] * alpha + row_exp_sum(sr, 1.0f, m_new);
+        m_i[r] = m_new;
+        if (alpha != 1.0f) scale_row(acc.p + r * Dvp, Dvp, alpha);
+      }
+      gemm(m, Dvp, kt.n, S.p, BN, 1, Vb.p, Dvp, acc.p, Dvp, true);
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t h = hk * G + (r0 + r) / a.L, i = (r0 + r) % a.L;
+      const int64_t slot = ((b * a.H + h) * a.L + i) * P + split;
+      const float inv = l_i[r] == 0.0f ? 0.0f : 1.0f / l_i[r];
+      float* o = d.part_out + slot * Dvp;
+      float poison = 0.0f;  // NaN when the accumulator took a non-finite value (an interior tile's v)
+      for (int64_t e = 0; e < a.Dv; ++e) {
+        o[e] = acc.p[r * Dvp + e] * inv;
+        poison += acc.p[r * Dvp + e] * 0.0f;
+      }
+      if (poison != 0.0f || poison != poison)
+        for (int64_t e = 0; e < a.Dv; ++e) o[e] = poison;
+      d.part_lse[slot] = l_i[r] == 0.0f ? NEG_INF : m_i[r] + std::log(l_i[r]) + poison;
+    }
+  }
+}
+
+// The splits of each query row merged (MATH: the partial states' exact merge), in split order.
+template <DType DT>
+void merge_body(void* vctx, int64_t begin, int64_t end) {
+  const DecodeArgs& d = *static_cast<const DecodeArgs*>(vctx);
+  const AttnArgs& a = d.a;
+  const int64_t P = d.splits, Dvp = pad16(a.Dv);
+  Buffer o(Dvp);
+  for (int64_t row = begin; row < end; ++row) {  // row = (b·H + h)·L + i
+    const float* lse = d.part_lse + row * P;
+    float M = NEG_INF;
+    for (int64_t s = 0; s < P; ++s) M = nan_max(M, lse[s]);
+    float total = NEG_INF;
+    memset(o.p, 0, Dvp * sizeof(float));
+    if (M != NEG_INF) {  // NaN stays NaN; −inf: the row saw no key (output 0)
+      float sum = 0.0f;
+      for (int64_t s = 0; s < P; ++s) sum += exp_approx(lse[s] - M);
+      total = M + std::log(sum);
+      for (int64_t s = 0; s < P; ++s) {
+        if (lse[s] == NEG_INF) continue;
+        const float w = exp_approx(lse[s] - total);
+        const float* part = d.part_out + (row * P + s) * Dvp;
+        for (int64_t e = 0; e < a.Dv; ++e) o.p[e] += w * part[e];
+      }
+    }
+    store_row<DT>(o.p, a.Dv, elem<DT>(d.out, row * a.Dv));
+    d.lse[row] = total;
+  }
+}
+
+template <DType DT>
+void decode(const DecodeArgs& d) {
+  const AttnArgs& a = d.a;
+  if (d.k_new) a.parallel(a.B * a.Hkv, const_cast<DecodeArgs*>(&d), &append_body<DT>);
+  a.parallel(a.B * a.Hkv * decode_row_blocks(a) * d.splits, const_cast<DecodeArgs*>(&d), &decode_body<DT>);
+  a.parallel(a.B * a.H * a.L, const_cast<DecodeArgs*>(&d), &merge_body<DT>);
+}
+
 struct DropoutCtx {
   uint64_t seed;
   int64_t H, L, S;
@@ -1627,6 +1854,14 @@ void attention_backward(const BwdProblem* problems, int64_t n) {
     case DType::F32: backward<DType::F32>(problems, n); break;
     case DType::BF16: backward<DType::BF16>(problems, n); break;
     case DType::F16: backward<DType::F16>(problems, n); break;
+  }
+}
+
+void attention_decode(const DecodeArgs& d) {
+  switch (d.a.dtype) {
+    case DType::F32: decode<DType::F32>(d); break;
+    case DType::BF16: decode<DType::BF16>(d); break;
+    case DType::F16: decode<DType::F16>(d); break;
   }
 }
 

@@ -67,20 +67,23 @@ struct Kernels {
   const char* name;
   void (*forward)(const FwdProblem*, int64_t);
   void (*backward)(const BwdProblem*, int64_t);
+  void (*decode)(const DecodeArgs&);
   void (*dropout_mask)(uint64_t, int64_t, int64_t, int64_t, int64_t, float, bool*, ParallelFor);
   bool bf16_dot;
 };
 
-const Kernels GENERIC{"generic", &generic::attention_forward, &generic::attention_backward, &generic::dropout_mask,
-                      false};
+const Kernels GENERIC{"generic", &generic::attention_forward, &generic::attention_backward, &generic::attention_decode,
+                      &generic::dropout_mask, false};
 #if defined(POSATTN_HAVE_AVX512)
-const Kernels AVX2{"avx2", &avx2::attention_forward, &avx2::attention_backward, &avx2::dropout_mask, false};
-const Kernels AVX512{"avx512", &avx512::attention_forward, &avx512::attention_backward, &avx512::dropout_mask,
-                     false};
+const Kernels AVX2{"avx2", &avx2::attention_forward, &avx2::attention_backward, &avx2::attention_decode,
+                   &avx2::dropout_mask, false};
+const Kernels AVX512{"avx512", &avx512::attention_forward, &avx512::attention_backward, &avx512::attention_decode,
+                     &avx512::dropout_mask, false};
 const Kernels AVX512BF16{"avx512bf16", &avx512::attention_forward, &avx512::attention_backward,
-                         &avx512::dropout_mask, true};
+                         &avx512::attention_decode, &avx512::dropout_mask, true};
 #if defined(POSATTN_HAVE_AMX)
-const Kernels AMX{"amx", &amx::attention_forward, &amx::attention_backward, &amx::dropout_mask, true};
+const Kernels AMX{"amx", &amx::attention_forward, &amx::attention_backward, &amx::attention_decode, &amx::dropout_mask,
+                  true};
 const Kernels* const BUILDS[] = {&AMX, &AVX512BF16, &AVX512, &AVX2, &GENERIC};
 #else
 const Kernels* const BUILDS[] = {&AVX512BF16, &AVX512, &AVX2, &GENERIC};
@@ -720,6 +723,122 @@ std::vector<Tensor> cpu_attention_varlen_bwd(
   return grads;
 }
 
+// ---------------------------------------------------------------------------------------
+// decoding over a KV cache (attention_with_kvcache)
+// ---------------------------------------------------------------------------------------
+
+// Splits of each (batch row, KV head, row block)'s key range: none when those tasks already
+// outnumber the threads; else enough for two tasks per thread, each split at least 4 key tiles.
+int64_t decode_splits(int64_t units, int64_t longest) {
+  const int64_t threads = at::get_num_threads();
+  if (units >= threads) return 1;
+  const int64_t want = (2 * threads + units - 1) / units;
+  const int64_t most = std::max<int64_t>(1, longest / (4 * KEY_TILE));
+  return std::max<int64_t>(1, std::min({want, most, int64_t{64}}));
+}
+
+std::tuple<Tensor, Tensor> cpu_attention_kvcache(
+    const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const optional<Tensor>& k,
+    const optional<Tensor>& v, const Tensor& cache_seqlens, const optional<Tensor>& cache_batch_idx,
+    const optional<Tensor>& block_table, bool causal, int64_t window_left, int64_t window_right, double softcap,
+    double scale, const optional<Tensor>& rope_table, const optional<Tensor>& bias_tensor,
+    const optional<Tensor>& bias_lut, at::IntArrayRef spec_ints, double rope_scale, int64_t num_splits) {
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
+              "q [B, H, L, D] and the caches [rows or pages, Hkv, slots, D*] must be 4-d, got ", q.sizes(), ", ",
+              k_cache.sizes(), ", ", v_cache.sizes());
+  TORCH_CHECK(k_cache.sizes().slice(0, 3) == v_cache.sizes().slice(0, 3), "k_cache ", k_cache.sizes(),
+              " and v_cache ", v_cache.sizes(), " must agree in their first three dims");
+  TORCH_CHECK(k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1, "the caches' last dim must be contiguous");
+  const int64_t B = q.size(0), L = q.size(2), Hkv = k_cache.size(1), slots = k_cache.size(2);
+  // the score parameters through prepare(), the cache seen as a [B, Hkv, slots, D] view
+  const Tensor kv = k_cache.as_strided({B, Hkv, slots, k_cache.size(3)}, {0, k_cache.stride(1), k_cache.stride(2), 1});
+  const Tensor vv = v_cache.as_strided({B, Hkv, slots, v_cache.size(3)}, {0, v_cache.stride(1), v_cache.stride(2), 1});
+  Prepared p = prepare(q, kv, vv, c10::nullopt, c10::nullopt, c10::nullopt, 0, 0, causal, window_left, window_right,
+                       softcap, 0.0, c10::nullopt, scale, rope_table, c10::nullopt, c10::nullopt, bias_tensor,
+                       bias_lut, c10::nullopt, spec_ints, rope_scale);
+  const AttnArgs& a = p.a;
+  TORCH_CHECK(a.rope_kind == ROPE_NONE || a.rope_kind == ROPE_FREQ,
+              "attention_with_kvcache rotates with RoPE frequencies only (rope kind ", a.rope_kind, ")");
+  TORCH_CHECK(a.urpe == nullptr, "attention_with_kvcache takes no URPE gate");
+  TORCH_CHECK(k.has_value() == v.has_value(), "pass both new k and v, or neither");
+  Tensor kn, vn;
+  if (k.has_value()) {
+    TORCH_CHECK(k->sizes() == at::IntArrayRef({B, Hkv, L, a.D}) && v->sizes() == at::IntArrayRef({B, Hkv, L, a.Dv}),
+                "new k ", k->sizes(), " / v ", v->sizes(), " must be [B, Hkv, L, D] / [B, Hkv, L, Dv]");
+    TORCH_CHECK(k->scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(),
+                "new k and v must have q's dtype ", q.scalar_type());
+    kn = last_dim_contiguous(*k);
+    vn = last_dim_contiguous(*v);
+  }
+  TORCH_CHECK(cache_seqlens.device().is_cpu() && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B,
+              "cache_seqlens must be a CPU int tensor [B] = [", B, "], got ", cache_seqlens.sizes());
+  const Tensor lens = cache_seqlens.to(at::kInt).contiguous();
+  Tensor rows, table;
+  DecodeArgs d{};
+  d.a = a;
+  if (block_table.has_value()) {
+    TORCH_CHECK(!cache_batch_idx.has_value(), "a paged cache (block_table) takes no cache_batch_idx");
+    TORCH_CHECK(block_table->dim() == 2 && block_table->size(0) == B && block_table->device().is_cpu(),
+                "block_table must be a CPU int32 tensor [B, pages], got ", block_table->sizes());
+    table = block_table->to(at::kInt).contiguous();
+    if (table.numel() > 0) {
+      const int64_t lo = table.min().item<int64_t>(), hi = table.max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi < k_cache.size(0), "block_table holds pages in [", lo, ", ", hi,
+                  "] but the caches have ", k_cache.size(0), " pages");
+    }
+    d.block_table = table.data_ptr<int32_t>();
+    d.sbt_b = table.size(1);
+    d.page_size = slots;
+  } else if (cache_batch_idx.has_value()) {
+    TORCH_CHECK(cache_batch_idx->dim() == 1 && cache_batch_idx->size(0) == B && cache_batch_idx->device().is_cpu(),
+                "cache_batch_idx must be a CPU int32 tensor [B], got ", cache_batch_idx->sizes());
+    rows = cache_batch_idx->to(at::kInt).contiguous();
+    if (B > 0) {
+      const int64_t lo = rows.min().item<int64_t>(), hi = rows.max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi < k_cache.size(0), "cache_batch_idx holds rows in [", lo, ", ", hi,
+                  "] but the caches have ", k_cache.size(0), " rows");
+    }
+    d.batch_idx = rows.data_ptr<int32_t>();
+  } else {
+    TORCH_CHECK(k_cache.size(0) >= B, "the caches hold ", k_cache.size(0), " rows for a batch of ", B,
+                "; pass cache_batch_idx");
+  }
+  const int64_t capacity = block_table.has_value() ? table.size(1) * slots : slots;
+  const int32_t* n = lens.data_ptr<int32_t>();
+  const int64_t added = k.has_value() ? L : 0;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(n[b] >= 0 && n[b] + added <= capacity, "cache_seqlens[", b, "] = ", n[b], " plus ", added,
+                " new rows does not fit a cache of ", capacity, " slots");
+    longest = std::max<int64_t>(longest, n[b] + added);
+  }
+  TORCH_CHECK(num_splits >= 0, "num_splits=", num_splits, " must be >= 0");
+  const int64_t units = B * Hkv * ((a.H / Hkv * L + QUERY_TILE - 1) / QUERY_TILE);
+  const int64_t P = num_splits > 0 ? num_splits : decode_splits(units, longest);
+  const int64_t Dvp = pad16(a.Dv);
+  auto f32 = q.options().dtype(at::kFloat);
+  Tensor out = at::empty({B, a.H, L, a.Dv}, q.options());
+  Tensor lse = at::empty({B, a.H, L}, f32);
+  Tensor part_out = at::empty({B, a.H, L, P, Dvp}, f32);
+  Tensor part_lse = at::empty({B, a.H, L, P}, f32);
+  d.k_cache = k_cache.data_ptr();
+  d.skc_b = k_cache.stride(0); d.skc_h = k_cache.stride(1); d.skc_s = k_cache.stride(2);
+  d.v_cache = v_cache.data_ptr();
+  d.svc_b = v_cache.stride(0); d.svc_h = v_cache.stride(1); d.svc_s = v_cache.stride(2);
+  if (kn.defined()) {
+    d.k_new = kn.data_ptr(); d.skn_b = kn.stride(0); d.skn_h = kn.stride(1); d.skn_l = kn.stride(2);
+    d.v_new = vn.data_ptr(); d.svn_b = vn.stride(0); d.svn_h = vn.stride(1); d.svn_l = vn.stride(2);
+  }
+  d.seqlens = n;
+  d.splits = P;
+  d.part_out = part_out.data_ptr<float>();
+  d.part_lse = part_lse.data_ptr<float>();
+  d.out = out.data_ptr();
+  d.lse = lse.data_ptr<float>();
+  if (B > 0 && L > 0) kernels().decode(d);
+  return {out, lse};
+}
+
 Tensor cpu_dropout_mask(int64_t seed, int64_t B, int64_t H, int64_t L, int64_t S, double p) {
   TORCH_CHECK(B >= 0 && H >= 0 && L >= 0 && S >= 0, "cpu_dropout_mask: sizes must be >= 0");
   TORCH_CHECK(p >= 0.0 && p <= 1.0, "dropout_p=", p, " must be in [0, 1]");
@@ -770,6 +889,11 @@ TORCH_LIBRARY(posattn, m) {
       "float scale, Tensor? rope_table, Tensor? q_angles, Tensor? k_angles, Tensor? bias_tensor, Tensor? bias_lut, "
       "Tensor? urpe_table, SymInt[] spec_ints, float rope_scale, bool deterministic, bool mask_grad, "
       "bool angle_grad, bool bias_grad, bool urpe_grad) -> Tensor[]");
+  m.def(
+      "cpu_attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+      "Tensor cache_seqlens, Tensor? cache_batch_idx, Tensor? block_table, bool causal, SymInt window_left, "
+      "SymInt window_right, float softcap, float scale, Tensor? rope_table, Tensor? bias_tensor, Tensor? bias_lut, "
+      "SymInt[] spec_ints, float rope_scale, SymInt num_splits) -> (Tensor, Tensor)");
   m.def("cpu_dropout_mask(int seed, int B, int H, int L, int S, float dropout_p) -> Tensor");
   m.def("cpu_isa() -> str");
   m.def("cpu_isas() -> str[]");
@@ -780,6 +904,7 @@ TORCH_LIBRARY_IMPL(posattn, CPU, m) {
   m.impl("cpu_attention_bwd", &posattn::cpu_attention_bwd);
   m.impl("cpu_attention_varlen_fwd", &posattn::cpu_attention_varlen_fwd);
   m.impl("cpu_attention_varlen_bwd", &posattn::cpu_attention_varlen_bwd);
+  m.impl("cpu_attention_kvcache", &posattn::cpu_attention_kvcache);
 }
 
 TORCH_LIBRARY_IMPL(posattn, CompositeExplicitAutograd, m) {

@@ -104,8 +104,9 @@ def pytest_report_header(config):
 
 # The gpu_smoke selection: a GPU runner's per-push check, every kernel family forward and
 # backward once (plain, GQA, masks, softcap, each position spec, SDPA, the CPU ops' schemas,
-# kernelized attention, packed batches), kept small because on a GPU every test compiles its own Triton
-# specialisations: test function -> how many of its parametrizations (in collection order).
+# kernelized attention, packed batches, KV-cache decoding), kept small because on a GPU every
+# test compiles its own Triton specialisations: test function -> how many of its
+# parametrizations (in collection order).
 GPU_SMOKE = {
     "test_attention.py::test_shapes": 4,
     "test_attention.py::test_half_precision": 4,
@@ -129,6 +130,8 @@ GPU_SMOKE = {
     "test_kernelized.py::test_fused_backends_against_dense_oracle": 2,
     "test_varlen.py::test_kernel": 3,
     "test_varlen.py::test_kernel_never_reads_other_sequences": 1,
+    "test_kvcache.py::test_kernel": 2,
+    "test_kvcache_triton.py::test_kernel": 2,
 }
 HAS_HF = importlib.util.find_spec("transformers") is not None
 

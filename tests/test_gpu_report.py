@@ -43,6 +43,11 @@ FIXED = [Case(arch, d, "fp16", False, "none", kernel) for arch in (80, 90) for d
 KERNELIZED = [Case(arch, d, "bf16", False, "kernelized", kernel)
               for arch in (80, 90) for d in HEAD_DIMS for kernel in gpu_report.KZ_KERNELS]
 
+# KV-cache decoding's kernels (triton_kernels/decode.py): the split-KV attention kernel (causal)
+# and the append and merge kernels, D 64 and 128, one dtype per target.
+DECODE = [Case(arch, d, dtype, kernel == "decode", "decode", kernel)
+          for arch, dtype in ((80, "fp16"), (90, "bf16")) for d in HEAD_DIMS for kernel in gpu_report.DECODE_KERNELS]
+
 
 # Compiles are cached between runs (build/ is git-ignored): a kernel whose source, options
 # and Triton version did not change is read back, so a rerun of make test takes seconds here.
@@ -97,6 +102,19 @@ def kernelized_report():
 @pytest.mark.parametrize("case", _params(KERNELIZED))
 def test_kernelized_kernels(kernelized_report, case):
     _check(kernelized_report[case], loops=False)
+
+
+@pytest.fixture(scope="module")
+def decode_report():
+    return _rows(DECODE)
+
+
+@pytest.mark.parametrize("case", _params(DECODE))
+def test_decode_kernels(decode_report, case):
+    row = decode_report[case]
+    _check(row, loops=False)
+    if row.kernel == "decode":  # the paged cache's gathers too are issued as async copies
+        assert row.pipelined, f"decode sm_{row.arch} D={row.head_dim}: main loop not software-pipelined"
 
 
 def test_capability_tables(monkeypatch):

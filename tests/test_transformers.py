@@ -160,6 +160,21 @@ def test_generate_greedy_identical_tokens():
     assert torch.equal(ours.generate(ids, **kw), want)
 
 
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_generate_unpadded_runs_the_decode_kernel(name, monkeypatch):
+    """Without padding, each generated token's attention runs on posattn.attention_with_kvcache (the
+    cache's keys read once per KV group), and the tokens are the stock model's."""
+    cls, config = (LlamaForCausalLM, llama_config()) if name == "llama" else family_config(name)
+    ours, _, stock = twins(cls, config, stock="sdpa")
+    ids, mask = padded_batch(2, 7, "none")
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    calls = []
+    real = posattn.decode.attention_with_kvcache
+    monkeypatch.setattr(posattn.decode, "attention_with_kvcache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.equal(ours.generate(ids, **kw), stock.generate(ids, **kw))
+    assert len(calls) == 11 * config.num_hidden_layers  # every step after the prompt
+
+
 @pytest.mark.parametrize("name", ["mistral", "gemma3"])
 def test_generate_sliding_window_cache(name):
     """Decoding past the window: the sliding layers' DynamicCache drops old keys, posattn's key

@@ -161,6 +161,41 @@ def score_tile(qk, scale, bias, q_pos, k_pos, m_valid, n_valid, mask_ptrs, softc
 
 
 @triton.jit
+def softmax_update(s, to_log2, m_i, l_i, MAY_BE_MASKED: tl.constexpr):
+    """One key tile of the online softmax (base 2): (p, alpha, l_i, m_new) from the tile's scores
+    ``s`` (s·to_log2 in log2 units, see :func:`score_tile`) and the running row max and sum.
+
+    ``MAY_BE_MASKED``: the tile may hold −inf scores (masks, biases). A row that has seen only
+    such keys keeps m = −inf; subtracting 0 instead keeps exp2() at 0 rather than NaN, and
+    :func:`normalise_rows` gives that row output 0 and lse −inf.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * to_log2)  # log2 units
+    if MAY_BE_MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new  # every score is > −inf
+    p = tl.exp2(s * to_log2 - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    return p, alpha, l_i, m_new
+
+
+@triton.jit
+def normalise_rows(acc, l_i, m_i):
+    """(out, lse) of finished rows: out = acc / l, lse = (m + log2 l)·ln 2 (natural log).
+
+    Rows that saw no key (l = 0) give output 0 and lse −inf; l = NaN (a NaN or +inf score)
+    stays NaN; a row whose output is not finite (a non-finite v_j it sees, accumulated on an
+    unmasked tile) becomes NaN in out and lse.
+    """
+    has_keys = l_i != 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    row_nan = tl.sum(out * 0.0, axis=1)  # NaN in a row whose output is not finite, else 0
+    return out + row_nan[:, None], lse + row_nan
+
+
+@triton.jit
 def dropout_keep(seed, bh, offs_m, offs_n, dropout_p):
     """Keep-mask of dropout for rows ``offs_m`` × keys ``offs_n`` of query head ``bh``.
 

@@ -26,9 +26,10 @@ import triton.language as tl
 from posattn import _config
 from posattn.positions import BIAS_ALIBI, BIAS_MANHATTAN, BIAS_NONE, ROPE_ANGLES, ROPE_NONE, KernelPositions
 
-from ._common import (LN2, LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, angle_grad, bias_operand, bias_tile,
+from ._common import (LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, angle_grad, bias_operand, bias_tile,
                       boundary_count, boundary_start, dropout_keep, interior_tiles, keys_visible, load_positions,
-                      load_rotated, queries_visible, score_tile, table_grad_add, tile_range, unrotate, urpe_index)
+                      load_rotated, normalise_rows, queries_visible, score_tile, softmax_update, table_grad_add,
+                      tile_range, unrotate, urpe_index)
 
 _NO_SPECIALIZE = ["L", "S", "q_offset", "k_offset", "window_left", "window_right", "seed", "drop_m0", "drop_n0",
                   "bias_i0", "bias_i1", "bias_i2", "urpe_m"]
@@ -180,16 +181,8 @@ def _fwd_block(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh
     v_mask = n_valid[:, None] & (offs_dv[None, :] < DV)
     if MASK:  # and its V is read as 0, so that 0·NaN reaches no row that does not see it
         v_mask = v_mask & (tl.load(vbad_keys + offs_n, mask=n_valid, other=0.0) == 0.0)[:, None]
-    m_new = tl.maximum(m_i, tl.max(s, axis=1) * to_log2)  # log2 units
-    if MASK or BIAS_KIND != 0:
-        # A row that has seen only masked keys (or −inf biases) keeps m = −inf; subtracting 0
-        # instead keeps exp2() at 0 rather than NaN, and that row's output/lse are fixed up at the end.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_safe = m_new  # every score of an interior tile without a bias is > −inf
-    p = tl.exp2(s * to_log2 - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, axis=1)  # the normaliser never sees the URPE gate
+    # the normaliser never sees the URPE gate; interior tiles without a bias have no −inf score
+    p, alpha, l_i, m_new = softmax_update(s, to_log2, m_i, l_i, MASK or BIAS_KIND != 0)
     if HAS_URPE:
         p = p * tl.load(URPE_h + urpe_index(q_pos, k_pos, urpe_m), mask=valid, other=0.0)
     if HAS_DROPOUT:
@@ -332,15 +325,8 @@ def _attn_fwd_kernel(
         HAS_SOFTCAP, HAS_DROPOUT, K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED, BIAS_KIND,
         HAS_URPE, MASK_INTERIOR, RAW_SCORES)
 
-    # Fully masked rows: l = 0 → output 0 and lse = −inf. l = NaN (a NaN or +inf score) stays
-    # NaN. lse is natural-log at the API.
-    has_keys = l_i != 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
-    # NaN in a row whose output is not finite (a non-finite v_j seen on an interior tile), else 0
-    row_nan = tl.sum(out * 0.0, axis=1)
-    out += row_nan[:, None]
-    lse += row_nan
+    # Fully masked rows: output 0 and lse = −inf; NaN rows stay NaN. lse is natural-log at the API.
+    out, lse = normalise_rows(acc, l_i, m_i)
     tl.store(O + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_l + offs_dv[None, :],
              out.to(O.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + q_row + offs_m, lse, mask=m_valid)

@@ -5,6 +5,7 @@ No device is probed and Triton is not imported at import time.
 from . import reference
 from . import kernelized
 from . import nn
+from .decode import attention_with_kvcache
 from .functional import attention, attention_varlen, kernelized_attention, scaled_dot_product_attention
 from .positions import (URPE, ALiBi, ManhattanDecay, RelativeBias, RoPE, RotaryAngles, T5Bias, XPos, alibi_slopes,
                         carope_angles)
@@ -20,6 +21,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'posattn' has no attribute {name!r}")
 
 
-__all__ = ["ALiBi", "ManhattanDecay", "RelativeBias", "RoPE", "RotaryAngles", "T5Bias", "URPE", "XPos", "__version__",
-           "alibi_slopes", "attention", "attention_varlen", "carope_angles", "distributed", "kernelized",
-           "kernelized_attention", "nn", "reference", "scaled_dot_product_attention"]
+__all__ = ["ALiBi", "ManhattanDecay", "RelativeBias", "RoPE", "RotaryAngles", "T5Bias", "URPE", "XPos",
+           "__version__", "alibi_slopes", "attention", "attention_varlen", "attention_with_kvcache", "carope_angles",
+           "distributed", "kernelized", "kernelized_attention", "nn", "reference", "scaled_dot_product_attention"]

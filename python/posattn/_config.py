@@ -243,3 +243,41 @@ def cuda_capability(device) -> tuple[int, int]:
     import torch
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _device_capability(index)
+
+
+# KV-cache decoding (triton_kernels/decode.py, attention_with_kvcache): (keys per tile, warps,
+# stages) per padded head dim. Decode reads each cache byte once and is bound by memory
+# bandwidth, not by the tensor cores: the query tile is small (the G·L query rows of one KV
+# group, ≥ 16 for tl.dot), so large key tiles and deep pipelines keep enough loads in flight.
+# Chosen with the AOT report (python -m bench.gpu_report --spec decode; Triton 3.9): no spills and
+# ≤ 58.5 KB shared memory on sm_80 / sm_90 (every key tile and its values, 3 stages), main loops
+# pipelined (the paged gathers too). 128 keys at D = 128 took 106 KB, over sm_86 / sm_89's 99 KB
+# (with 4 warps it also spilled: bf16 sm_90 31/33 STL/LDL).
+_DECODE = {16: (128, 4, 3), 32: (128, 4, 3), 64: (128, 4, 3), 128: (64, 4, 3), 256: (32, 4, 3)}
+# The interpreter: one key tile per loop iteration costs the same whatever its size; 64 keys
+# still leave interior and boundary tiles in the test shapes (cache lengths of a few hundred).
+_DECODE_INTERPRET = (64, 4, 1)
+# Query rows of one program (the G·L rows of a KV group, padded): more rows than this take
+# more programs along the grid's third axis.
+DECODE_MAX_BLOCK_M = 64
+
+
+def decode_tile_config(head_dim: int, rows: int, interpret: bool) -> TileConfig:
+    """Tiles of the KV-cache decode kernel: ``rows`` = G·L query rows per KV head (G = H / Hkv)."""
+    block_n, num_warps, num_stages = _DECODE_INTERPRET if interpret else _DECODE[padded_head_dim(head_dim)]
+    block_m = min(DECODE_MAX_BLOCK_M, padded_head_dim(rows))
+    return TileConfig(block_m, block_n, num_warps, num_stages)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sm_count(index: int) -> int:
+    import torch
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device, probed on first use and cached (a host query:
+    no device synchronisation, safe inside CUDA-graph capture)."""
+    import torch
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_sm_count(index)

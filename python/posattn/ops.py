@@ -376,3 +376,40 @@ def backward_op(backend: str):
         require_cpu_extension()
         return torch.ops.posattn.cpu_attention_bwd.default
     return triton_attention_bwd
+
+
+# --------------------------------------------------------------------------------------------------
+# KV-cache decoding (posattn.attention_with_kvcache): the Triton op (triton_kernels/decode.py) and
+# posattn::cpu_attention_kvcache (the C++ backend), one schema, one fake.
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("posattn::triton_attention_kvcache", mutates_args=("k_cache", "v_cache"))
+def triton_attention_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor], v: Optional[Tensor],
+                             cache_seqlens: Tensor, cache_batch_idx: Optional[Tensor], block_table: Optional[Tensor],
+                             causal: bool, window_left: int, window_right: int, softcap: float, scale: float,
+                             rope_table: Optional[Tensor], bias_tensor: Optional[Tensor], bias_lut: Optional[Tensor],
+                             spec_ints: List[int], rope_scale: float, num_splits: int) -> tuple[Tensor, Tensor]:
+    """Attention of q [B, H, L, D] over a KV cache after writing k / v (if given) into it in place:
+    out [B, H, L, Dv] (q's dtype), lse [B, H, L] (fp32, natural log). Forward only."""
+    kp = _unflatten(rope_table, None, None, bias_tensor, bias_lut, None, spec_ints, rope_scale)
+    return _triton().kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, causal,
+                                 _window(window_left, window_right), softcap or None, scale, kp, num_splits)
+
+
+@triton_attention_kvcache.register_fake
+def _kvcache_fake(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table, causal, window_left,
+                  window_right, softcap, scale, rope_table, bias_tensor, bias_lut, spec_ints, rope_scale, num_splits):
+    B, H, L, _ = q.shape
+    return q.new_empty((B, H, L, v_cache.shape[-1])), q.new_empty((B, H, L), dtype=torch.float32)
+
+
+if _C_ERROR is None:
+    torch.library.register_fake("posattn::cpu_attention_kvcache")(_kvcache_fake)
+
+
+def kvcache_op(backend: str):
+    """The KV-cache decode op of a kernel backend ("triton" or "cpu"); it appends to the caches in place."""
+    if backend == "cpu":
+        require_cpu_extension()
+        return torch.ops.posattn.cpu_attention_kvcache.default
+    return triton_attention_kvcache

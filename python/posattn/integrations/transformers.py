@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import functional
+from .. import decode, functional
 from ..positions import ALiBi, RoPE, T5Bias
 
 NAME = "posattn"
@@ -261,8 +261,30 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                  f"an empty cache")
             out = _varlen(query, key, value, cu, cu, longest, longest, **common, **_flat_positions(q_pos, k_pos, rope))
             return out, None
-    out = functional.attention(query, key, value, attn_mask=attn_mask, q_pos=q_pos, k_pos=k_pos, **common)
+    if _decode_step(query, key, value, pad if mask4 is None else mask4, rope, q_pos, k_pos, dropout):
+        # a few new queries over the cache, no gradient: the decode kernel reads each cached row once
+        # for the whole GQA group (the keys sit at 0 .. S−1, the queries at S − L ..: bottom-right)
+        out = decode.attention_with_kvcache(query, key, value, cache_seqlens=S, causal=causal, window=window,
+                                             bias=bias, softcap=softcap, scale=scaling)
+    else:
+        out = functional.attention(query, key, value, attn_mask=attn_mask, q_pos=q_pos, k_pos=k_pos, **common)
     return out.transpose(1, 2).contiguous(), None
+
+
+DECODE_MAX_QUERIES = 16
+
+
+def _decode_step(query, key, value, mask, rope, q_pos, k_pos, dropout):
+    """A step attention_with_kvcache computes as it is: up to DECODE_MAX_QUERIES queries after a
+    cache, no padding (``mask``: the 2-D padding mask, all True, or None), the keys already rotated
+    by the model (no fused rotary), default positions, no dropout, nothing that needs a gradient."""
+    L, S = query.shape[2], key.shape[2]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if not (1 <= L <= DECODE_MAX_QUERIES and S > L and rope is None and not dropout and not needs_grad
+            and isinstance(q_pos, int) and q_pos == S - L and isinstance(k_pos, int) and k_pos == 0
+            and key.stride(-1) == 1 and value.stride(-1) == 1):
+        return False
+    return mask is None or (mask.dim() == 2 and mask.dtype == torch.bool and bool(mask.all()))
 
 
 def _flat_positions(q_pos, k_pos, rope):

@@ -42,7 +42,7 @@ def twins(cls, config, stock="eager", fuse=False):
     ours = cls(copy.deepcopy(config)).eval()
     stock32 = cls(copy.deepcopy(config)).eval()
     stock32.load_state_dict(ours.state_dict())
-    if hasattr(stock32, "set_attn_implementation") and cls is not BloomForCausalLM:
+    if hasattr(stock32, "set_attn_implementation") and cls not in (BloomForCausalLM, transformers.FalconForCausalLM):
         stock32.set_attn_implementation(stock)
         ours.set_attn_implementation("posattn")
     stock64 = copy.deepcopy(stock32).double()
@@ -320,6 +320,28 @@ def test_bloom_alibi_fused(side):
     compare(twins(BloomForCausalLM, config, fuse=True), mask, input_ids=ids, attention_mask=mask)
 
 
+def falcon_alibi_config(**kw):
+    return transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     alibi=True, hidden_dropout=0.0, attention_dropout=0.0, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("side", ["none", "left", "middle"])
+@pytest.mark.parametrize("arch", ["multi-query", "multi-head"])
+def test_falcon_alibi_fused(side, arch):
+    """Falcon's ALiBi (HF's bf16-rounded slopes, positions from the mask's cumsum) in the kernel:
+    logits and every gradient as the stock model's (multi-query: one KV head; multi-head)."""
+    config = falcon_alibi_config(multi_query=arch == "multi-query")
+    ids, mask = padded_batch(2, 11, side)
+    compare(twins(transformers.FalconForCausalLM, config, fuse=True), mask, input_ids=ids, attention_mask=mask)
+
+
+def test_falcon_alibi_generate_fused():
+    ours, _, stock = twins(transformers.FalconForCausalLM, falcon_alibi_config(), fuse=True)
+    ids, mask = padded_batch(2, 7, "left")
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **kw), stock.generate(ids, **kw))
+
+
 def test_unfuse_restores_the_stock_model():
     ours, _, stock = twins(LlamaForCausalLM, llama_config(), stock="sdpa", fuse=True)
     assert "forward" in ours.model.layers[0].self_attn.__dict__
@@ -336,8 +358,8 @@ def test_unsupported_model_and_arguments_raise():
         fuse_positions(gpt2)
     falcon = transformers.FalconForCausalLM(transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32,
                                                                        num_hidden_layers=1, num_attention_heads=4,
-                                                                       alibi=True))
-    with pytest.raises(NotImplementedError, match="FalconForCausalLM: transformers computes Falcon's ALiBi"):
+                                                                       alibi=False))
+    with pytest.raises(NotImplementedError, match="Falcon's ALiBi models only; FalconForCausalLM uses rotary"):
         fuse_positions(falcon)
     ours = twins(LlamaForCausalLM, llama_config())[0]
     ids, _ = padded_batch(2, 8, "none")

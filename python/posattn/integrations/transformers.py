@@ -381,6 +381,16 @@ def _patch_t5_attention(module, table_owner, undo):
     undo.append(lambda: (module.__dict__.pop("forward", None), module.__dict__.pop("_posattn_fusion", None)))
 
 
+def _alibi_positions(attention_mask, L, S):
+    """(bool key mask or None, query positions, key positions) of HF's ALiBi models: positions count
+    the non-padding tokens (``(mask.cumsum − 1)·mask``, as build_alibi_tensor), queries are the last L."""
+    if attention_mask is None:
+        return None, S - L, 0
+    pad = attention_mask[:, -S:].to(torch.bool)
+    pos = (pad.long().cumsum(-1) - 1) * pad
+    return pad[:, None, None, :], pos[:, -L:], pos
+
+
 def _patch_bloom_attention(module, undo):
     from transformers.models.bloom import modeling_bloom
 
@@ -395,12 +405,7 @@ def _patch_bloom_attention(module, undo):
         q, k, v = module._reshape(module.query_key_value(hidden_states))
         if layer_past is not None:
             k, v = layer_past.update(k, v, module.layer_idx)
-        S = k.shape[2]
-        attn_mask, q_pos, k_pos = None, S - L, 0
-        if attention_mask is not None:
-            pad = attention_mask[:, -S:].to(torch.bool)
-            pos = (pad.long().cumsum(-1) - 1) * pad  # HF's ALiBi positions (build_alibi_tensor)
-            attn_mask, q_pos, k_pos = pad[:, None, None, :], pos[:, -L:], pos
+        attn_mask, q_pos, k_pos = _alibi_positions(attention_mask, L, k.shape[2])
         # HF's own slopes, from HF's own function (its API differs across versions): positions 0, 1
         slopes = modeling_bloom.build_alibi_tensor(hidden_states.new_ones(1, 2), module.num_heads,
                                                    torch.float32)[:, 0, 1]
@@ -409,6 +414,37 @@ def _patch_bloom_attention(module, undo):
                                    dropout_p=module.attention_dropout.p if module.training else 0.0)
         out = module.dense(out.transpose(1, 2).reshape(B, L, module.hidden_size))
         return modeling_bloom.dropout_add(out, residual, module.hidden_dropout, module.training), None
+
+    module.forward = forward
+    undo.append(lambda: module.__dict__.pop("forward", None))
+
+
+def _patch_falcon_attention(module, undo):
+    """Falcon's ALiBi models: logits = (q·k + alibi) / √D with HF's slopes rounded to bf16 and key
+    positions from the padding mask's cumsum; in the kernel that is ALiBi(slopes / √D) at scale 1/√D
+    (causal: the bias of a key behind the query differs from HF's key-only one by a per-row constant,
+    which the softmax drops)."""
+    from transformers.models.falcon import modeling_falcon
+
+    def forward(hidden_states, alibi, attention_mask, position_ids=None, layer_past=None, use_cache=False,
+                output_attentions=False, position_embeddings=None, **kwargs):
+        if output_attentions:
+            _reject_unsupported({"output_attentions": True})
+        B, L, _ = hidden_states.shape
+        H, D = module.num_heads, module.head_dim
+        Hkv = H if module.new_decoder_architecture else module.num_kv_heads
+        q, k, v = module._split_heads(module.query_key_value(hidden_states))
+        q, k, v = (t.transpose(1, 2).reshape(B, n, L, D) for t, n in ((q, H), (k, Hkv), (v, Hkv)))
+        if layer_past is not None:
+            k, v = layer_past.update(k, v, module.layer_idx)
+        attn_mask, q_pos, k_pos = _alibi_positions(attention_mask, L, k.shape[2])
+        # HF's slopes, rounded to bf16 as HF rounds them, from HF's own function: positions 0, 1
+        slopes = modeling_falcon.build_alibi_tensor(hidden_states.new_ones(1, 2), H, torch.float32)[:, 0, 1]
+        out = functional.attention(q, k, v, causal=True, attn_mask=attn_mask,
+                                   bias=ALiBi(slopes * module.inv_norm_factor), scale=module.inv_norm_factor,
+                                   q_pos=q_pos, k_pos=k_pos,
+                                   dropout_p=module.attention_dropout.p if module.training else 0.0)
+        return module.dense(out.transpose(1, 2).reshape(B, L, H * D)), None
 
     module.forward = forward
     undo.append(lambda: module.__dict__.pop("forward", None))
@@ -428,8 +464,8 @@ def fuse_positions(model):
 
     Supported: Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3 (rotary with the model's own
     ``inv_freq`` and ``attention_scaling``), T5 and mT5 (block 0's ``relative_attention_bias``
-    as an in-kernel T5Bias in every self-attention layer; gradients reach that table), Bloom
-    (in-kernel ALiBi with HF's slopes and positions). Registers "posattn" and switches the model
+    as an in-kernel T5Bias in every self-attention layer; gradients reach that table), Bloom and
+    Falcon's ALiBi models (in-kernel ALiBi with HF's slopes and positions). Registers "posattn" and switches the model
     to it. Any other architecture raises ``NotImplementedError`` naming its class. Returns the model.
     :func:`unfuse_positions` restores the stock modules and attention implementation.
     """
@@ -458,14 +494,17 @@ def fuse_positions(model):
             if type(m).__name__ in _ALIBI_ATTENTION:
                 _patch_bloom_attention(m, undo)
     elif "FalconAttention" in names:
-        raise NotImplementedError(
-            f"fuse_positions does not support {type(model).__name__}: transformers computes Falcon's ALiBi in "
-            f"bfloat16 (slopes.bfloat16() * positions), which an in-kernel fp32 ALiBi does not reproduce up to "
-            f"rounding, and Falcon's attention does not go through the AttentionInterface; run it as it is")
+        if not getattr(model.config, "alibi", False):
+            raise NotImplementedError(
+                f"fuse_positions supports Falcon's ALiBi models only; {type(model).__name__} uses rotary embeddings "
+                f"(config.alibi=False), which Falcon applies outside the AttentionInterface; run it as it is")
+        for m in model.modules():
+            if type(m).__name__ == "FalconAttention":
+                _patch_falcon_attention(m, undo)
     else:
         raise NotImplementedError(
             f"fuse_positions does not support {type(model).__name__}: it fuses Llama, Mistral, Qwen2, Qwen3, "
-            f"Gemma2, Gemma3, T5, mT5 and Bloom; other models can still use attn_implementation='posattn' through "
+            f"Gemma2, Gemma3, T5, mT5, Bloom and Falcon (ALiBi); other models can still use attn_implementation='posattn' through "
             f"register()")
     _set_implementation(model, undo)
     model._posattn_undo = undo

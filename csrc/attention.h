@@ -142,6 +142,12 @@ inline int64_t backward_chunks(int64_t B, int64_t H, int64_t L) {
   return want < tiles ? want : (tiles > 1 ? tiles : 1);
 }
 
+// Blocks of query rows per (batch row, KV head) of a decode call: the rows are the H / Hkv query
+// heads of the KV group times the L queries, QUERY_TILE to a block.
+inline int64_t decode_row_blocks(int64_t H, int64_t Hkv, int64_t L) {
+  return (H / Hkv * L + QUERY_TILE - 1) / QUERY_TILE;
+}
+
 namespace generic {
 // Every problem's tasks in one parallel region.
 void attention_forward(const FwdProblem* problems, int64_t n);

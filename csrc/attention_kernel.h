@@ -1679,14 +1679,12 @@ inline void key_row_scores(const void* krow, int64_t D, const float* Q, int64_t 
 #endif
 }
 
-// Rows in a decode task's block: the G heads of a KV group times the L queries, up to BM.
-inline int64_t decode_row_blocks(const AttnArgs& a) { return (a.H / a.Hkv * a.L + BM - 1) / BM; }
 
 template <DType DT>
 void decode_body(void* vctx, int64_t begin, int64_t end) {
   const DecodeArgs& d = *static_cast<const DecodeArgs*>(vctx);
   const AttnArgs& base = d.a;
-  const int64_t G = base.H / base.Hkv, rows = G * base.L, RB = decode_row_blocks(base);
+  const int64_t G = base.H / base.Hkv, rows = G * base.L, RB = decode_row_blocks(base.H, base.Hkv, base.L);
   const int64_t Dp = pad16(base.D), Dvp = pad16(base.Dv), P = d.splits;
   const bool plain = base.bias_kind == BIAS_NONE && base.softcap == 0.0f;
   Buffer Qs(BM * Dp), Vb(BN * Dvp, true), S(BM * BN), acc(BM * Dvp);
@@ -1813,7 +1811,8 @@ template <DType DT>
 void decode(const DecodeArgs& d) {
   const AttnArgs& a = d.a;
   if (d.k_new) a.parallel(a.B * a.Hkv, const_cast<DecodeArgs*>(&d), &append_body<DT>);
-  a.parallel(a.B * a.Hkv * decode_row_blocks(a) * d.splits, const_cast<DecodeArgs*>(&d), &decode_body<DT>);
+  a.parallel(a.B * a.Hkv * decode_row_blocks(a.H, a.Hkv, a.L) * d.splits, const_cast<DecodeArgs*>(&d),
+             &decode_body<DT>);
   a.parallel(a.B * a.H * a.L, const_cast<DecodeArgs*>(&d), &merge_body<DT>);
 }
 

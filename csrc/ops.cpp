@@ -737,6 +737,21 @@ int64_t decode_splits(int64_t units, int64_t longest) {
   return std::max<int64_t>(1, std::min({want, most, int64_t{64}}));
 }
 
+// A cache index tensor (cache_batch_idx [B], block_table [B, pages]) as contiguous int32, its
+// shape and every entry checked against the caches' first dim (`limit` rows or pages).
+Tensor cache_indices(const Tensor& t, const char* name, const char* shape, int64_t dims, int64_t B, int64_t limit,
+                     const char* what) {
+  TORCH_CHECK(t.dim() == dims && t.size(0) == B && t.device().is_cpu(), name, " must be a CPU int32 tensor ", shape,
+              " with B = ", B, ", got ", t.sizes());
+  Tensor out = t.to(at::kInt).contiguous();
+  if (out.numel() > 0) {
+    const int64_t lo = out.min().item<int64_t>(), hi = out.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < limit, name, " holds ", what, " in [", lo, ", ", hi, "] but the caches have ", limit,
+                " ", what);
+  }
+  return out;
+}
+
 std::tuple<Tensor, Tensor> cpu_attention_kvcache(
     const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const optional<Tensor>& k,
     const optional<Tensor>& v, const Tensor& cache_seqlens, const optional<Tensor>& cache_batch_idx,
@@ -778,26 +793,12 @@ std::tuple<Tensor, Tensor> cpu_attention_kvcache(
   d.a = a;
   if (block_table.has_value()) {
     TORCH_CHECK(!cache_batch_idx.has_value(), "a paged cache (block_table) takes no cache_batch_idx");
-    TORCH_CHECK(block_table->dim() == 2 && block_table->size(0) == B && block_table->device().is_cpu(),
-                "block_table must be a CPU int32 tensor [B, pages], got ", block_table->sizes());
-    table = block_table->to(at::kInt).contiguous();
-    if (table.numel() > 0) {
-      const int64_t lo = table.min().item<int64_t>(), hi = table.max().item<int64_t>();
-      TORCH_CHECK(lo >= 0 && hi < k_cache.size(0), "block_table holds pages in [", lo, ", ", hi,
-                  "] but the caches have ", k_cache.size(0), " pages");
-    }
+    table = cache_indices(*block_table, "block_table", "[B, pages]", 2, B, k_cache.size(0), "pages");
     d.block_table = table.data_ptr<int32_t>();
     d.sbt_b = table.size(1);
     d.page_size = slots;
   } else if (cache_batch_idx.has_value()) {
-    TORCH_CHECK(cache_batch_idx->dim() == 1 && cache_batch_idx->size(0) == B && cache_batch_idx->device().is_cpu(),
-                "cache_batch_idx must be a CPU int32 tensor [B], got ", cache_batch_idx->sizes());
-    rows = cache_batch_idx->to(at::kInt).contiguous();
-    if (B > 0) {
-      const int64_t lo = rows.min().item<int64_t>(), hi = rows.max().item<int64_t>();
-      TORCH_CHECK(lo >= 0 && hi < k_cache.size(0), "cache_batch_idx holds rows in [", lo, ", ", hi,
-                  "] but the caches have ", k_cache.size(0), " rows");
-    }
+    rows = cache_indices(*cache_batch_idx, "cache_batch_idx", "[B]", 1, B, k_cache.size(0), "rows");
     d.batch_idx = rows.data_ptr<int32_t>();
   } else {
     TORCH_CHECK(k_cache.size(0) >= B, "the caches hold ", k_cache.size(0), " rows for a batch of ", B,
@@ -813,7 +814,7 @@ std::tuple<Tensor, Tensor> cpu_attention_kvcache(
     longest = std::max<int64_t>(longest, n[b] + added);
   }
   TORCH_CHECK(num_splits >= 0, "num_splits=", num_splits, " must be >= 0");
-  const int64_t units = B * Hkv * ((a.H / Hkv * L + QUERY_TILE - 1) / QUERY_TILE);
+  const int64_t units = B * Hkv * decode_row_blocks(a.H, Hkv, L);
   const int64_t P = num_splits > 0 ? num_splits : decode_splits(units, longest);
   const int64_t Dvp = pad16(a.Dv);
   auto f32 = q.options().dtype(at::kFloat);

@@ -300,17 +300,7 @@ def measure_config(cfg, providers, opts):
         rounds = 0
         while live and rounds < opts.max_reps and (rounds < opts.min_reps
                                                    or time.perf_counter() - wall < opts.budget_s):
-            for r, step in live:
-                if r.na is not None:
-                    continue
-                try:
-                    H._sync(cfg.device)
-                    start = time.perf_counter()
-                    step()
-                    H._sync(cfg.device)
-                    r.times.append(time.perf_counter() - start)
-                except Exception as e:
-                    r.na, r.times = "failed while timing: " + reason(e), []
+            H.timed_round(live, cfg.device)
             rounds += 1
         own, busy = ((cpu_seconds() - before) / max(time.perf_counter() - wall, 1e-9))[:2]
     for r in rs:

@@ -336,6 +336,23 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def timed_round(pairs, device=None):
+    """One round-robin round: each live provider's step timed once, the device synchronised around
+    it (``device``, else the provider's own); a step that raises marks its provider n/a and drops
+    its times."""
+    for r, step in pairs:
+        if r.na is not None:
+            continue
+        try:
+            _sync(device or r.cfg.device)
+            start = time.perf_counter()
+            step()
+            _sync(device or r.cfg.device)
+            r.times.append(time.perf_counter() - start)
+        except Exception as e:
+            r.na, r.times = "failed while timing: " + reason(e), []
+
+
 def _rel_diff(a, b):
     worst = 0.0
     for s, t in zip(a, b):
@@ -397,17 +414,7 @@ def measure(configs, reps, t0=None, verbose=True):
             steps = _rebuild([r for r in rs if r.na is None])
         before, wall = cpu_seconds(), time.perf_counter()
         for _ in range(reps):
-            for r, step in steps:
-                if r.na is not None:
-                    continue
-                try:
-                    _sync(r.cfg.device)
-                    start = time.perf_counter()
-                    step()
-                    _sync(r.cfg.device)
-                    r.times.append(time.perf_counter() - start)
-                except Exception as e:
-                    r.na, r.times = "failed while timing: " + reason(e), []
+            timed_round(steps)
         own, busy, steal = (cpu_seconds() - before) / max(time.perf_counter() - wall, 1e-9)
         for r, _ in steps:
             r.cores = (float(own), float(max(busy - own, 0.0)), float(steal))

@@ -337,17 +337,7 @@ def measure(plan, providers, reps, opts, t0):
         live = [(r, steps.pop(id(r))) for r in rs if id(r) in steps]
         before, wall = cpu_seconds(), time.perf_counter()
         for _ in range(reps):
-            for r, step in live:
-                if r.na is not None:
-                    continue
-                try:
-                    H._sync(opts.device)
-                    start = time.perf_counter()
-                    step()
-                    H._sync(opts.device)
-                    r.times.append(time.perf_counter() - start)
-                except Exception as e:
-                    r.na, r.times = "failed while timing: " + reason(e), []
+            H.timed_round(live, opts.device)
         own, busy = ((cpu_seconds() - before) / max(time.perf_counter() - wall, 1e-9))[:2]
         for r, _ in live:
             r.cores = (float(own), float(max(busy - own, 0.0)))

@@ -1680,6 +1680,40 @@ inline void key_row_scores(const void* krow, int64_t D, const float* Q, int64_t 
 }
 
 
+// Keys read ahead of the one being scored: the K and V rows of key j + DECODE_PREFETCH are
+// requested while key j is used, so the loads of a row overlap the arithmetic of the rows before
+// it (a decode step reads each row once: without this the loop waits on memory between rows).
+constexpr int64_t DECODE_PREFETCH = 8;
+
+// Requests the cache lines of one row of `bytes` bytes.
+inline void prefetch_row(const void* row, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(row) + o);
+}
+
+#if defined(POSATTN_BF16_DOT)
+// V rows j0 .. j0 + BN of a bf16 cache as the B operand of p·v: pairs [BN/2][Dvp][2] (the two
+// keys of a pair adjacent per column), columns past Dv zero. rows(j) is key j's row.
+template <typename Rows>
+inline void v_pairs_bf16(Rows rows, int64_t j0, int64_t Dv, int64_t Dvp, uint16_t* out) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                      5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54, 22,
+                                      53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+  for (int64_t j = 0; j < BN; j += 2) {
+    const uint16_t* r0 = static_cast<const uint16_t*>(rows(j0 + j));
+    const uint16_t* r1 = static_cast<const uint16_t*>(rows(j0 + j + 1));
+    uint16_t* o = out + j * Dvp;
+    for (int64_t c = 0; c < Dvp; c += 32) {  // 32 columns of both rows → 2 × 16 column pairs
+      const int64_t left = Dv - c;
+      const __mmask32 mask = left >= 32 ? ~__mmask32{0} : left <= 0 ? 0 : (__mmask32{1} << left) - 1;
+      const __m512i a = _mm512_maskz_loadu_epi16(mask, r0 + c), b = _mm512_maskz_loadu_epi16(mask, r1 + c);
+      _mm512_storeu_si512(o + 2 * c, _mm512_permutex2var_epi16(a, lo, b));
+      if (c + 16 < Dvp) _mm512_storeu_si512(o + 2 * c + 32, _mm512_permutex2var_epi16(a, hi, b));
+    }
+  }
+}
+#endif
+
 template <DType DT>
 void decode_body(void* vctx, int64_t begin, int64_t end) {
   const DecodeArgs& d = *static_cast<const DecodeArgs*>(vctx);
@@ -1687,14 +1721,37 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
   const int64_t G = base.H / base.Hkv, rows = G * base.L, RB = decode_row_blocks(base.H, base.Hkv, base.L);
   const int64_t Dp = pad16(base.D), Dvp = pad16(base.Dv), P = d.splits;
   const bool plain = base.bias_kind == BIAS_NONE && base.softcap == 0.0f;
+  const int64_t k_bytes = base.D * static_cast<int64_t>(DT == DType::F32 ? 4 : 2);
+  const int64_t v_bytes = base.Dv * static_cast<int64_t>(DT == DType::F32 ? 4 : 2);
   Buffer Qs(BM * Dp), Vb(BN * Dvp, true), S(BM * BN), acc(BM * Dvp);
   float cs[128], sn[128], m_i[BM], l_i[BM];
   int32_t qp[BM];
   uint8_t bad[BN];
   KeyTile kt;
+#if defined(POSATTN_BF16_DOT)
+  // bf16 caches: a full interior tile (every row sees every key) multiplies p·v in bf16 with
+  // fp32 sums (AMX or vdpbf16ps, gemm_bf16), V's rows paired straight from the cache; on AMX,
+  // q·kᵀ too, as S = K·Qᵀ with the key rows of the cache as the A operand (16 rows at a time:
+  // a paged cache needs pages of a multiple of 16 slots) and q rounded to bf16. Other tiles
+  // (the ragged end, masks, non-finite V handling) take the fp32 path.
+  constexpr bool dot16 = DT == DType::BF16;
+  const bool amx_scores = dot16 && kAmx && base.D % 32 == 0 && (!d.block_table || d.page_size % 16 == 0);
+  const int64_t rows_max = G * base.L < BM ? G * base.L : BM, mpad = pad16(rows_max);
+  Buffer T(amx_scores ? BN * mpad : 1);
+  Bf16Buffer Qt16(amx_scores ? Dp * mpad : 1, true), P16(dot16 ? BM * BN : 1, true), Vp16(dot16 ? BN * Dvp : 1);
+  TileScope tiles(dot16 && kAmx);
+#else
+  constexpr bool dot16 = false;
+#endif
   for (int64_t task = begin; task < end; ++task) {
     const int64_t split = task % P, rb = task / P % RB, bhk = task / P / RB;
     const int64_t b = bhk / base.Hkv, hk = bhk % base.Hkv;
+    const auto k_row = [&](int64_t key) {
+      return elem<DT>(d.k_cache, cache_row(d, b, hk, key, d.skc_b, d.skc_h, d.skc_s));
+    };
+    const auto v_row = [&](int64_t key) {
+      return elem<DT>(d.v_cache, cache_row(d, b, hk, key, d.svc_b, d.svc_h, d.svc_s));
+    };
     AttnArgs a = base;  // this batch row's keys and positions
     a.S = d.seqlens[b] + (d.k_new ? a.L : 0);
     a.q_offset = a.S - a.L;
@@ -1717,6 +1774,12 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
       m_i[r] = NEG_INF;
       l_i[r] = 0.0f;
     }
+#if defined(POSATTN_BF16_DOT)
+    if (amx_scores)  // Qᵀ as the B operand of K·Qᵀ: pairs [D/2][mpad][2], columns past m zero
+      for (int64_t e = 0; e < a.D; ++e)
+        for (int64_t r = 0; r < mpad; ++r)
+          Qt16.p[(e / 2) * mpad * 2 + r * 2 + e % 2] = r < m ? f32_to_bf16(Qs.p[r * Dp + e]) : 0;
+#endif
     memset(acc.p, 0, BM * Dvp * sizeof(float));
     // this split's share of the key tiles the block can see
     int64_t t0, t1;
@@ -1726,13 +1789,40 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
       key_tile(a, b, t, kt);
       if (!tile_visible(a, q_lo, q_hi, kt)) continue;
       const bool interior = tile_interior(a, q_lo, q_hi, kt);
+      const bool fast = dot16 && interior && kt.n == BN;
       bool any_bad = false;
-      for (int64_t j = 0; j < kt.n; ++j) {  // the scores [rows][keys], then V's rows staged in fp32
+#if defined(POSATTN_BF16_DOT)
+      if (fast) {
+        if (amx_scores) {
+          for (int64_t g = 0; g < BN; g += 16) {  // Sᵀ [16 keys][mpad] per product
+            for (int64_t j = g; j < g + 16; ++j) {  // the next group's keys, this group's values
+              if (kt.j0 + j + 16 < a.S) prefetch_row(k_row(kt.j0 + j + 16), k_bytes);
+              prefetch_row(v_row(kt.j0 + j), v_bytes);
+            }
+            gemm_bf16(16, mpad, a.D, static_cast<const uint16_t*>(k_row(kt.j0 + g)), d.skc_s, Qt16.p, T.p + g * mpad,
+                      mpad, false);
+          }
+          for (int64_t r = 0; r < m; ++r)
+            for (int64_t j = 0; j < BN; ++j) S.p[r * BN + j] = T.p[j * mpad + r];
+        } else {
+          for (int64_t j = 0; j < BN; ++j) {
+            if (kt.j0 + j + DECODE_PREFETCH < a.S) prefetch_row(k_row(kt.j0 + j + DECODE_PREFETCH), k_bytes);
+            prefetch_row(v_row(kt.j0 + j), v_bytes);
+            key_row_scores<DT>(k_row(kt.j0 + j), a.D, Qs.p, Dp, m, S.p + j, BN);
+          }
+        }
+        v_pairs_bf16(v_row, kt.j0, a.Dv, Dvp, Vp16.p);
+      }
+#endif
+      for (int64_t j = 0; j < (fast ? 0 : kt.n); ++j) {  // the scores [rows][keys], then V's rows staged in fp32
         const int64_t key = kt.j0 + j;
-        key_row_scores<DT>(elem<DT>(d.k_cache, cache_row(d, b, hk, key, d.skc_b, d.skc_h, d.skc_s)), a.D, Qs.p, Dp, m,
-                           S.p + j, BN);
+        if (key + DECODE_PREFETCH < a.S) {
+          prefetch_row(k_row(key + DECODE_PREFETCH), k_bytes);
+          prefetch_row(v_row(key + DECODE_PREFETCH), v_bytes);
+        }
+        key_row_scores<DT>(k_row(key), a.D, Qs.p, Dp, m, S.p + j, BN);
         float* vr = Vb.p + j * Dvp;
-        load_row<DT>(elem<DT>(d.v_cache, cache_row(d, b, hk, key, d.svc_b, d.svc_h, d.svc_s)), a.Dv, vr);
+        load_row<DT>(v_row(key), a.Dv, vr);
         // A non-finite v_j acts as a NaN score of key j in the rows that see it. Where a row may
         // not see every key of the tile, V's non-finite entries are zeroed and the scores of the
         // rows that see them marked; on an interior tile every row sees every key, so the value
@@ -1752,13 +1842,27 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
         const float m_new = nan_max(row_max(sr), m_i[r]);
         if (m_new == NEG_INF) {  // nothing visible in this row yet
           for (int64_t j = 0; j < BN; ++j) sr[j] = 0.0f;
+#if defined(POSATTN_BF16_DOT)
+          if (fast) memset(P16.p + r * BN, 0, BN * sizeof(uint16_t));
+#endif
           continue;
         }
         const float alpha = m_new == m_i[r] ? 1.0f : exp_approx(m_i[r] - m_new);
-        l_i[r] = l_i[r] * alpha + row_exp_sum(sr, 1.0f, m_new);
+#if defined(POSATTN_BF16_DOT)
+        if (fast) {  // straight to the bf16 operand of p·v
+          l_i[r] = l_i[r] * alpha + row_exp_sum_bf16(sr, 1.0f, m_new, P16.p + r * BN);
+        } else
+#endif
+          l_i[r] = l_i[r] * alpha + row_exp_sum(sr, 1.0f, m_new);
         m_i[r] = m_new;
         if (alpha != 1.0f) scale_row(acc.p + r * Dvp, Dvp, alpha);
       }
+#if defined(POSATTN_BF16_DOT)
+      if (fast) {
+        gemm_bf16(m, Dvp, BN, P16.p, BN, Vp16.p, acc.p, Dvp, true);
+        continue;
+      }
+#endif
       gemm(m, Dvp, kt.n, S.p, BN, 1, Vb.p, Dvp, acc.p, Dvp, true);
     }
     for (int64_t r = 0; r < m; ++r) {

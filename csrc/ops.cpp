@@ -727,12 +727,22 @@ std::vector<Tensor> cpu_attention_varlen_bwd(
 // decoding over a KV cache (attention_with_kvcache)
 // ---------------------------------------------------------------------------------------
 
-// Splits of each (batch row, KV head, row block)'s key range: none when those tasks already
-// outnumber the threads; else enough for two tasks per thread, each split at least 4 key tiles.
-int64_t decode_splits(int64_t units, int64_t longest) {
+// Splits of each (batch row, KV head, row block)'s key range, from the work of those tasks (the
+// rows' lengths; the threads take the tasks in turn as each finishes one). Fewer tasks than
+// threads: enough splits for two tasks per thread. Otherwise none, unless one row is longer than
+// a thread's fair share of all the work (one long request among short ones): then enough splits
+// that its pieces fit that share. Each split keeps at least 4 key tiles.
+int64_t decode_splits(int64_t units, const int32_t* lens, int64_t B, int64_t added) {
   const int64_t threads = at::get_num_threads();
-  if (units >= threads) return 1;
-  const int64_t want = (2 * threads + units - 1) / units;
+  int64_t longest = 0, total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    longest = std::max<int64_t>(longest, lens[b] + added);
+    total += lens[b] + added;
+  }
+  const int64_t work = total * (units / std::max<int64_t>(B, 1));  // keys over all tasks
+  int64_t want = 1;
+  if (units < threads) want = (2 * threads + units - 1) / units;
+  else if (longest * threads > work) want = (longest * threads + work - 1) / work;
   const int64_t most = std::max<int64_t>(1, longest / (4 * KEY_TILE));
   return std::max<int64_t>(1, std::min({want, most, int64_t{64}}));
 }
@@ -807,15 +817,12 @@ std::tuple<Tensor, Tensor> cpu_attention_kvcache(
   const int64_t capacity = block_table.has_value() ? table.size(1) * slots : slots;
   const int32_t* n = lens.data_ptr<int32_t>();
   const int64_t added = k.has_value() ? L : 0;
-  int64_t longest = 0;
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(n[b] >= 0 && n[b] + added <= capacity, "cache_seqlens[", b, "] = ", n[b], " plus ", added,
                 " new rows does not fit a cache of ", capacity, " slots");
-    longest = std::max<int64_t>(longest, n[b] + added);
-  }
   TORCH_CHECK(num_splits >= 0, "num_splits=", num_splits, " must be >= 0");
   const int64_t units = B * Hkv * decode_row_blocks(a.H, Hkv, L);
-  const int64_t P = num_splits > 0 ? num_splits : decode_splits(units, longest);
+  const int64_t P = num_splits > 0 ? num_splits : decode_splits(units, n, B, added);
   const int64_t Dvp = pad16(a.Dv);
   auto f32 = q.options().dtype(at::kFloat);
   Tensor out = at::empty({B, a.H, L, a.Dv}, q.options());

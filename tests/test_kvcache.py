@@ -199,6 +199,44 @@ def test_every_cpu_path(isa, dtype, monkeypatch):
           rope=posattn.RoPE(dim=24))
 
 
+BF16_TILES = [
+    Case(lens=(0, 130, 700), H=8, Hkv=2, D=64),  # contiguous: the AMX scores read the cache rows in place
+    Case(lens=(300, 1), L=3, H=32, Hkv=1, D=64, batch_idx=True),  # MQA: 96 rows in two row blocks
+    Case(lens=(260,), L=2, H=8, Hkv=1, D=40, Dv=24, page=24, spec="alibi"),  # fp32 scores, bf16 p·v
+    Case(lens=(400, 20), H=4, Hkv=2, D=96, page=32, spec="rope"),
+]
+
+
+@requires_ext
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16"])
+@pytest.mark.parametrize("c", BF16_TILES, ids=lambda c: c.id)
+def test_bf16_tile_products(isa, c, monkeypatch):
+    """bf16 caches: the full interior key tiles multiply in bf16 (p·v with V paired from the cache;
+    on AMX q·kᵀ too, 16 cache rows at a time, contiguous or in pages of 16k slots), the other tiles
+    in fp32; both against the reference, on GQA and MQA groups, odd head dims and pages that split
+    a 16-row block."""
+    if isa not in posattn.ops.cpu_isas():
+        pytest.skip(f"this CPU (or its OS) does not run the {isa} path")
+    monkeypatch.setenv("POSATTN_CPU_ISA", isa)
+    check(c, "cpu", torch.bfloat16)
+
+
+@requires_ext
+@pytest.mark.parametrize("isa", ["amx", "avx512bf16"])
+def test_bf16_tile_nonfinite_value(isa, monkeypatch):
+    """A NaN or inf in a cached value row of a full interior bf16 tile makes the rows that see it NaN
+    (as on the fp32 path); the other batch row stays finite."""
+    if isa not in posattn.ops.cpu_isas():
+        pytest.skip(f"this CPU (or its OS) does not run the {isa} path")
+    monkeypatch.setenv("POSATTN_CPU_ISA", isa)
+    for bad in (float("nan"), float("inf")):
+        q = torch.randn(2, 4, 1, 64, dtype=torch.bfloat16)
+        kc, vc = torch.randn(2, 2, 300, 64, dtype=torch.bfloat16), torch.randn(2, 2, 300, 64, dtype=torch.bfloat16)
+        vc[0, 1, 5, 7] = bad
+        out = posattn.attention_with_kvcache(q, kc, vc, cache_seqlens=300, backend="cpu")
+        assert torch.isnan(out[0, 2:]).all() and torch.isfinite(out[0, :2]).all() and torch.isfinite(out[1]).all()
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 def test_num_splits_agree(backend):
     """num_splits 0 (chosen), 1, 3 and 64 agree up to rounding; each fixed count is run-to-run identical."""

@@ -1691,6 +1691,17 @@ inline void prefetch_row(const void* row, int64_t bytes) {
 }
 
 #if defined(POSATTN_BF16_DOT)
+// Qᵀ of the m rows of Q [m][ldq] (D a multiple of 16) as the B operand of K·Qᵀ: pairs
+// [D/2][mpad][2] (the two bf16 of consecutive d of one query row adjacent), columns past m zero.
+inline void q_pairs_bf16(const float* Q, int64_t ldq, int64_t m, int64_t D, int64_t mpad, uint16_t* out) {
+  memset(out, 0, D * mpad * sizeof(uint16_t));
+  alignas(64) uint16_t row[256];
+  for (int64_t r = 0; r < m; ++r) {
+    to_bf16(Q + r * ldq, D, row);
+    for (int64_t i = 0; i < D / 2; ++i) memcpy(out + (i * mpad + r) * 2, row + 2 * i, 2 * sizeof(uint16_t));
+  }
+}
+
 // V rows j0 .. j0 + BN of a bf16 cache as the B operand of p·v: pairs [BN/2][Dvp][2] (the two
 // keys of a pair adjacent per column), columns past Dv zero. rows(j) is key j's row.
 template <typename Rows>
@@ -1714,6 +1725,33 @@ inline void v_pairs_bf16(Rows rows, int64_t j0, int64_t Dv, int64_t Dvp, uint16_
 }
 #endif
 
+// Scratch memory that a thread keeps from one decode task to the next. A decode task is small
+// (it reads each cached row once), and allocating its buffers (~250 KB) per task cost as much as
+// the arithmetic at short contexts: the allocator gives the memory back on free, and the next
+// task faults it in again. The contents are whatever the thread's last task left.
+class ThreadScratch {
+ public:
+  ThreadScratch() = default;
+  ThreadScratch(const ThreadScratch&) = delete;
+  ThreadScratch& operator=(const ThreadScratch&) = delete;
+  ~ThreadScratch() { free(p_); }
+  template <typename T>
+  T* get(int64_t n) {
+    const int64_t bytes = (std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64;
+    if (bytes > bytes_) {
+      free(p_);
+      p_ = aligned_alloc(64, static_cast<size_t>(bytes));
+      bytes_ = p_ ? bytes : 0;
+      if (p_ == nullptr) throw std::bad_alloc();
+    }
+    return static_cast<T*>(p_);
+  }
+
+ private:
+  void* p_ = nullptr;
+  int64_t bytes_ = 0;
+};
+
 template <DType DT>
 void decode_body(void* vctx, int64_t begin, int64_t end) {
   const DecodeArgs& d = *static_cast<const DecodeArgs*>(vctx);
@@ -1723,7 +1761,11 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
   const bool plain = base.bias_kind == BIAS_NONE && base.softcap == 0.0f;
   const int64_t k_bytes = base.D * static_cast<int64_t>(DT == DType::F32 ? 4 : 2);
   const int64_t v_bytes = base.Dv * static_cast<int64_t>(DT == DType::F32 ? 4 : 2);
-  Buffer Qs(BM * Dp), Vb(BN * Dvp, true), S(BM * BN), acc(BM * Dvp);
+  static thread_local ThreadScratch qs_mem, vb_mem, s_mem, acc_mem;
+  float* const Qs = qs_mem.get<float>(BM * Dp);
+  float* const Vb = vb_mem.get<float>(BN * Dvp);  // V rows in fp32; columns past Dv zeroed per task
+  float* const S = s_mem.get<float>(BM * BN);
+  float* const acc = acc_mem.get<float>(BM * Dvp);  // rows past the block's are never read
   float cs[128], sn[128], m_i[BM], l_i[BM];
   int32_t qp[BM];
   uint8_t bad[BN];
@@ -1737,8 +1779,13 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
   constexpr bool dot16 = DT == DType::BF16;
   const bool amx_scores = dot16 && kAmx && base.D % 32 == 0 && (!d.block_table || d.page_size % 16 == 0);
   const int64_t rows_max = G * base.L < BM ? G * base.L : BM, mpad = pad16(rows_max);
-  Buffer T(amx_scores ? BN * mpad : 1);
-  Bf16Buffer Qt16(amx_scores ? Dp * mpad : 1, true), P16(dot16 ? BM * BN : 1, true), Vp16(dot16 ? BN * Dvp : 1);
+  // (AMX multiplies whole 16-row tiles: the rows of P16 past the block's, and their products in
+  // acc, hold stale values that nothing reads)
+  static thread_local ThreadScratch t_mem, qt_mem, p16_mem, vp_mem;
+  float* const T = t_mem.get<float>(amx_scores ? BN * mpad : 1);
+  uint16_t* const Qt16 = qt_mem.get<uint16_t>(amx_scores ? Dp * mpad : 1);
+  uint16_t* const P16 = p16_mem.get<uint16_t>(dot16 ? BM * BN : 1);
+  uint16_t* const Vp16 = vp_mem.get<uint16_t>(dot16 ? BN * Dvp : 1);
   TileScope tiles(dot16 && kAmx);
 #else
   constexpr bool dot16 = false;
@@ -1760,7 +1807,7 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
     int32_t q_lo = INT32_MAX, q_hi = INT32_MIN;
     for (int64_t r = 0; r < m; ++r) {  // row r0 + r: head hk·G + (r0 + r) / L, query (r0 + r) % L
       const int64_t h = hk * G + (r0 + r) / a.L, i = (r0 + r) % a.L;
-      float* row = Qs.p + r * Dp;
+      float* row = Qs + r * Dp;
       memset(row, 0, Dp * sizeof(float));
       load_row<DT>(elem<DT>(a.q, b * a.sq_b + h * a.sq_h + i * a.sq_l), a.D, row);
       qp[r] = static_cast<int32_t>(a.q_offset + i);
@@ -1775,12 +1822,11 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
       l_i[r] = 0.0f;
     }
 #if defined(POSATTN_BF16_DOT)
-    if (amx_scores)  // Qᵀ as the B operand of K·Qᵀ: pairs [D/2][mpad][2], columns past m zero
-      for (int64_t e = 0; e < a.D; ++e)
-        for (int64_t r = 0; r < mpad; ++r)
-          Qt16.p[(e / 2) * mpad * 2 + r * 2 + e % 2] = r < m ? f32_to_bf16(Qs.p[r * Dp + e]) : 0;
+    bool q_paired = false;  // Qt16 holds this block's Qᵀ (built at its first full interior tile)
 #endif
-    memset(acc.p, 0, BM * Dvp * sizeof(float));
+    memset(acc, 0, m * Dvp * sizeof(float));
+    if (a.Dv < Dvp)
+      for (int64_t j = 0; j < BN; ++j) memset(Vb + j * Dvp + a.Dv, 0, (Dvp - a.Dv) * sizeof(float));
     // this split's share of the key tiles the block can see
     int64_t t0, t1;
     key_tile_range(a, q_lo, q_hi, (a.S + BN - 1) / BN, t0, t1);
@@ -1794,24 +1840,26 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
 #if defined(POSATTN_BF16_DOT)
       if (fast) {
         if (amx_scores) {
+          if (!q_paired) q_pairs_bf16(Qs, Dp, m, a.D, mpad, Qt16);
+          q_paired = true;
           for (int64_t g = 0; g < BN; g += 16) {  // Sᵀ [16 keys][mpad] per product
             for (int64_t j = g; j < g + 16; ++j) {  // the next group's keys, this group's values
               if (kt.j0 + j + 16 < a.S) prefetch_row(k_row(kt.j0 + j + 16), k_bytes);
               prefetch_row(v_row(kt.j0 + j), v_bytes);
             }
-            gemm_bf16(16, mpad, a.D, static_cast<const uint16_t*>(k_row(kt.j0 + g)), d.skc_s, Qt16.p, T.p + g * mpad,
+            gemm_bf16(16, mpad, a.D, static_cast<const uint16_t*>(k_row(kt.j0 + g)), d.skc_s, Qt16, T + g * mpad,
                       mpad, false);
           }
           for (int64_t r = 0; r < m; ++r)
-            for (int64_t j = 0; j < BN; ++j) S.p[r * BN + j] = T.p[j * mpad + r];
+            for (int64_t j = 0; j < BN; ++j) S[r * BN + j] = T[j * mpad + r];
         } else {
           for (int64_t j = 0; j < BN; ++j) {
             if (kt.j0 + j + DECODE_PREFETCH < a.S) prefetch_row(k_row(kt.j0 + j + DECODE_PREFETCH), k_bytes);
             prefetch_row(v_row(kt.j0 + j), v_bytes);
-            key_row_scores<DT>(k_row(kt.j0 + j), a.D, Qs.p, Dp, m, S.p + j, BN);
+            key_row_scores<DT>(k_row(kt.j0 + j), a.D, Qs, Dp, m, S + j, BN);
           }
         }
-        v_pairs_bf16(v_row, kt.j0, a.Dv, Dvp, Vp16.p);
+        v_pairs_bf16(v_row, kt.j0, a.Dv, Dvp, Vp16);
       }
 #endif
       for (int64_t j = 0; j < (fast ? 0 : kt.n); ++j) {  // the scores [rows][keys], then V's rows staged in fp32
@@ -1820,8 +1868,8 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
           prefetch_row(k_row(key + DECODE_PREFETCH), k_bytes);
           prefetch_row(v_row(key + DECODE_PREFETCH), v_bytes);
         }
-        key_row_scores<DT>(k_row(key), a.D, Qs.p, Dp, m, S.p + j, BN);
-        float* vr = Vb.p + j * Dvp;
+        key_row_scores<DT>(k_row(key), a.D, Qs, Dp, m, S + j, BN);
+        float* vr = Vb + j * Dvp;
         load_row<DT>(v_row(key), a.Dv, vr);
         // A non-finite v_j acts as a NaN score of key j in the rows that see it. Where a row may
         // not see every key of the tile, V's non-finite entries are zeroed and the scores of the
@@ -1832,7 +1880,7 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
       }
       const bool elementwise = !plain || !interior || kt.n < BN;
       for (int64_t r = 0; r < m; ++r) {
-        float* sr = S.p + r * BN;
+        float* sr = S + r * BN;
         for (int64_t j = kt.n; j < BN; ++j) sr[j] = NEG_INF;
         const int64_t h = hk * G + (r0 + r) / a.L, i = (r0 + r) % a.L;
         if (elementwise) score_row(a, b, h, i, qp[r], kt, interior, sr, nullptr);
@@ -1843,27 +1891,27 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
         if (m_new == NEG_INF) {  // nothing visible in this row yet
           for (int64_t j = 0; j < BN; ++j) sr[j] = 0.0f;
 #if defined(POSATTN_BF16_DOT)
-          if (fast) memset(P16.p + r * BN, 0, BN * sizeof(uint16_t));
+          if (fast) memset(P16 + r * BN, 0, BN * sizeof(uint16_t));
 #endif
           continue;
         }
         const float alpha = m_new == m_i[r] ? 1.0f : exp_approx(m_i[r] - m_new);
 #if defined(POSATTN_BF16_DOT)
         if (fast) {  // straight to the bf16 operand of p·v
-          l_i[r] = l_i[r] * alpha + row_exp_sum_bf16(sr, 1.0f, m_new, P16.p + r * BN);
+          l_i[r] = l_i[r] * alpha + row_exp_sum_bf16(sr, 1.0f, m_new, P16 + r * BN);
         } else
 #endif
           l_i[r] = l_i[r] * alpha + row_exp_sum(sr, 1.0f, m_new);
         m_i[r] = m_new;
-        if (alpha != 1.0f) scale_row(acc.p + r * Dvp, Dvp, alpha);
+        if (alpha != 1.0f) scale_row(acc + r * Dvp, Dvp, alpha);
       }
 #if defined(POSATTN_BF16_DOT)
       if (fast) {
-        gemm_bf16(m, Dvp, BN, P16.p, BN, Vp16.p, acc.p, Dvp, true);
+        gemm_bf16(m, Dvp, BN, P16, BN, Vp16, acc, Dvp, true);
         continue;
       }
 #endif
-      gemm(m, Dvp, kt.n, S.p, BN, 1, Vb.p, Dvp, acc.p, Dvp, true);
+      gemm(m, Dvp, kt.n, S, BN, 1, Vb, Dvp, acc, Dvp, true);
     }
     for (int64_t r = 0; r < m; ++r) {
       const int64_t h = hk * G + (r0 + r) / a.L, i = (r0 + r) % a.L;
@@ -1872,8 +1920,8 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
       float* o = d.part_out + slot * Dvp;
       float poison = 0.0f;  // NaN when the accumulator took a non-finite value (an interior tile's v)
       for (int64_t e = 0; e < a.Dv; ++e) {
-        o[e] = acc.p[r * Dvp + e] * inv;
-        poison += acc.p[r * Dvp + e] * 0.0f;
+        o[e] = acc[r * Dvp + e] * inv;
+        poison += acc[r * Dvp + e] * 0.0f;
       }
       if (poison != 0.0f || poison != poison)
         for (int64_t e = 0; e < a.Dv; ++e) o[e] = poison;

@@ -92,6 +92,7 @@ def train():
 def _spawned(rank, world, init):
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     train()
+    dist.barrier()  # no rank tears gloo down while another is still talking to it
     dist.destroy_process_group()
 
 
@@ -100,6 +101,7 @@ if __name__ == "__main__":
         dist.init_process_group("gloo")
         train()
         done = dist.get_rank() == 0
+        dist.barrier()
         dist.destroy_process_group()
     else:
         with tempfile.TemporaryDirectory() as tmp:

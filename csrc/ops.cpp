@@ -733,6 +733,7 @@ std::vector<Tensor> cpu_attention_varlen_bwd(
 // a thread's fair share of all the work (one long request among short ones): then enough splits
 // that its pieces fit that share. Each split keeps at least 4 key tiles.
 int64_t decode_splits(int64_t units, const int32_t* lens, int64_t B, int64_t added) {
+  if (units == 0) return 1;  // an empty batch or no query rows: nothing to split
   const int64_t threads = at::get_num_threads();
   int64_t longest = 0, total = 0;
   for (int64_t b = 0; b < B; ++b) {

@@ -284,6 +284,17 @@ def test_nonfinite_value_reaches_only_the_rows_that_see_it(backend):
     assert torch.isnan(out[:, :, 0]).all() and not torch.isnan(out[:, :, 1]).any()  # rows at 28 and 29
 
 
+@requires_ext
+def test_empty_batch_and_no_queries():
+    """B = 0 or L = 0 with num_splits=0 (the split choice has no tasks to divide): empty results."""
+    q, kc = torch.randn(0, 4, 1, 8), torch.zeros(0, 2, 10, 8)
+    out = posattn.attention_with_kvcache(q, kc, kc.clone(), cache_seqlens=torch.zeros(0, dtype=torch.int32),
+                                         backend="cpu")
+    assert out.shape == (0, 4, 1, 8)
+    q, kc = torch.randn(1, 4, 0, 8), torch.randn(1, 2, 10, 8)
+    assert posattn.attention_with_kvcache(q, kc, kc.clone(), cache_seqlens=3, backend="cpu").shape == (1, 4, 0, 8)
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 def test_torch_compile_fullgraph(backend):
     """torch.compile(fullgraph=True) traces the mutating op; the caches are updated as in eager mode."""

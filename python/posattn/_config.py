@@ -22,11 +22,20 @@ Environment knobs (read at call time, so tests can set them with ``monkeypatch``
 ``POSATTN_AUTOTUNE``
     "0" gives every Triton kernel one fixed tile config per kernel and head dim, whatever the GPU
     (capability), dtype and flags: reproducible CI runs and benchmarks. Default: the tile
-    tables per capability (sm_80, sm_90), keyed by kernel, head dim, dtype and flags.
+    tables per capability (sm_80, sm_90), keyed by kernel, head dim, dtype and flags, and for
+    the plain kernels (no position spec) a timed choice among a few candidate tiles, once
+    per process and key (see :func:`tile_candidates`, ``triton_kernels/_autotune.py``).
 ``POSATTN_MASK_ALL_TILES``
     "1" runs the interior tiles of the Triton kernels (every pair in bounds and visible)
     through the masked path of the boundary tiles too. For tests and debugging: both paths
     must give bitwise the same results.
+``POSATTN_TMA``
+    "1" loads the interior tiles' operands of the Triton attention kernels through TMA
+    tensor descriptors (Hopper's bulk tensor copies), "0" through pointers (async copies).
+    Default: TMA on sm_90 and newer GPUs when the installed Triton has host-side tensor
+    descriptors, pointers elsewhere and in the interpreter (where "1" tests the descriptor
+    path). Either way only inputs whose layout a descriptor can describe use one (see
+    :func:`posattn.triton_kernels.attention.tma_operands`).
 ``TRITON_INTERPRET``
     "1" runs the Triton kernels on CPU tensors through Triton's interpreter (slow; for
     tests). Must be set before ``posattn.triton_kernels`` is first imported.
@@ -67,6 +76,19 @@ def poison_allocations() -> bool:
 
 def mask_all_tiles() -> bool:
     return env_flag("POSATTN_MASK_ALL_TILES")
+
+
+def tma(capability, interpret: bool) -> bool:
+    """Whether the Triton attention kernels load interior tiles through TMA descriptors
+    (``POSATTN_TMA``; default: on sm_90+, off below and in the interpreter)."""
+    value = os.environ.get("POSATTN_TMA", "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value:
+        raise ValueError(f"POSATTN_TMA={value!r}: set it to 1 (TMA descriptors), 0 (pointers) or leave it unset")
+    return not interpret and capability is not None and tuple(capability) >= (9, 0)
 
 
 def triton_interpret() -> bool:
@@ -190,6 +212,35 @@ _INTERPRET = TileConfig(64, 64, 4, 1)
 KERNELS = ("fwd", "dkdv", "dq")
 
 
+# Autotuning (POSATTN_AUTOTUNE unset or "1"): the plain kernels (no position spec, mask,
+# dropout or softcap; any causal flag / window) on a GPU time these tiles against their table
+# entry on the first call of each key and keep the fastest. Every candidate compiles without
+# spills, within sm_86's 99 KB (sm_80 table), pipelined, and with TMA on sm_90 where the table's
+# does (python -m bench.gpu_report --candidates; tests/test_gpu_report.py compiles each one).
+# Rejected: sm_80 dQ D=128 (32, 64, 4, 2) spilled 1/1; sm_90 forward D=128 (128, 128, 8, 2) 8/8,
+# (64, 128, 4, 2) 14/15 (causal).
+_SM80_ALTERNATIVES = {
+    ("fwd", 64): (TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 3)),
+    ("fwd", 128): (TileConfig(64, 64, 4, 3), TileConfig(128, 32, 8, 2)),
+    ("dkdv", 64): (TileConfig(32, 32, 4, 3),),
+    ("dkdv", 128): (TileConfig(32, 32, 4, 2),),
+    ("dq", 64): (TileConfig(32, 64, 4, 2),),
+    ("dq", 128): (TileConfig(32, 64, 8, 2), TileConfig(64, 32, 4, 2)),
+}
+_SM90_ALTERNATIVES = {
+    ("fwd", 64): (TileConfig(64, 64, 4, 4), TileConfig(128, 128, 8, 2)),
+    ("fwd", 128): (TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)),
+    # dK/dV at D = 128: (16, 64, 4, 3) spilled 20/20, (32, 64, 4, 2) 44/46, and 8 warps on 64
+    # keys computed every score twice (wgmma: 64 rows per warpgroup), so the table's alone
+    ("dkdv", 64): (TileConfig(16, 64, 4, 3),),
+    ("dq", 64): (TileConfig(128, 64, 8, 2),),
+    ("dq", 128): (TileConfig(64, 64, 4, 2),),
+}
+# The interpreter has none (its one config serves every kernel); the tests put some here to
+# run the timed choice through the interpreter.
+_INTERPRET_ALTERNATIVES: tuple = ()
+
+
 def gpu_table(capability) -> dict:
     """The tile table that a GPU of ``capability`` (major, minor) uses."""
     return _SM90 if tuple(capability) >= (9, 0) else _SM80
@@ -226,6 +277,22 @@ def tile_config(kind: str, head_dim: int, interpret: bool, capability=(8, 0), dt
         if (kind, d, variant) in table:
             return table[kind, d, variant]
     return table[kind, d]
+
+
+def tile_candidates(kind: str, head_dim: int, interpret: bool, capability=(8, 0), dtype="float16",
+                    flags=(), plain=False) -> tuple:
+    """The tiles a timed choice picks from: :func:`tile_config`'s first, then the
+    alternatives for ``plain`` kernels (no position spec or mask, flags at most "causal")
+    when autotuning is on. One config means no choice."""
+    first = tile_config(kind, head_dim, interpret, capability, dtype, flags)
+    if not autotune() or not plain or set(flags) - {"causal"}:
+        return (first,)
+    if interpret:
+        alternatives = _INTERPRET_ALTERNATIVES
+    else:
+        table = _SM90_ALTERNATIVES if tuple(capability) >= (9, 0) else _SM80_ALTERNATIVES
+        alternatives = table.get((kind, padded_head_dim(head_dim)), ())
+    return (first, *(c for c in alternatives if c != first))
 
 
 def autotune() -> bool:

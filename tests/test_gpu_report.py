@@ -145,6 +145,10 @@ def test_capability_tables(monkeypatch):
     assert _config.tile_config("dkdv", 64, False, capability=(9, 0)) == _config._SM90["dkdv", 64]
     assert (_config.tile_config("dq", 128, False, capability=(9, 0), flags=("causal", "rotary"))
             == _config._SM90["dq", 128, "rotary"])
+    assert (_config.tile_config("dq", 128, False, capability=(9, 0), flags=("xpos", "rotary", "causal"))
+            == _config._SM90["dq", 128, "xpos"])
+    assert (_config.tile_config("fwd", 64, False, capability=(8, 0), flags=("table", "bias"))
+            == _config._SM80["fwd", 64, "table"])
     assert _config.tile_config("fwd", 64, True, capability=(9, 0), flags=("rotary",)) == _config._INTERPRET
     monkeypatch.setenv("POSATTN_AUTOTUNE", "0")
     for kind in _config.KERNELS:

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from posattn import _config
-from posattn.positions import BIAS_ALIBI, BIAS_MANHATTAN, BIAS_NONE, ROPE_ANGLES, ROPE_NONE, KernelPositions
+from posattn.positions import (BIAS_ALIBI, BIAS_MANHATTAN, BIAS_NONE, BIAS_RELATIVE, BIAS_T5, ROPE_ANGLES, ROPE_NONE,
+                               ROPE_XPOS, KernelPositions)
 
 from . import _autotune, _compat
 from ._common import (LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, angle_grad, bias_operand, bias_tile,
@@ -997,9 +998,11 @@ def _choose_tiles(kind, q, causal, kp, sizes, cx, plain, launch):
     ``sizes``: (B, H, L, S)."""
     interpret = _config.triton_interpret() and _CAPTURE.get() is None
     capability = None if interpret else _capability(q.device)
-    flags = [name for name, on in (("rotary", kp.rope_kind != ROPE_NONE), ("bias", kp.bias_kind != BIAS_NONE),
-                                   ("urpe", kp.urpe_table is not None), ("causal", causal),
-                                   ("varlen", cx["VARLEN"])) if on]
+    flags = [name for name, on in (("xpos", kp.rope_kind == ROPE_XPOS), ("angles", kp.rope_kind == ROPE_ANGLES),
+                                   ("rotary", kp.rope_kind != ROPE_NONE),
+                                   ("table", kp.bias_kind in (BIAS_RELATIVE, BIAS_T5)),
+                                   ("bias", kp.bias_kind != BIAS_NONE), ("urpe", kp.urpe_table is not None),
+                                   ("causal", causal), ("varlen", cx["VARLEN"])) if on]
     candidates = _config.tile_candidates(kind, max(cx["BLOCK_D"], cx["BLOCK_DV"]), interpret, capability=capability,
                                          dtype=q.dtype, flags=flags, plain=plain)
     capture = _CAPTURE.get()

@@ -16,7 +16,9 @@
 #   3. pytest -m gpu_smoke (the Triton kernels on the GPU, forward and backward, every position
 #      spec; tests/conftest.py GPU_SMOKE) with a JUnit XML report;
 #   4. python -m bench --device cuda --quick, one case at a time, so that a case cut off by the
-#      time budget loses only itself: CSV rows and one PNG per case.
+#      time budget loses only itself: CSV rows and one PNG per case;
+#   5. the plain case again with POSATTN_TMA=0 (pointer loads instead of TMA descriptors on
+#      sm_90), into $OUT/pointers: its ratio to SDPA against step 4's says whether TMA pays.
 # Everything goes to $OUT when that variable is set (else bench/results/): gpu_check.log,
 # gpu_smoke.xml, bench.csv, <case>.png. PYTHON picks the interpreter (default: python3).
 set -uo pipefail
@@ -32,7 +34,7 @@ for arg in "$@"; do
     --no-tests) RUN_TESTS=0 ;;
     --no-bench) RUN_BENCH=0 ;;
     --with-cpu) WITH_CPU=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -99,6 +101,13 @@ if [ "$RUN_BENCH" = 1 ]; then
     rc=$?
     [ $rc -ne 0 ] && { echo "gpu_check: bench $case FAILED (exit $rc$([ $rc = 124 ] && echo ': out of time'))"; status=1; }
   done
+  t=$(left)
+  if [ "$t" -ge 20 ]; then
+    step "POSATTN_TMA=0 python -m bench --device cuda --quick --only plain (pointer loads, for the TMA A/B)"
+    mkdir -p "$OUTDIR/pointers"
+    POSATTN_TMA=0 timeout "$t" "$PY" -m bench --device cuda --quick --only plain --out "$OUTDIR/pointers" \
+      || { echo "gpu_check: bench plain with POSATTN_TMA=0 FAILED"; status=1; }
+  fi
 fi
 
 step "done: exit $status; log, CSV and plots in $OUTDIR"

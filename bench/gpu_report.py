@@ -1,6 +1,6 @@
 """Ahead-of-time GPU code report of the Triton attention kernels: no GPU needed.
 
-    python -m bench.gpu_report [--arch 80 90] [--head-dim 64 128 256] [--dtype fp16 bf16]
+    python -m bench.gpu_report [--arch 80 90] [--head-dim 64 128 256] [--dtype fp16 bf16] [--candidates]
                                [--causal 0 1] [--spec none rope ...] [--kernel fwd pre dkdv dq]
                                [--quick] [--jobs 2] [--out bench/results/gpu_report.csv]
 
@@ -13,11 +13,12 @@ with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)``. From the cubin, wit
 tensor-core instructions (HMMA; HGMMA = wgmma on sm_90); and the main loops (innermost SASS
 loops with tensor-core work): instructions per iteration of the interior (shortest) and
 boundary (longest) loop, the interior loop's MMA, EX2 and async-copy / TMA instructions
-(LDGSTS, UTMALDG), and "pipelined" when every main loop issues async copies or TMA. A table
-goes to stdout, CSV rows (with machine, versions and git sha) to ``--out``; ``--check``
+(LDGSTS, UTMALDG) and TMA loads alone, and "pipelined" when every main loop issues async
+copies or TMA. A table goes to stdout, CSV rows (with machine, versions and git sha) to ``--out``; ``--check``
 exits 1 when a kernel spills, overflows shared memory, (all but the preprocess kernel) lacks
 tensor cores, or when an attention kernel's main loop is not pipelined (no position spec,
-RoPE) or its interior loop misses LOOP_TARGETS (no position spec).
+RoPE) or its interior loop misses LOOP_TARGETS (no position spec), or when an sm_90 forward /
+dQ interior loop (no position spec) reads K and V without TMA while POSATTN_TMA is on.
 
 Specs: none, rope (RoPE), xpos, angles (RotaryAngles, with their gradient), alibi,
 relative (RelativeBias), t5, manhattan (ManhattanDecay), urpe, varlen (no spec, a packed
@@ -78,6 +79,10 @@ SM86_SHARED_LIMIT = 99 * 1024
 # forward: 522 at sm_90 D=64, 364 at D=128).
 ATTENTION_KERNELS = ("fwd", "dkdv", "dq")
 PIPELINED_SPECS = ("none", "rope", "varlen")  # "varlen": plain kernels on a packed batch (VARLEN)
+# With POSATTN_TMA on (sm_90's default), these kernels' plain interior loops read K and V
+# through TMA descriptors (UTMALDG); the dK/dV kernel keeps async copies (see
+# triton_kernels/attention.py: _tma_descriptors).
+TMA_KERNELS = ("fwd", "dq")
 LOOP_TARGETS = {("fwd", 90, 64): 560, ("fwd", 90, 128): 400, ("dq", 90, 64): 320, ("dq", 90, 128): 420,
                 ("dkdv", 90, 64): 380, ("dkdv", 90, 128): 520, ("fwd", 80, 64): 700, ("fwd", 80, 128): 530}
 # The shapes the launches are recorded with: no size is 1 and every stride is a multiple of
@@ -94,11 +99,13 @@ class Case:
     causal: bool
     spec: str
     kernel: str
+    candidate: int = 0  # the i-th tile config autotuning may choose (0: the tile table's)
 
     @property
     def name(self):
         flags = "causal" if self.causal else "-"
-        return f"{self.kernel} sm_{self.arch} D={self.head_dim} {self.dtype} {flags} {self.spec}"
+        tiles = f" candidate {self.candidate}" if self.candidate else ""
+        return f"{self.kernel} sm_{self.arch} D={self.head_dim} {self.dtype} {flags} {self.spec}{tiles}"
 
 
 @dataclass
@@ -109,6 +116,7 @@ class Row:
     dtype: str
     causal: bool
     spec: str
+    candidate: int
     block_m: int
     block_n: int
     num_warps: int
@@ -123,14 +131,15 @@ class Row:
     hgmma: int
     # main loops (innermost SASS loops with tensor-core work): how many, the instructions per
     # iteration of the shortest (the interior loop) and the longest (the boundary loop), the
-    # interior loop's MMA / EX2 / async-copy (LDGSTS) + TMA (UTMALDG) counts, and whether every
-    # main loop issues async copies or TMA (software-pipelined)
+    # interior loop's MMA / EX2 / async-copy (LDGSTS) + TMA (UTMALDG) counts and, of those, its
+    # TMA loads, and whether every main loop issues async copies or TMA (software-pipelined)
     loops: int
     loop_insts: int
     boundary_insts: int
     loop_mma: int
     loop_ex2: int
     loop_async: int
+    loop_tma: int
     pipelined: bool
     compile_s: float
 
@@ -226,9 +235,10 @@ def record_decode_launches(arch, head_dim, dtype, causal):
     return {name: (kernel, args, kwargs) for name, (kernel, _grid, args, kwargs) in zip(DECODE_KERNELS, launches)}
 
 
-def record_launches(arch, head_dim, dtype, causal, spec):
+def record_launches(arch, head_dim, dtype, causal, spec, candidate=0):
     """{kernel name: (JITFunction, args, kwargs)} that attn_fwd / attn_bwd launch on sm_<arch>
-    (for spec "kernelized": kernelized attention's launchers)."""
+    with their ``candidate``-th tile config (for spec "kernelized": kernelized attention's
+    launchers)."""
     import torch
 
     from posattn.positions import kernel_positions
@@ -248,7 +258,7 @@ def record_launches(arch, head_dim, dtype, causal, spec):
         q, k, v, do = (torch.empty(B * N, H, head_dim, dtype=torch_dtype) for _ in range(4))
         cu = torch.arange(0, B * N + 1, N, dtype=torch.int32)
         common["varlen"] = (cu, cu)
-    with attention.capture_launches((arch // 10, arch % 10)) as launches:
+    with attention.capture_launches((arch // 10, arch % 10), candidate) as launches:
         out, lse = attention.attn_fwd(q, k, v, **common)
         attention.attn_bwd(do, q, k, v, out, lse, None, mask_grad=False, grads=grads, **common)
     names = {attention._attn_fwd_kernel: "fwd", attention._attn_bwd_preprocess_kernel: "pre",
@@ -312,7 +322,7 @@ def loop_stats(instructions):
         ops = [op for _, op, _ in instructions[a:b + 1] if op != "NOP"]
         base = [op.split(".")[0] for op in ops]
         out.append(dict(insts=len(ops), mma=sum(o in _MMA for o in base), ex2=sum(o == "MUFU.EX2" for o in ops),
-                        async_=sum(o in _ASYNC for o in base)))
+                        async_=sum(o in _ASYNC for o in base), tma=base.count("UTMALDG")))
     return out
 
 
@@ -336,18 +346,19 @@ def sass_stats(cubin):
         if op in count:
             count[op] += 1
     loops = loop_stats(instructions)
-    inner = min(loops, key=lambda lp: lp["insts"], default=dict(insts=0, mma=0, ex2=0, async_=0))
+    inner = min(loops, key=lambda lp: lp["insts"], default=dict(insts=0, mma=0, ex2=0, async_=0, tma=0))
     # Spilled registers live in the per-thread stack frame (local memory).
     return dict(registers=value["REG"], stack_bytes=value["STACK"] + value["LOCAL"], spill_stores=count["STL"],
                 spill_loads=count["LDL"], hmma=count["HMMA"], hgmma=count["HGMMA"], loops=len(loops),
                 loop_insts=inner["insts"], boundary_insts=max((lp["insts"] for lp in loops), default=0),
                 loop_mma=inner["mma"], loop_ex2=inner["ex2"], loop_async=inner["async_"],
-                pipelined=bool(loops) and all(lp["async_"] > 0 for lp in loops))
+                loop_tma=inner["tma"], pipelined=bool(loops) and all(lp["async_"] > 0 for lp in loops))
 
 
 def run_case(case: Case) -> Row:
     """Record, compile and measure one kernel of one configuration (runs in a worker)."""
-    kernel, args, kwargs = record_launches(case.arch, case.head_dim, case.dtype, case.causal, case.spec)[case.kernel]
+    kernel, args, kwargs = record_launches(case.arch, case.head_dim, case.dtype, case.causal, case.spec,
+                                           case.candidate)[case.kernel]
     start = time.perf_counter()
     compiled = compile_launch(kernel, args, kwargs, case.arch)
     seconds = time.perf_counter() - start
@@ -384,6 +395,20 @@ def cases(archs, head_dims, dtypes, causals, specs, kernels):
     return out
 
 
+def candidate_cases(todo):
+    """The alternative tile configs autotuning may choose (``_config.tile_candidates``) for
+    the plain attention kernels among ``todo``: one case per candidate after the first."""
+    from posattn import _config
+    out = []
+    for case in todo:
+        if case.spec != "none" or case.kernel not in ATTENTION_KERNELS or case.candidate:
+            continue
+        n = len(_config.tile_candidates(case.kernel, case.head_dim, False, capability=(case.arch // 10, case.arch % 10),
+                                        dtype=case.dtype, flags=("causal",) if case.causal else (), plain=True))
+        out.extend(Case(**{**asdict(case), "candidate": i}) for i in range(1, n))
+    return out
+
+
 def _worker_init(cache_dir, env):
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ["TRITON_CACHE_DIR"] = cache_dir  # fresh unless the caller keeps one: real compile seconds
@@ -414,12 +439,13 @@ def measure(todo, jobs=2, progress=print, env=None, cache_dir=None):
 
 
 _COLUMNS = (("kernel", "kernel", "{}"), ("arch", "arch", "sm_{}"), ("head_dim", "D", "{}"), ("dtype", "dtype", "{}"),
-            ("causal", "causal", "{:d}"), ("spec", "spec", "{}"), ("block_m", "BM", "{}"), ("block_n", "BN", "{}"),
+            ("causal", "causal", "{:d}"), ("spec", "spec", "{}"), ("candidate", "cand", "{}"), ("block_m", "BM", "{}"), ("block_n", "BN", "{}"),
             ("num_warps", "warps", "{}"), ("num_stages", "stages", "{}"), ("registers", "regs", "{}"),
             ("spill_stores", "STL", "{}"), ("spill_loads", "LDL", "{}"), ("stack_bytes", "stack", "{}"),
             ("shared_bytes", "smem", "{}"), ("hmma", "HMMA", "{}"), ("hgmma", "HGMMA", "{}"), ("loops", "loops", "{}"),
             ("loop_insts", "insts/it", "{}"), ("boundary_insts", "bnd/it", "{}"), ("loop_mma", "MMA/it", "{}"),
-            ("loop_ex2", "EX2/it", "{}"), ("loop_async", "async/it", "{}"), ("pipelined", "pipelined", "{:d}"),
+            ("loop_ex2", "EX2/it", "{}"), ("loop_async", "async/it", "{}"), ("loop_tma", "TMA/it", "{}"),
+            ("pipelined", "pipelined", "{:d}"),
             ("compile_s", "s", "{}"))
 
 
@@ -456,17 +482,28 @@ def write_csv(rows, path):
             writer.writerow({**asdict(row), **context})
 
 
+def tma_on():
+    """Whether the launchers give sm_90 kernels TMA descriptors (POSATTN_TMA, this Triton)."""
+    from posattn import _config
+    from posattn.triton_kernels import _compat
+    return _compat.host_tensor_descriptor() is not None and _config.tma((9, 0), False)
+
+
 def problems(row, loops=True):
     """What the acceptance rule says about one row: no spills, shared memory within the
     target (sm_80's attention kernels: within sm_86's 99 KB), tensor cores in every kernel
     that multiplies tiles (all but NO_MMA's) and, with ``loops``, pipelined main loops
-    (PIPELINED_SPECS) and the interior-loop instruction targets (LOOP_TARGETS)."""
+    (PIPELINED_SPECS), the interior-loop instruction targets (LOOP_TARGETS, for the tile
+    tables' configs: an autotuning candidate may take more instructions for fewer scores) and TMA loads in
+    the sm_90 interior loops of TMA_KERNELS (plain kernels, when :func:`tma_on`)."""
     out = []
     if loops and row.kernel in ATTENTION_KERNELS and row.spec in PIPELINED_SPECS and not row.pipelined:
         out.append(f"main loops not software-pipelined (no LDGSTS / UTMALDG in one of its {row.loops} loops)")
     target = LOOP_TARGETS.get((row.kernel, row.arch, row.head_dim))
-    if loops and target is not None and row.spec in ("none", "varlen") and row.loop_insts > target:
+    if loops and target is not None and row.spec in ("none", "varlen") and not row.candidate and row.loop_insts > target:
         out.append(f"interior loop {row.loop_insts} instructions per iteration > target {target}")
+    if loops and row.kernel in TMA_KERNELS and row.arch >= 90 and row.spec == "none" and not row.loop_tma and tma_on():
+        out.append("interior loop reads K / V without TMA (POSATTN_TMA is on for sm_90)")
     if row.arch == 80 and row.kernel in (*ATTENTION_KERNELS, "decode") and row.shared_bytes > SM86_SHARED_LIMIT:
         out.append(f"{row.shared_bytes} B shared > {SM86_SHARED_LIMIT} (sm_86 / sm_89 run the sm_80 tiles)")
     if row.spill_stores or row.spill_loads or row.stack_bytes:
@@ -490,6 +527,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="the main configs only: D 64 and 128, no position spec, RoPE and kernelized attention "
                              "(overrides --head-dim, --spec)")
+    parser.add_argument("--candidates", action="store_true",
+                        help="also compile the alternative tiles that autotuning may choose for the plain kernels")
     parser.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="compile worker processes (default 2)")
     parser.add_argument("--out", default=str(_REPO / "bench" / "results" / "gpu_report.csv"))
     parser.add_argument("--check", action="store_true",
@@ -502,6 +541,8 @@ def main(argv=None):
                          f"backend='reference')")
     head_dims, specs = ((64, 128), ("none", "rope", "kernelized")) if args.quick else (args.head_dim, args.spec)
     todo = cases(args.arch, head_dims, args.dtype, [bool(c) for c in args.causal], specs, args.kernel)
+    if args.candidates:
+        todo += candidate_cases(todo)
     print(f"compiling {len(todo)} kernels for {', '.join(f'sm_{a}' for a in args.arch)} "
           f"with {args.jobs} worker(s)", flush=True)
     rows = measure(todo, args.jobs, progress=lambda line: print(line, flush=True))
@@ -510,7 +551,8 @@ def main(argv=None):
     print(f"wrote {args.out}")
     bad = [(row, p) for row in rows if (p := problems(row))]
     for row, p in bad:
-        print(f"{row.kernel} sm_{row.arch} D={row.head_dim} {row.dtype} causal={row.causal:d} {row.spec}: "
+        tiles = f" candidate {row.candidate}" if row.candidate else ""
+        print(f"{row.kernel} sm_{row.arch} D={row.head_dim} {row.dtype} causal={row.causal:d} {row.spec}{tiles}: "
               f"{'; '.join(p)}")
     if args.check and bad:
         sys.exit(1)

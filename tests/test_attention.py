@@ -799,6 +799,38 @@ def test_nonfinite_value_on_interior_tiles(kw, value, device, backend):
                      r.float().masked_fill(nan.to(r.device), 0))
 
 
+def _run_paths(c, monkeypatch, env_a, env_b, dtype=torch.float32):
+    """Forward and backward of case ``c`` on the Triton backend under two settings of
+    environment knobs: both runs' outputs and gradients, from the same inputs and seeds."""
+    from conftest import DEVICE
+    q, k, v, _ = make_inputs(c, dtype, DEVICE)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    kw = positions_for(c.kw, DEVICE)
+    spec = {name: t.float() for name, (t, _) in c.spec[1](DEVICE).items()} if c.spec else {}
+    dout = torch.randn(c.B, c.H, c.L, c.Dv, device=DEVICE).to(dtype)
+
+    def run_path(env):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        torch.manual_seed(5)  # the dropout seed
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        params = {name: t.clone().requires_grad_() for name, t in spec.items()}
+        out, lse = posattn.attention(*leaves, backend="triton", return_lse=True,
+                                     **(c.spec[2](params) if c.spec else {}), **kw)
+        ((out.float() * dout.float()).sum() + lse.sum()).backward()
+        return {"out": out, "lse": lse, **{f"d{n}": t.grad for n, t in zip("qkv", leaves)},
+                **{f"d{n}": t.grad for n, t in params.items()}}
+
+    return run_path(env_a), run_path(env_b)
+
+
+def _assert_equal_paths(c, a, b, what):
+    for name in a:
+        assert not torch.isnan(a[name]).any(), f"{c.id} {name}: NaN"
+        assert torch.equal(a[name], b[name]), (
+            f"{c.id} {name}: {what} differ by {(a[name] - b[name]).abs().max().item():.3e}")
+
+
 # Interior tiles (every (query, key) pair in bounds and visible, no attn_mask) run without any
 # masking; POSATTN_MASK_ALL_TILES=1 sends them through the boundary tiles' masked path instead.
 # The two paths must agree bitwise. The interpreter's tiles are 64 × 64, so these shapes mix
@@ -820,26 +852,97 @@ def test_nonfinite_value_on_interior_tiles(kw, value, device, backend):
     Case(L=128, S=192, D=16, spec=table_spec("t5", posattn.T5Bias, 32), kw={"causal": True, "q_pos": 64}),
 ], ids=lambda c: c.id)
 def test_interior_and_boundary_paths_agree_bitwise(c, monkeypatch):
-    from conftest import DEVICE
-    q, k, v, _ = make_inputs(c, torch.float32, DEVICE)
-    kw = positions_for(c.kw, DEVICE)
-    spec = {name: t.float() for name, (t, _) in c.spec[1](DEVICE).items()} if c.spec else {}
-    dout = torch.randn(c.B, c.H, c.L, c.Dv, device=DEVICE)
+    interior, boundary = _run_paths(c, monkeypatch, {"POSATTN_MASK_ALL_TILES": "0"}, {"POSATTN_MASK_ALL_TILES": "1"})
+    _assert_equal_paths(c, interior, boundary, "interior and boundary paths")
 
-    def run_path(mask_all):
-        monkeypatch.setenv("POSATTN_MASK_ALL_TILES", "1" if mask_all else "0")
-        torch.manual_seed(5)  # the dropout seed
+
+# The forward's and dQ's interior tiles read K and V through TMA descriptors (POSATTN_TMA;
+# the default on sm_90) or through pointers: the same values reach the same arithmetic, so the
+# results agree bitwise. Ragged L / S and a padded head dim (D = 40: the descriptor zero-fills
+# columns 40..63), GQA, a T5 bias on interior tiles, a transposed (B, L, H, D) layout,
+# Dv ≠ D, a window, and fp16.
+@pytest.mark.parametrize("c,dtype", [
+    (Case(H=4, Hkv=2, L=130, S=200, D=40, kw={"causal": True, "q_pos": 70}), torch.float32),
+    (Case(L=128, S=192, D=32, Dv=16, blhd=True, spec=table_spec("t5", posattn.T5Bias, 32), kw={"causal": True}),
+     torch.float32),
+    (Case(L=128, S=130, D=64, kw={"window": (200, 70)}), torch.float16),
+], ids=lambda x: x.id if isinstance(x, Case) else str(x).removeprefix("torch."))
+def test_tma_and_pointer_paths_agree_bitwise(c, dtype, monkeypatch):
+    from posattn.positions import KernelPositions
+    from posattn.triton_kernels import attention
+    monkeypatch.setenv("POSATTN_TMA", "1")
+    k = torch.empty(c.B, c.Hkv, c.S, c.D, dtype=dtype)
+    assert attention._tma_descriptors(k, None, KernelPositions(), (k, 64, 64)) is not None, "no TMA path"
+    tma, pointers = _run_paths(c, monkeypatch, {"POSATTN_TMA": "1"}, {"POSATTN_TMA": "0"}, dtype)
+    _assert_equal_paths(c, tma, pointers, "TMA and pointer paths")
+
+
+def test_tma_descriptors_only_for_layouts_tma_reads(monkeypatch):
+    """Descriptors need a 16-byte aligned base and strides and a unit last stride: other
+    layouts (and packed batches, rotary specs, POSATTN_TMA=0) keep pointers; a bad knob
+    value raises."""
+    from posattn.positions import KernelPositions, kernel_positions
+    from posattn.triton_kernels import attention
+    x = torch.empty(2, 3, 50, 40)
+    kp = KernelPositions()
+    monkeypatch.setenv("POSATTN_TMA", "1")
+    descs = attention._tma_descriptors(x, None, kp, (x, 64, 64), (x[..., :32], 32, 32))
+    assert [d.block_shape for d in descs] == [[1, 1, 64, 64], [1, 1, 32, 32]]
+    assert list(descs[1].shape) == [2, 3, 50, 32] and list(descs[1].strides) == [6000, 2000, 40, 1]
+    assert attention._tma_descriptors(x, None, kp, (torch.empty(2, 3, 50, 18), 64, 32)) is None  # 72-byte rows
+    assert attention._tma_descriptors(x, None, kp, (x[..., 1:], 64, 64)) is None  # base 4 bytes off
+    assert attention._tma_descriptors(x, None, kp, (x.transpose(2, 3), 64, 64)) is None  # last stride 40
+    assert attention._tma_descriptors(x, None, kp, (x[:, :, :0], 64, 64)) is None  # an empty dim
+    assert attention._tma_descriptors(x, (None, None), kp, (x, 64, 64)) is None  # a packed batch
+    rope = kernel_positions(posattn.RoPE(), None, None, x, x, 0, 0)
+    assert attention._tma_descriptors(x, None, rope, (x, 64, 64)) is None  # keys rotated on load
+    monkeypatch.setenv("POSATTN_TMA", "0")
+    assert attention._tma_descriptors(x, None, kp, (x, 64, 64)) is None
+    monkeypatch.setenv("POSATTN_TMA", "maybe")
+    with pytest.raises(ValueError, match="POSATTN_TMA='maybe'"):
+        attention._tma_descriptors(x, None, kp, (x, 64, 64))
+
+
+def test_autotune_times_each_key_once_and_keeps_the_fastest(monkeypatch):
+    """A plain call (no position spec, mask or dropout) times every candidate tile config of
+    each kernel on its key's first call and launches the fastest; later calls of that key and
+    calls with a position spec time nothing. The interpreter has no alternatives of its own:
+    the test gives it one (32 × 32 tiles) and a timer under which the second candidate wins."""
+    from posattn import _config
+    from posattn.triton_kernels import _autotune
+    alt = _config.TileConfig(32, 32, 4, 1)
+    timed = []
+
+    def fake_time(fn, device, reps=3):
+        fn()
+        timed.append(len(timed))
+        return 2.0 if len(timed) % 2 else 1.0  # each kernel's first candidate 2.0, its second 1.0
+
+    q, k, v = (torch.randn(2, 2, 70, 16) for _ in range(3))
+
+    def run(**kw):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        params = {name: t.clone().requires_grad_() for name, t in spec.items()}
-        out, lse = posattn.attention(*leaves, backend="triton", return_lse=True,
-                                     **(c.spec[2](params) if c.spec else {}), **kw)
-        ((out * dout).sum() + lse.sum()).backward()
-        return {"out": out, "lse": lse, **{f"d{n}": t.grad for n, t in zip("qkv", leaves)},
-                **{f"d{n}": t.grad for n, t in params.items()}}
+        out = posattn.attention(*leaves, backend="triton", causal=True, **kw)
+        out.backward(torch.ones_like(out))
+        return [out, *(t.grad for t in leaves)]
 
-    interior, boundary = run_path(False), run_path(True)
-    for name in interior:
-        assert not torch.isnan(interior[name]).any(), f"{c.id} {name}: NaN"
-        assert torch.equal(interior[name], boundary[name]), (
-            f"{c.id} {name}: interior and boundary paths differ by "
-            f"{(interior[name] - boundary[name]).abs().max().item():.3e}")
+    _autotune.clear()
+    monkeypatch.setattr(_autotune, "time_launch", fake_time)
+    monkeypatch.setattr(_config, "_INTERPRET_ALTERNATIVES", (alt,))
+    monkeypatch.setenv("POSATTN_AUTOTUNE", "1")
+    try:
+        tuned = run()
+        assert len(timed) == 6  # fwd, dK/dV, dQ: two candidates each
+        assert sorted(key[0] for key in _autotune._BEST) == ["dkdv", "dq", "fwd"]
+        assert set(_autotune._BEST.values()) == {alt}
+        again = run()
+        run(rope=posattn.RoPE())
+        assert len(timed) == 6, "a known key or a call with a position spec was timed"
+        monkeypatch.setattr(_config, "_INTERPRET", alt)  # what the chosen config computes
+        monkeypatch.setattr(_config, "_INTERPRET_ALTERNATIVES", ())
+        _autotune.clear()
+        alone = run()
+    finally:
+        _autotune.clear()
+    for a, b, c in zip(tuned, again, alone):
+        assert torch.equal(a, c) and torch.equal(b, c)

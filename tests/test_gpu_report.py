@@ -36,6 +36,11 @@ MAIN += [Case(arch, d, dtype, False, "none", kernel)
 # Packed batches (attention_varlen): the same kernels with VARLEN, causal, both targets.
 MAIN += [Case(arch, d, dtype, True, "varlen", kernel)
          for arch, dtype in ((80, "fp16"), (90, "bf16")) for d in HEAD_DIMS for kernel in KERNELS]
+# The alternative tiles autotuning may pick for the plain kernels (the table's entry is in
+# MAIN): causal and not, one dtype per target.
+CANDIDATES = gpu_report.candidate_cases([Case(arch, d, dtype, causal, "none", kernel)
+                                         for arch, dtype in ((80, "fp16"), (90, "bf16")) for d in HEAD_DIMS
+                                         for causal in (False, True) for kernel in KERNELS])
 # POSATTN_AUTOTUNE=0's fixed config must hold up too (it ignores dtype and flags).
 FIXED = [Case(arch, d, "fp16", False, "none", kernel) for arch in (80, 90) for d in HEAD_DIMS for kernel in KERNELS]
 # Kernelized attention's kernels (feature map, outer product, contractions): no tensor-core
@@ -69,12 +74,14 @@ def fixed_report():
 
 
 def _params(cases):
-    return [pytest.param(c, id=f"{c.kernel}-sm{c.arch}-D{c.head_dim}-{c.dtype}{'-causal' if c.causal else ''}-{c.spec}")
+    return [pytest.param(c, id=f"{c.kernel}-sm{c.arch}-D{c.head_dim}-{c.dtype}{'-causal' if c.causal else ''}-{c.spec}"
+                            f"{f'-candidate{c.candidate}' if c.candidate else ''}")
             for c in cases]
 
 
 def _check(row, loops=True):
     label = (f"{row.kernel} sm_{row.arch} D={row.head_dim} {row.dtype} causal={row.causal} {row.spec} "
+             f"{f'candidate {row.candidate} ' if row.candidate else ''}"
              f"(BLOCK_M={row.block_m} BLOCK_N={row.block_n} warps={row.num_warps} stages={row.num_stages})")
     # gpu_report --check's rule: no spills, shared memory within the target, tensor cores, and
     # (``loops``) pipelined main loops and the interior-loop instruction targets.
@@ -87,6 +94,16 @@ def _check(row, loops=True):
 @pytest.mark.parametrize("case", _params(MAIN))
 def test_tables(report, case):
     _check(report[case])
+
+
+@pytest.fixture(scope="module")
+def candidates_report():
+    return _rows(CANDIDATES)
+
+
+@pytest.mark.parametrize("case", _params(CANDIDATES))
+def test_autotune_candidates(candidates_report, case):
+    _check(candidates_report[case])
 
 
 @pytest.mark.parametrize("case", _params(FIXED))
@@ -128,6 +145,10 @@ def test_capability_tables(monkeypatch):
     assert _config.tile_config("dkdv", 64, False, capability=(9, 0)) == _config._SM90["dkdv", 64]
     assert (_config.tile_config("dq", 128, False, capability=(9, 0), flags=("causal", "rotary"))
             == _config._SM90["dq", 128, "rotary"])
+    assert (_config.tile_config("dq", 128, False, capability=(9, 0), flags=("xpos", "rotary", "causal"))
+            == _config._SM90["dq", 128, "xpos"])
+    assert (_config.tile_config("fwd", 64, False, capability=(8, 0), flags=("table", "bias"))
+            == _config._SM80["fwd", 64, "table"])
     assert _config.tile_config("fwd", 64, True, capability=(9, 0), flags=("rotary",)) == _config._INTERPRET
     monkeypatch.setenv("POSATTN_AUTOTUNE", "0")
     for kind in _config.KERNELS:
@@ -135,6 +156,17 @@ def test_capability_tables(monkeypatch):
                    for cap in ((8, 0), (9, 0)) for dtype in ("float16", "bfloat16")
                    for flags in ((), ("rotary",), ("bias", "causal"), ("urpe",))}
         assert configs == {_config._FIXED[kind, 128]}
+    assert _config.tile_candidates("fwd", 64, False, capability=(9, 0), plain=True) == (_config._FIXED["fwd", 64],)
+    monkeypatch.setenv("POSATTN_AUTOTUNE", "1")
+    # autotuning's candidates: the table's entry first, alternatives only for plain kernels
+    assert (_config.tile_candidates("fwd", 64, False, capability=(9, 0), flags=("causal",), plain=True)
+            == (_config._SM90["fwd", 64], *_config._SM90_ALTERNATIVES["fwd", 64]))
+    assert (_config.tile_candidates("dq", 100, False, capability=(8, 6), plain=True)
+            == (_config._SM80["dq", 128], *_config._SM80_ALTERNATIVES["dq", 128]))
+    assert _config.tile_candidates("dkdv", 128, False, capability=(9, 0), plain=True) == (_config._SM90["dkdv", 128],)
+    for flags, plain in ((("causal", "rotary"), True), (("varlen",), True), ((), False)):
+        assert len(_config.tile_candidates("fwd", 64, False, capability=(9, 0), flags=flags, plain=plain)) == 1
+    assert _config.tile_candidates("fwd", 64, True, plain=True) == (_config._INTERPRET,)
     with pytest.raises(ValueError, match="kind='bwd'"):
         _config.tile_config("bwd", 64, False)
     with pytest.raises(ValueError, match="alibi"):

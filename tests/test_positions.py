@@ -524,6 +524,9 @@ ANGLE_CASES = {
     "shared-1x1-B2": dict(B=2, H=2, Hkv=2, L=70, S=70, D=32, r=32, qa=(1, 1), ka=None, kw=dict(causal=True)),
     "shared-Bx1-B2": dict(B=2, H=2, Hkv=2, L=70, S=70, D=32, r=32, qa=(2, 1), ka=None, kw={}),
     "shared-1xH-B2": dict(B=2, H=2, Hkv=2, L=70, S=70, D=32, r=32, qa=(1, 2), ka=None, kw=dict(causal=True)),
+    # interleaved pairs filling the head dim (the kernels sum each pair's gradient by a reshape)
+    "full-r32-D32-interleaved": dict(B=1, H=2, Hkv=1, L=50, S=70, D=32, r=32, qa=(1, 2), ka=(1, 1),
+                                     kw=dict(interleaved=True, causal=True)),
     # (c) partial rotary, interleaved pairs
     "partial-r32-D48-interleaved": dict(B=1, H=2, Hkv=2, L=63, S=90, D=48, r=32, qa=(1, 2), ka=(1, 2),
                                         kw=dict(interleaved=True)),

@@ -368,12 +368,19 @@ def angle_grad(dx, X_rows, row_valid, offs_d, D, ROTARY_DIM: tl.constexpr, INTER
 
     For a pair (a, b): ∂L/∂φ = −dy_a·y_b + dy_b·y_a = −dx_a·x_b + dx_b·x_a (the rotation's
     generator commutes with the rotation). Each channel contributes sign·dx·x[partner];
-    the two channels of a pair are summed by a 0/1 matrix product (exact, deterministic).
+    the two channels of a pair are summed: by a reshape when the pairs fill the tile, else
+    by a 0/1 matrix product (exact, deterministic; a [BLOCK_D, BLOCK_R] fp32 operand).
     """
     t, partner, sign, rot = rope_channels(offs_d, ROTARY_DIM, INTERLEAVED)
     xp = tl.load(X_rows[:, None] + partner[None, :], mask=row_valid[:, None] & (offs_d < D)[None, :],
                  other=0.0).to(tl.float32)
     contrib = dx * xp * sign[None, :]  # [ROWS, BLOCK_D]
+    ROWS: tl.constexpr = contrib.shape[0]
+    BLOCK_D: tl.constexpr = contrib.shape[1]
+    if ROTARY_DIM == BLOCK_D:  # the pairs fill the tile: a register reshape and a sum of two
+        if INTERLEAVED:
+            return tl.sum(tl.reshape(contrib, [ROWS, BLOCK_D // 2, 2]), axis=2)
+        return tl.sum(tl.reshape(contrib, [ROWS, 2, BLOCK_D // 2]), axis=1)
     offs_r = tl.arange(0, BLOCK_R)
     pairs = ((t[:, None] == offs_r[None, :]) & rot[:, None]).to(tl.float32)  # [BLOCK_D, BLOCK_R]
     return tl.dot(contrib, pairs, input_precision="ieee")

@@ -24,8 +24,10 @@ import triton
 import triton.language as tl
 
 from posattn import _config
-from posattn.positions import BIAS_ALIBI, BIAS_MANHATTAN, BIAS_NONE, ROPE_ANGLES, ROPE_NONE, KernelPositions
+from posattn.positions import (BIAS_ALIBI, BIAS_MANHATTAN, BIAS_NONE, BIAS_RELATIVE, BIAS_T5, ROPE_ANGLES, ROPE_NONE,
+                               ROPE_XPOS, KernelPositions)
 
+from . import _autotune, _compat
 from ._common import (LOG2E, MASK_BOOL, MASK_FLOAT, MASK_NONE, angle_grad, bias_operand, bias_tile,
                       boundary_count, boundary_start, dropout_keep, interior_tiles, keys_visible, load_positions,
                       load_rotated, normalise_rows, queries_visible, score_tile, softmax_update, table_grad_add,
@@ -109,14 +111,24 @@ def _varlen_inputs(q_start, k_start, Q, QPOS, QANG, K, V, KPOS, KANG, stride_q_l
 
 
 @triton.jit
-def _key_tile(start_n, b, q_lo, q_hi, K_base, KANG_base, KPOS, ROPE_TABLE, S, D, stride_k_s, stride_kang_s,
+def _tma_tile(DESC, b, head, start, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Rows [start, start + ROWS) of head ``head`` of batch ``b`` from a [B, heads, rows, cols]
+    tensor's TMA descriptor (block [1, 1, ROWS, COLS]): columns past the head dim read as 0.
+    Only interior tiles use it (every row in bounds), so it has no mask."""
+    block = DESC.load([tl.cast(b, tl.int32), tl.cast(head, tl.int32), tl.cast(start, tl.int32), 0])
+    return tl.reshape(block, [ROWS, COLS])
+
+
+@triton.jit
+def _key_tile(start_n, b, hkv, K_DESC, q_lo, q_hi, K_base, KANG_base, KPOS, ROPE_TABLE, S, D, stride_k_s, stride_kang_s,
               stride_kang_t, stride_kpos_b, stride_kpos_l, k_offset, window_left, window_right, rope_scale,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
               WINDOW_RIGHT: tl.constexpr, K_POS_TENSOR: tl.constexpr, ROPE_KIND: tl.constexpr,
-              ROTARY_DIM: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr, MASK: tl.constexpr):
+              ROTARY_DIM: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr):
     """Key rows, their validity and positions, and the (rotated) key tile [BLOCK_N, BLOCK_D]
     of the forward and dQ loops. Interior tiles (MASK false) have no row bound and compute
-    their positions; with position tensors, keys no query of [q_lo, q_hi] sees are not read."""
+    their positions (and read unrotated keys through K's TMA descriptor when TMA is set);
+    with position tensors, keys no query of [q_lo, q_hi] sees are not read."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASK:
         n_valid = offs_n < S
@@ -127,11 +139,14 @@ def _key_tile(start_n, b, q_lo, q_hi, K_base, KANG_base, KPOS, ROPE_TABLE, S, D,
     else:
         n_valid = tl.full([BLOCK_N], True, tl.int1)
         k_pos = (k_offset + offs_n).to(tl.int32)
-    # xPos decays relative to the query tile's first position: the q-side factor stays ≤ 1
-    # and the k-side factor carries the distance (it decays for keys behind the queries).
-    k = load_rotated(K_base + offs_n * stride_k_s, n_valid, tl.arange(0, BLOCK_D), D, k_pos, q_lo - k_pos,
-                     KANG_base + offs_n * stride_kang_s, stride_kang_t, ROPE_TABLE, rope_scale, ROPE_KIND, ROTARY_DIM,
-                     ROPE_INTERLEAVED)  # [BLOCK_N, BLOCK_D]
+    if TMA and not MASK:  # (the launcher sets TMA only without rotation)
+        k = _tma_tile(K_DESC, b, hkv, start_n, BLOCK_N, BLOCK_D)
+    else:
+        # xPos decays relative to the query tile's first position: the q-side factor stays ≤ 1
+        # and the k-side factor carries the distance (it decays for keys behind the queries).
+        k = load_rotated(K_base + offs_n * stride_k_s, n_valid, tl.arange(0, BLOCK_D), D, k_pos, q_lo - k_pos,
+                         KANG_base + offs_n * stride_kang_s, stride_kang_t, ROPE_TABLE, rope_scale, ROPE_KIND,
+                         ROTARY_DIM, ROPE_INTERLEAVED)  # [BLOCK_N, BLOCK_D]
     return offs_n, n_valid, k_pos, k
 
 
@@ -146,7 +161,7 @@ def _pair_valid(m_valid, n_valid, MASK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh, b, vbad_keys,
+def _fwd_block(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh, b, hkv, vbad_keys, K_DESC, V_DESC,
                K_base, V_base, KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT,
                S, D, DV, stride_k_s, stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b,
                stride_kpos_l, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
@@ -157,13 +172,13 @@ def _fwd_block(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh
                HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, K_POS_TENSOR: tl.constexpr,
                DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr,
                ROPE_INTERLEAVED: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr,
-               RAW_SCORES: tl.constexpr, MASK: tl.constexpr):
+               RAW_SCORES: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr):
     """One key tile of the forward's online softmax (base 2), masked (boundary) or not (interior)."""
-    offs_n, n_valid, k_pos, k = _key_tile(start_n, b, q_lo, q_hi, K_base, KANG_base, KPOS, ROPE_TABLE, S, D,
-                                          stride_k_s, stride_kang_s, stride_kang_t, stride_kpos_b, stride_kpos_l,
-                                          k_offset, window_left, window_right, rope_scale, BLOCK_N, BLOCK_D,
-                                          IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, K_POS_TENSOR, ROPE_KIND, ROTARY_DIM,
-                                          ROPE_INTERLEAVED, MASK)
+    offs_n, n_valid, k_pos, k = _key_tile(start_n, b, hkv, K_DESC, q_lo, q_hi, K_base, KANG_base, KPOS, ROPE_TABLE,
+                                          S, D, stride_k_s, stride_kang_s, stride_kang_t, stride_kpos_b,
+                                          stride_kpos_l, k_offset, window_left, window_right, rope_scale, BLOCK_N,
+                                          BLOCK_D, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, K_POS_TENSOR, ROPE_KIND,
+                                          ROTARY_DIM, ROPE_INTERLEAVED, MASK, TMA)
     valid = _pair_valid(m_valid, n_valid, MASK)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     bias = 0.0
@@ -188,13 +203,16 @@ def _fwd_block(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh
     if HAS_DROPOUT:
         keep = dropout_keep(seed, bh, offs_m + drop_m0, offs_n + drop_n0, dropout_p)
         p = tl.where(keep, p * dropout_scale, 0.0)
-    v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :], mask=v_mask, other=0.0)  # [BLOCK_N, BLOCK_DV]
+    if TMA and not MASK:
+        v = _tma_tile(V_DESC, b, hkv, start_n, BLOCK_N, BLOCK_DV)
+    else:
+        v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :], mask=v_mask, other=0.0)  # [BLOCK_N, BLOCK_DV]
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
 @triton.jit
-def _fwd_loops(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_m, bh, b, vbad_keys,
+def _fwd_loops(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_m, bh, b, hkv, vbad_keys, K_DESC, V_DESC,
                K_base, V_base, KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT,
                L, S, D, DV, stride_k_s, stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b,
                stride_kpos_l, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
@@ -205,7 +223,7 @@ def _fwd_loops(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_m, bh
                MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                K_POS_TENSOR: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr,
                ROTARY_DIM: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr, BIAS_KIND: tl.constexpr,
-               HAS_URPE: tl.constexpr, MASK_INTERIOR: tl.constexpr, RAW_SCORES: tl.constexpr):
+               HAS_URPE: tl.constexpr, MASK_INTERIOR: tl.constexpr, RAW_SCORES: tl.constexpr, TMA: tl.constexpr):
     """The forward's key loops over the visible tiles of one query tile."""
     lo, hi, ilo, ihi = _visible_tiles(q_lo, q_hi, (start_m + 1) * BLOCK_M <= L, k_offset, window_left, window_right,
                                       S, BLOCK_N, K_POS_TENSOR, MASK_KIND, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, True)
@@ -213,24 +231,25 @@ def _fwd_loops(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_m, bh
     # window's left edge, the causal diagonal / window's right edge and the ragged end.
     for start_n in range(ilo, ihi, BLOCK_N):
         acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh, b, vbad_keys, K_base, V_base,
+            acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh, b, hkv, vbad_keys, K_DESC, V_DESC,
+            K_base, V_base,
             KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT, S, D, DV, stride_k_s, stride_v_s,
             stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b, stride_kpos_l, k_offset, window_left,
             window_right, scale, softcap, dropout_p, dropout_scale, seed,
             drop_m0, drop_n0, rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
             BLOCK_N, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT,
             K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED, BIAS_KIND, HAS_URPE, RAW_SCORES,
-            MASK_INTERIOR)
+            MASK_INTERIOR, TMA)
     for i in range(0, boundary_count(lo, hi, ilo, ihi, BLOCK_N)):
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, boundary_start(i, lo, ilo, ihi, BLOCK_N), bh, b,
-            vbad_keys, K_base, V_base, KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT, S, D,
+            hkv, vbad_keys, K_DESC, V_DESC, K_base, V_base, KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT, S, D,
             DV, stride_k_s, stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b, stride_kpos_l,
             k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
             drop_m0, drop_n0, rope_scale, bias_i0,
             bias_i1, bias_i2, urpe_m, BLOCK_N, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, MASK_KIND,
             HAS_SOFTCAP, HAS_DROPOUT, K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED, BIAS_KIND,
-            HAS_URPE, RAW_SCORES, True)
+            HAS_URPE, RAW_SCORES, True, TMA)
 
     return acc, l_i, m_i
 
@@ -238,7 +257,7 @@ def _fwd_loops(acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_m, bh
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd_kernel(
     # outputs, the per-key flags of non-finite values in V [B, HKV, S], the packed batch's tile map
-    O, LSE, V_BAD_KEYS, TILE_MAP,
+    O, LSE, V_BAD_KEYS, TILE_MAP, K_DESC, V_DESC,
     stride_o_b, stride_o_h, stride_o_l,
     # shared by every kernel (one list, built once by the launcher): inputs, sizes, strides, scalars
     Q, K, V, MASK, QPOS, KPOS, ROPE_TABLE, QANG, KANG, BIAS, BIAS_LUT, URPE_T, CU_Q, CU_K,
@@ -259,7 +278,7 @@ def _attn_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, Q_POS_TENSOR: tl.constexpr, K_POS_TENSOR: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr, ROPE_INTERLEAVED: tl.constexpr,
     BLOCK_R: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr, MASK_INTERIOR: tl.constexpr,
-    RAW_SCORES: tl.constexpr, VARLEN: tl.constexpr,
+    RAW_SCORES: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -315,15 +334,15 @@ def _attn_fwd_kernel(
     # v_j reaches each row's accumulator, and a row whose accumulator is not finite is NaN.
 
     acc, l_i, m_i = _fwd_loops(
-        acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_m, bh, b,
-        V_BAD_KEYS + (k_row if VARLEN else (b * HKV + hkv) * S),
+        acc, l_i, m_i, q, q_pos, q_lo, q_hi, m_valid, offs_m, start_m, bh, b, hkv,
+        V_BAD_KEYS + (k_row if VARLEN else (b * HKV + hkv) * S), K_DESC, V_DESC,
         K_base, V_base, KANG_base, MASK_base, BIAS_h, URPE_h, KPOS, ROPE_TABLE, BIAS_LUT, L, S, D, DV, stride_k_s,
         stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_kpos_b, stride_kpos_l, k_offset,
         window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
         drop_m0, drop_n0, rope_scale, bias_i0, bias_i1,
         bias_i2, urpe_m, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, MASK_KIND,
         HAS_SOFTCAP, HAS_DROPOUT, K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED, BIAS_KIND,
-        HAS_URPE, MASK_INTERIOR, RAW_SCORES)
+        HAS_URPE, MASK_INTERIOR, RAW_SCORES, TMA)
 
     # Fully masked rows: output 0 and lse = −inf; NaN rows stay NaN. lse is natural-log at the API.
     out, lse = normalise_rows(acc, l_i, m_i)
@@ -583,8 +602,8 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_block(dq, dparam, q, do, lse2, delta, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh, b,
-              K_base, V_base, KANG_base, MASK_base, DMASK_base, BIAS_h, URPE_h, DBIAS_row, DURPE_row, KPOS,
+def _dq_block(dq, dparam, q, do, lse2, delta, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh, b, hkv, K_DESC,
+              V_DESC, K_base, V_base, KANG_base, MASK_base, DMASK_base, BIAS_h, URPE_h, DBIAS_row, DURPE_row, KPOS,
               ROPE_TABLE, BIAS_LUT, S, D, DV, stride_k_s, stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s,
               stride_dmask_s, stride_kpos_b, stride_kpos_l, k_offset, window_left, window_right, scale, softcap,
               dropout_p, dropout_scale, seed, drop_m0, drop_n0, rope_scale, bias_i0, bias_i1, bias_i2, urpe_m,
@@ -594,18 +613,21 @@ def _dq_block(dq, dparam, q, do, lse2, delta, q_pos, q_lo, q_hi, m_valid, offs_m
               DOT_PRECISION: tl.constexpr, ROPE_KIND: tl.constexpr, ROTARY_DIM: tl.constexpr,
               ROPE_INTERLEAVED: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr,
               MASK_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, URPE_GRAD: tl.constexpr, RAW_SCORES: tl.constexpr,
-              MASK: tl.constexpr):
+              MASK: tl.constexpr, TMA: tl.constexpr):
     """One key tile's contribution to a query tile's dQ (and to the mask / position-parameter
     gradients), masked (boundary) or not (interior)."""
-    offs_n, n_valid, k_pos, k = _key_tile(start_n, b, q_lo, q_hi, K_base, KANG_base, KPOS, ROPE_TABLE, S, D,
-                                          stride_k_s, stride_kang_s, stride_kang_t, stride_kpos_b, stride_kpos_l,
-                                          k_offset, window_left, window_right, rope_scale, BLOCK_N, BLOCK_D,
-                                          IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, K_POS_TENSOR, ROPE_KIND, ROTARY_DIM,
-                                          ROPE_INTERLEAVED, MASK)
+    offs_n, n_valid, k_pos, k = _key_tile(start_n, b, hkv, K_DESC, q_lo, q_hi, K_base, KANG_base, KPOS, ROPE_TABLE,
+                                          S, D, stride_k_s, stride_kang_s, stride_kang_t, stride_kpos_b,
+                                          stride_kpos_l, k_offset, window_left, window_right, rope_scale, BLOCK_N,
+                                          BLOCK_D, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, K_POS_TENSOR, ROPE_KIND,
+                                          ROTARY_DIM, ROPE_INTERLEAVED, MASK, TMA)
     valid = _pair_valid(m_valid, n_valid, MASK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :],
-                mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
+    if TMA and not MASK:
+        v = _tma_tile(V_DESC, b, hkv, start_n, BLOCK_N, BLOCK_DV)
+    else:
+        v = tl.load(V_base + offs_n[:, None] * stride_v_s + offs_dv[None, :],
+                    mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
     bias = 0.0
     operand = 0
     if BIAS_KIND != 0:
@@ -645,7 +667,7 @@ def _dq_block(dq, dparam, q, do, lse2, delta, q_pos, q_lo, q_hi, m_valid, offs_m
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq_kernel(
     # backward inputs and outputs, the packed batch's tile map
-    DO, LSE, DELTA, DQ, DMASK, DQANG, DBIAS, DURPE, TILE_MAP,
+    DO, LSE, DELTA, DQ, DMASK, DQANG, DBIAS, DURPE, TILE_MAP, K_DESC, V_DESC,
     stride_do_b, stride_do_h, stride_do_l,
     stride_dq_b, stride_dq_h, stride_dq_l,
     stride_dmask_b, stride_dmask_h, stride_dmask_l, stride_dmask_s,
@@ -671,6 +693,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_R: tl.constexpr, BIAS_KIND: tl.constexpr, HAS_URPE: tl.constexpr, MASK_INTERIOR: tl.constexpr,
     RAW_SCORES: tl.constexpr, VARLEN: tl.constexpr,
     ANGLE_GRAD: tl.constexpr, MASK_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, URPE_GRAD: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """One query tile of one query head: dQ, the float mask's gradient, and the gradients of
     the position parameters (angles, slopes / log-decays, bias and URPE tables)."""
@@ -730,25 +753,27 @@ def _attn_bwd_dq_kernel(
                                       S, BLOCK_N, K_POS_TENSOR, MASK_KIND, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, True)
     for start_n in range(ilo, ihi, BLOCK_N):
         dq, dparam = _dq_block(
-            dq, dparam, q, do, lse2, delta, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh, b, K_base, V_base,
+            dq, dparam, q, do, lse2, delta, q_pos, q_lo, q_hi, m_valid, offs_m, start_n, bh, b, hkv, K_DESC, V_DESC,
+            K_base, V_base,
             KANG_base, MASK_base, DMASK_base, BIAS_h, URPE_h, DBIAS_row, DURPE_row, KPOS, ROPE_TABLE, BIAS_LUT, S, D,
             DV, stride_k_s, stride_v_s, stride_kang_s, stride_kang_t, stride_mask_s, stride_dmask_s, stride_kpos_b,
             stride_kpos_l, k_offset, window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
             drop_m0, drop_n0,
             rope_scale, bias_i0, bias_i1, bias_i2, urpe_m, BLOCK_N, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT,
             WINDOW_RIGHT, MASK_KIND, HAS_SOFTCAP, HAS_DROPOUT, K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM,
-            ROPE_INTERLEAVED, BIAS_KIND, HAS_URPE, MASK_GRAD, BIAS_GRAD, URPE_GRAD, RAW_SCORES, MASK_INTERIOR)
+            ROPE_INTERLEAVED, BIAS_KIND, HAS_URPE, MASK_GRAD, BIAS_GRAD, URPE_GRAD, RAW_SCORES, MASK_INTERIOR, TMA)
     for i in range(0, boundary_count(lo, hi, ilo, ihi, BLOCK_N)):
         dq, dparam = _dq_block(
             dq, dparam, q, do, lse2, delta, q_pos, q_lo, q_hi, m_valid, offs_m,
-            boundary_start(i, lo, ilo, ihi, BLOCK_N), bh, b, K_base, V_base, KANG_base, MASK_base, DMASK_base,
+            boundary_start(i, lo, ilo, ihi, BLOCK_N), bh, b, hkv, K_DESC, V_DESC, K_base, V_base, KANG_base,
+            MASK_base, DMASK_base,
             BIAS_h, URPE_h, DBIAS_row, DURPE_row, KPOS, ROPE_TABLE, BIAS_LUT, S, D, DV, stride_k_s, stride_v_s,
             stride_kang_s, stride_kang_t, stride_mask_s, stride_dmask_s, stride_kpos_b, stride_kpos_l, k_offset,
             window_left, window_right, scale, softcap, dropout_p, dropout_scale, seed,
             drop_m0, drop_n0, rope_scale, bias_i0, bias_i1,
             bias_i2, urpe_m, BLOCK_N, BLOCK_D, BLOCK_DV, IS_CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, MASK_KIND, HAS_SOFTCAP,
             HAS_DROPOUT, K_POS_TENSOR, DOT_PRECISION, ROPE_KIND, ROTARY_DIM, ROPE_INTERLEAVED, BIAS_KIND, HAS_URPE,
-            MASK_GRAD, BIAS_GRAD, URPE_GRAD, RAW_SCORES, True)
+            MASK_GRAD, BIAS_GRAD, URPE_GRAD, RAW_SCORES, True, TMA)
 
     # dQ so far is w.r.t. the rotated queries; rotate it back by −angle (RoPE's Rᵀ).
     dq = unrotate(dq * scale, q_pos, q_pos - q_lo, m_valid, QANG_rows, stride_qang_t, ROPE_TABLE, rope_scale, offs_d,
@@ -786,18 +811,19 @@ _CAPTURE: ContextVar = ContextVar("posattn_capture", default=None)
 
 
 @contextmanager
-def capture_launches(capability):
+def capture_launches(capability, candidate=0):
     """Record the kernel launches of ``attn_fwd`` / ``attn_bwd`` instead of running them.
 
     Yields a list that fills with ``(kernel, grid, args, kwargs)``, one entry per launch, as
     the launchers would make them on a GPU of ``capability`` (e.g. ``(9, 0)``): the tile
-    table for that capability, the launcher's own argument list. Inputs may live on any
+    table for that capability (or, with ``candidate`` i > 0, the i-th config autotuning may
+    choose, the last one if there are fewer), the launcher's own argument list. Inputs may live on any
     device (the CPU will do): nothing is launched, the outputs stay uninitialised. This is
     what the ahead-of-time report (``python -m bench.gpu_report``) compiles, so the report
     and the launchers cannot disagree.
     """
     launches = []
-    token = _CAPTURE.set((tuple(capability), launches))
+    token = _CAPTURE.set((tuple(capability), launches, candidate))
     try:
         yield launches
     finally:
@@ -960,14 +986,78 @@ def _launch_meta(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, drop
     return (B, H, HKV, L, S, D, DV), shared, constexprs
 
 
-def _tile_args(kind, q, causal, kp, head_dim, varlen=False):
-    """The tile config of kernel ``kind`` ("fwd", "dkdv", "dq") and its launch keywords."""
+def _tile_kwargs(cfg):
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _choose_tiles(kind, q, causal, kp, sizes, cx, plain, launch):
+    """The tile config that kernel ``kind`` ("fwd", "dkdv", "dq") runs with: the tile table's
+    (``_config.tile_config``) or, for a ``plain`` call (no position spec, mask, dropout,
+    softcap or position tensor, not packed) with autotuning on, the fastest candidate for its
+    key (``_autotune.choose``: timed once per process through ``launch(config)``).
+    ``sizes``: (B, H, L, S)."""
     interpret = _config.triton_interpret() and _CAPTURE.get() is None
     capability = None if interpret else _capability(q.device)
-    flags = [name for name, on in (("rotary", kp.rope_kind != ROPE_NONE), ("bias", kp.bias_kind != BIAS_NONE),
-                                   ("urpe", kp.urpe_table is not None), ("causal", causal), ("varlen", varlen)) if on]
-    cfg = _config.tile_config(kind, head_dim, interpret, capability=capability, dtype=q.dtype, flags=flags)
-    return cfg, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    flags = [name for name, on in (("xpos", kp.rope_kind == ROPE_XPOS), ("angles", kp.rope_kind == ROPE_ANGLES),
+                                   ("rotary", kp.rope_kind != ROPE_NONE),
+                                   ("table", kp.bias_kind in (BIAS_RELATIVE, BIAS_T5)),
+                                   ("bias", kp.bias_kind != BIAS_NONE), ("urpe", kp.urpe_table is not None),
+                                   ("causal", causal), ("varlen", cx["VARLEN"])) if on]
+    candidates = _config.tile_candidates(kind, max(cx["BLOCK_D"], cx["BLOCK_DV"]), interpret, capability=capability,
+                                         dtype=q.dtype, flags=flags, plain=plain)
+    capture = _CAPTURE.get()
+    if capture is not None:  # the report compiles the candidate it asks for (default: the first)
+        return candidates[min(capture[2], len(candidates) - 1)]
+    B, H, L, S = sizes
+    key = (kind, capability, str(q.dtype), cx["BLOCK_D"], cx["BLOCK_DV"], tuple(flags), cx["WINDOW_LEFT"],
+           cx["WINDOW_RIGHT"], _autotune.bucket(L), _autotune.bucket(S), _autotune.bucket(B * H))
+    return _autotune.choose(key, candidates, launch, q.device)
+
+
+def _plain(kp, attn_mask, q_pos, k_pos, dropout_p, softcap, varlen):
+    """Whether a call runs the plain kernels that autotuning chooses tiles for."""
+    return (kp.rope_kind == ROPE_NONE and kp.bias_kind == BIAS_NONE and kp.urpe_table is None and attn_mask is None
+            and isinstance(q_pos, int) and isinstance(k_pos, int) and dropout_p == 0.0 and softcap is None
+            and varlen is None)
+
+
+def _tma_descriptors(q, varlen, kp, *operands):
+    """TMA descriptors of K and V for the interior tiles of the forward and dQ kernels, or
+    None (pointers then).
+
+    ``operands``: (tensor [B, heads, rows, cols], rows, cols) each, read in [1, 1, rows, cols]
+    blocks (columns past the tensor's zero-filled). None when ``POSATTN_TMA`` / the GPU says
+    no (:func:`posattn._config.tma`), for packed batches (their sequences share one row
+    axis), with a rotary spec (rotated keys are read through pointers, and V alone through a
+    descriptor compiled longer and spilled: sm_90 D=128), or when a layout has no
+    descriptor: TMA needs a 16-byte aligned base, 16-byte aligned strides, a unit last stride
+    and no empty dim. Boundary tiles always read through pointers. The dK/dV kernel has no
+    descriptors: its loop reads 16- to 32-row query tiles, for which descriptor loads
+    compiled to more instructions per iteration than async copies (sm_90 D=64: 254 vs 233).
+    """
+    interpret = _config.triton_interpret() and _CAPTURE.get() is None
+    descriptor = _compat.host_tensor_descriptor()
+    if (varlen is not None or kp.rope_kind != ROPE_NONE or descriptor is None
+            or not _config.tma(None if interpret else _capability(q.device), interpret)):
+        return None
+    out = []
+    for t, rows, cols in operands:
+        size = t.element_size()
+        if (t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16
+                or any(stride * size % 16 for stride in t.stride()[:-1])):
+            return None
+        out.append(descriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cols]))
+    return out
+
+
+def _programs(varlen, side, rows, block, heads, B, dummy):
+    """The tile map and grid of a kernel whose programs take ``block`` rows of ``rows`` each
+    (queries: ``side`` 0, keys: 1): (``dummy``, (tiles, B · heads)), or for a packed batch its
+    tile → sequence map and (slots, heads)."""
+    if varlen is None:
+        return dummy, (triton.cdiv(rows, block), B * heads)
+    tile_map, slots = _tile_map(varlen[side], rows, block)
+    return tile_map, (slots, heads)
 
 
 def _packed(x, n):
@@ -1013,19 +1103,23 @@ def attn_fwd(q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_
         q, k, v, out_view = (_packed(t, n) for t in (q, k, v, out))
     (B, H, HKV, L, S, D, DV), shared, cx = _launch_meta(
         q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp, varlen)
-    cfg, tiles = _tile_args("fwd", q, causal, kp, max(D, DV), varlen is not None)
     if varlen is None:
         out = out_view = _alloc((B, H, L, DV), q.dtype, q.device)
         lse = _alloc((B, H, L), torch.float32, q.device)
         # [B, HKV, S] on the device: NaN for a key whose value row is not finite, else 0
         v_bad_keys = torch.where(torch.isfinite(v).all(dim=-1), 0.0, float("nan")).to(torch.float32).contiguous()
-        tile_map, grid = q, (triton.cdiv(L, cfg.block_m), B * H)
-    else:
-        tile_map, slots = _tile_map(varlen[0], L, cfg.block_m)
-        grid = (slots, H)
-    if grid[0] * grid[1] > 0:
+    if L * B * H == 0:
+        return out, lse
+
+    def launch(cfg):
+        tile_map, grid = _programs(varlen, 0, L, cfg.block_m, H, B, q)
+        tma = _tma_descriptors(q, varlen, kp, (k, cfg.block_n, cx["BLOCK_D"]), (v, cfg.block_n, cx["BLOCK_DV"]))
         _launch(_attn_fwd_kernel, grid)(
-            out_view, lse, v_bad_keys, tile_map, *out_view.stride()[:3], *shared, **tiles, **cx)
+            out_view, lse, v_bad_keys, tile_map, *(tma or (k, v)), *out_view.stride()[:3], *shared,
+            TMA=tma is not None, **_tile_kwargs(cfg), **cx)
+
+    launch(_choose_tiles("fwd", q, causal, kp, (B, H, L, S), cx,
+                         _plain(kp, attn_mask, q_pos, k_pos, dropout_p, softcap, varlen), launch))
     return out, lse
 
 
@@ -1063,18 +1157,9 @@ def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, windo
         q, k, v, do, dq, dk, dv = (_packed(t, n) for t in (q, k, v, do, dq, dk, dv))
     (B, H, HKV, L, S, D, DV), shared, cx = _launch_meta(
         q, k, v, attn_mask, q_pos, k_pos, causal, window, softcap, dropout_p, seed, scale, kp, varlen)
-    kv_cfg, kv_tiles = _tile_args("dkdv", q, causal, kp, max(D, DV), varlen is not None)
-    q_cfg, q_tiles = _tile_args("dq", q, causal, kp, max(D, DV), varlen is not None)
     dev = q.device
-    if varlen is None:
-        n_m = triton.cdiv(L, q_cfg.block_m)
-        q_map, q_grid = q, (n_m, B * H)
-        kv_map, kv_grid = q, (triton.cdiv(S, kv_cfg.block_n), B * HKV)
-    else:
-        q_map, n_m = _tile_map(varlen[0], L, q_cfg.block_m)
-        kv_map, kv_slots = _tile_map(varlen[1], S, kv_cfg.block_n)
-        q_grid, kv_grid = (n_m, H), (kv_slots, HKV)
     B_rows = 1 if varlen is not None else B  # per-row buffers of a packed batch: [H, Tq]
+    plain = _plain(kp, attn_mask, q_pos, k_pos, dropout_p, softcap, varlen)
 
     delta = _alloc((B_rows, H, L), torch.float32, dev)
     pre_block = 64
@@ -1087,40 +1172,53 @@ def attn_bwd(do, q, k, v, out, lse, dlse, attn_mask, q_pos, k_pos, causal, windo
     r2 = kp.rotary_dim // 2
     dq_ang = _alloc((B_rows, H, L, r2), torch.float32, dev) if angle_grad else None
     dk_ang = _alloc((B_rows, HKV, S, r2), torch.float32, dev) if angle_grad else None
-    if kv_grid[0] * kv_grid[1] > 0:
-        _launch(_attn_bwd_dkdv_kernel, kv_grid)(
-            do, lse, delta, dk, dv, q if dk_ang is None else dk_ang, kv_map, *do.stride()[:3], *dk.stride()[:3],
-            *dv.stride()[:3], *shared, ANGLE_GRAD=angle_grad, **kv_tiles, **cx)
 
-    dmask = dmask_buf = None
-    dmask_view = q  # a dummy pointer (and strides) when no mask gradient is taken: MASK_GRAD=False never reads it
-    if mask_grad:
-        # One add per element into a zeroed full-shape buffer is deterministic; a broadcast
-        # mask shares elements between programs, hence atomics unless deterministic.
-        shape = (B, H, L, S) if deterministic else attn_mask.shape
-        dmask_buf = _alloc(shape, torch.float32, dev, zero=True)
-        dmask_view = dmask_buf.expand(B, H, L, S)
+    def launch_dkdv(cfg):
+        kv_map, kv_grid = _programs(varlen, 1, S, cfg.block_n, HKV, B, q)
+        if kv_grid[0] * kv_grid[1] > 0:
+            _launch(_attn_bwd_dkdv_kernel, kv_grid)(
+                do, lse, delta, dk, dv, q if dk_ang is None else dk_ang, kv_map, *do.stride()[:3], *dk.stride()[:3],
+                *dv.stride()[:3], *shared, ANGLE_GRAD=angle_grad, **_tile_kwargs(cfg), **cx)
 
-    dbias, dbias_buf, dbias_strides = None, q, (0, 0, 0)
-    if bias_grad:
-        if kp.bias_kind in (BIAS_ALIBI, BIAS_MANHATTAN):  # one partial sum per program
-            # (a packed batch's sequence b uses only its own programs' slots: the rest stay 0)
-            dbias_buf = _alloc((B, H, n_m), torch.float32, dev, zero=varlen is not None)
-            dbias_strides = dbias_buf.stride()
-        else:
-            dbias_buf, dbias_strides = _table_grad_buffer(kp.bias_tensor, B, H, n_m, deterministic, dev)
-    durpe_buf, durpe_strides = (_table_grad_buffer(kp.urpe_table, B, H, n_m, deterministic, dev) if urpe_grad
-                                else (q, (0, 0, 0)))
+    launch_dkdv(_choose_tiles("dkdv", q, causal, kp, (B, H, L, S), cx, plain, launch_dkdv))
 
-    if q_grid[0] * q_grid[1] > 0:
-        _launch(_attn_bwd_dq_kernel, q_grid)(
-            do, lse, delta, dq, dmask_view, q if dq_ang is None else dq_ang, dbias_buf, durpe_buf, q_map,
-            *do.stride()[:3], *dq.stride()[:3], *dmask_view.stride(), *dbias_strides, *durpe_strides,
-            *shared, ANGLE_GRAD=angle_grad, MASK_GRAD=mask_grad, BIAS_GRAD=bias_grad, URPE_GRAD=urpe_grad,
-            **q_tiles, **cx)
+    def launch_dq(cfg):
+        """dQ and the mask / parameter gradients' buffers (sized by the query tiles): a plain
+        call (the only kind timed with several configs) has none, so every launch is alike."""
+        q_map, q_grid = _programs(varlen, 0, L, cfg.block_m, H, B, q)
+        n_m = q_grid[0]
+        dmask_buf = None
+        dmask_view = q  # a dummy pointer (and strides) when no mask gradient is taken: MASK_GRAD=False never reads it
+        if mask_grad:
+            # One add per element into a zeroed full-shape buffer is deterministic; a broadcast
+            # mask shares elements between programs, hence atomics unless deterministic.
+            shape = (B, H, L, S) if deterministic else attn_mask.shape
+            dmask_buf = _alloc(shape, torch.float32, dev, zero=True)
+            dmask_view = dmask_buf.expand(B, H, L, S)
+        dbias_buf, dbias_strides = q, (0, 0, 0)
+        if bias_grad:
+            if kp.bias_kind in (BIAS_ALIBI, BIAS_MANHATTAN):  # one partial sum per program
+                # (a packed batch's sequence b uses only its own programs' slots: the rest stay 0)
+                dbias_buf = _alloc((B, H, n_m), torch.float32, dev, zero=varlen is not None)
+                dbias_strides = dbias_buf.stride()
+            else:
+                dbias_buf, dbias_strides = _table_grad_buffer(kp.bias_tensor, B, H, n_m, deterministic, dev)
+        durpe_buf, durpe_strides = (_table_grad_buffer(kp.urpe_table, B, H, n_m, deterministic, dev) if urpe_grad
+                                    else (q, (0, 0, 0)))
+        if q_grid[0] * q_grid[1] > 0:
+            tma = _tma_descriptors(q, varlen, kp, (k, cfg.block_n, cx["BLOCK_D"]), (v, cfg.block_n, cx["BLOCK_DV"]))
+            _launch(_attn_bwd_dq_kernel, q_grid)(
+                do, lse, delta, dq, dmask_view, q if dq_ang is None else dq_ang, dbias_buf, durpe_buf, q_map,
+                *(tma or (k, v)), *do.stride()[:3], *dq.stride()[:3], *dmask_view.stride(), *dbias_strides,
+                *durpe_strides, *shared, ANGLE_GRAD=angle_grad, MASK_GRAD=mask_grad, BIAS_GRAD=bias_grad,
+                URPE_GRAD=urpe_grad, TMA=tma is not None, **_tile_kwargs(cfg), **cx)
+        return dmask_buf, dbias_buf, durpe_buf
+
+    dmask_buf, dbias_buf, durpe_buf = launch_dq(_choose_tiles("dq", q, causal, kp, (B, H, L, S), cx, plain, launch_dq))
     if varlen is not None:
         dq, dk, dv = (t[0].transpose(0, 1) for t in (dq, dk, dv))
 
+    dmask = dbias = None
     if mask_grad:
         dmask = _sum_to(dmask_buf, attn_mask.shape).to(attn_mask.dtype)
     dq_angles = dk_angles = None

@@ -22,11 +22,20 @@ Environment knobs (read at call time, so tests can set them with ``monkeypatch``
 ``POSATTN_AUTOTUNE``
     "0" gives every Triton kernel one fixed tile config per kernel and head dim, whatever the GPU
     (capability), dtype and flags: reproducible CI runs and benchmarks. Default: the tile
-    tables per capability (sm_80, sm_90), keyed by kernel, head dim, dtype and flags.
+    tables per capability (sm_80, sm_90), keyed by kernel, head dim, dtype and flags, and for
+    the plain kernels (no position spec) a timed choice among a few candidate tiles, once
+    per process and key (see :func:`tile_candidates`, ``triton_kernels/_autotune.py``).
 ``POSATTN_MASK_ALL_TILES``
     "1" runs the interior tiles of the Triton kernels (every pair in bounds and visible)
     through the masked path of the boundary tiles too. For tests and debugging: both paths
     must give bitwise the same results.
+``POSATTN_TMA``
+    "1" loads the interior tiles' operands of the Triton attention kernels through TMA
+    tensor descriptors (Hopper's bulk tensor copies), "0" through pointers (async copies).
+    Default: TMA on sm_90 and newer GPUs when the installed Triton has host-side tensor
+    descriptors, pointers elsewhere and in the interpreter (where "1" tests the descriptor
+    path). Either way only inputs whose layout a descriptor can describe use one (see
+    :func:`posattn.triton_kernels.attention.tma_operands`).
 ``TRITON_INTERPRET``
     "1" runs the Triton kernels on CPU tensors through Triton's interpreter (slow; for
     tests). Must be set before ``posattn.triton_kernels`` is first imported.
@@ -69,6 +78,19 @@ def mask_all_tiles() -> bool:
     return env_flag("POSATTN_MASK_ALL_TILES")
 
 
+def tma(capability, interpret: bool) -> bool:
+    """Whether the Triton attention kernels load interior tiles through TMA descriptors
+    (``POSATTN_TMA``; default: on sm_90+, off below and in the interpreter)."""
+    value = os.environ.get("POSATTN_TMA", "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value:
+        raise ValueError(f"POSATTN_TMA={value!r}: set it to 1 (TMA descriptors), 0 (pointers) or leave it unset")
+    return not interpret and capability is not None and tuple(capability) >= (9, 0)
+
+
 def triton_interpret() -> bool:
     return env_flag("TRITON_INTERPRET")
 
@@ -101,9 +123,11 @@ def padded_head_dim(d: int) -> int:
 # GPU tile tables, one per capability class: sm_80 (A100; also used below sm_90) and sm_90
 # (H100; also used above). Keys: (kernel, padded head dim) -> TileConfig, and more specific
 # (kernel, padded head dim, variant) entries for variants that need other tiles. Variants
-# (first match wins): "rotary" (RoPE / xPos / angles: tiles rotated on load), "bias" (ALiBi,
-# relative, T5, Manhattan), "urpe", "causal", "varlen" (packed batches: attention_varlen),
-# then the dtype name ("float16", "bfloat16").
+# (first match wins): "xpos" (fp32 rotated tiles), "angles" (RotaryAngles: angle tiles loaded,
+# their gradient), "rotary" (RoPE / xPos / angles: tiles rotated on load), "table" (RelativeBias,
+# T5: gathers from a learnable table, its gradient), "bias" (ALiBi, relative, T5, Manhattan),
+# "urpe", "causal", "varlen" (packed batches: attention_varlen), then the dtype name
+# ("float16", "bfloat16").
 # Every entry was chosen with the AOT report (python -m bench.gpu_report; Triton 3.9,
 # ptxas from its wheel): no register spills, shared memory within the target, tensor-core
 # instructions; tests/test_gpu_report.py keeps the main configs that way. "Was a/b": the
@@ -115,10 +139,12 @@ _BASE = {
     ("fwd", 256): TileConfig(64, 32, 4, 2),
     ("dkdv", 16): TileConfig(64, 64, 4, 2), ("dkdv", 32): TileConfig(64, 64, 4, 2),
     ("dkdv", 64): TileConfig(64, 64, 4, 2), ("dkdv", 128): TileConfig(64, 64, 8, 2),
-    ("dkdv", 256): TileConfig(32, 32, 8, 1),  # 4 warps spilled 6/5 (sm_80), 39/41 (sm_90)
+    ("dkdv", 256): TileConfig(32, 32, 8, 2),  # 4 warps spilled 6/5 (sm_80), 39/41 (sm_90); 1 stage: not pipelined
     ("dq", 16): TileConfig(64, 64, 4, 2), ("dq", 32): TileConfig(64, 64, 4, 2),
     ("dq", 64): TileConfig(64, 64, 4, 2), ("dq", 128): TileConfig(64, 64, 8, 2),
-    ("dq", 256): TileConfig(32, 32, 4, 1),
+    ("dq", 256): TileConfig(32, 32, 4, 2),  # 1 stage: not pipelined
+    # a learnable table's gradient keeps one stage (2 stages spilled 2/1 to 6/6)
+    ("dkdv", 256, "table"): TileConfig(32, 32, 8, 1), ("dkdv", 256, "urpe"): TileConfig(32, 32, 8, 1),
     # Rotating each tile on load needs the fp32 cos / sin tiles too: at D <= 64 the 4-warp
     # forward spilled (sm_90 bf16: 259) and 8 warps do not. On an H100 (bf16, causal, B=4
     # H=16 N=2048 D=64) 8 warps made the plain forward slower (0.87 vs 0.57 ms), so only
@@ -148,10 +174,30 @@ _SM80 = {
     ("dkdv", 64): TileConfig(64, 32, 4, 2),
     ("dkdv", 64, "rotary"): TileConfig(32, 32, 4, 2),  # was 266/368; (64, 32, 4, 2): 18/33
     ("dkdv", 64, "bias"): TileConfig(64, 32, 8, 2),  # (64, 32, 4, 2): relative 8/6, Manhattan 8/6
-    ("dkdv", 128, "urpe"): TileConfig(64, 32, 8, 2),  # was 28/26
     ("dq", 64, "bias"): TileConfig(64, 32, 4, 2),  # was relative 93/92, T5 45/44
     ("dq", 64, "urpe"): TileConfig(64, 32, 4, 2),  # was 92/91
     ("dkdv", 64, "varlen"): TileConfig(64, 32, 8, 2),  # packed batches: (64, 32, 4, 2) spilled 2/2 (causal, fp16)
+    # The position specs of the full report (bf16 causal spills STL/LDL before; wi/1k after):
+    ("dkdv", 128, "xpos"): TileConfig(16, 32, 8, 2),  # was 32×32 w8 18/20
+    ("dkdv", 128, "table"): TileConfig(16, 64, 8, 2),  # was 32×64 w8 relative 13/11; wi/1k 1445 (T5 1734)
+    ("dkdv", 128, "urpe"): TileConfig(16, 64, 8, 2),  # was 64×32 w8 28/26 (causal); wi/1k 1445
+    ("dkdv", 64, "table"): TileConfig(32, 32, 8, 2),  # was 64×32 w8 T5 2/1
+    ("dkdv", 64, "urpe"): TileConfig(32, 32, 8, 2),  # was 64×32 w4 27/27
+    ("dkdv", 64, "xpos"): TileConfig(16, 32, 4, 2),  # was 32×32 w4 4/2
+    ("dq", 128, "xpos"): TileConfig(16, 32, 8, 2),  # was 32×32 w8 57/30 (w4)
+    ("dq", 64, "xpos"): TileConfig(32, 32, 8, 2),  # was 64×32 w8 28/26
+    ("fwd", 64, "angles"): TileConfig(128, 64, 8, 2),  # 3 stages took 104 KB > sm_86's 99 KB
+    ("fwd", 64, "table"): TileConfig(128, 32, 8, 3),  # was 128×64 3 stages: T5 40/39, > 99 KB
+    ("fwd", 64, "urpe"): TileConfig(128, 32, 8, 3),  # was 128×64 w4: > 99 KB
+    ("fwd", 128, "xpos"): TileConfig(128, 32, 8, 2),  # was 128×64: > 99 KB and spills
+    ("fwd", 128, "angles"): TileConfig(128, 32, 8, 2),  # was 128×64: 128 KB
+    ("fwd", 128, "urpe"): TileConfig(128, 32, 8, 2),  # was 128×64: 6/6
+    # D = 256. Rotated tiles at D = 256 still spill (bf16 causal, best found): RoPE / xPos / angles
+    # dK/dV 2/2, 27/41, 16/30; xPos forward, xPos and angles dQ: see docs/benchmarks.md.
+    ("fwd", 256): TileConfig(32, 32, 4, 2),  # was 64×32: 5/5 (plain) to 14/14 (packed batches)
+    ("fwd", 256, "angles"): TileConfig(32, 16, 4, 2),  # 32×32: 112 KB > 99 KB
+    ("dkdv", 256, "rotary"): TileConfig(16, 16, 8, 2),  # was 32×32 w8: RoPE 10/20, angles 455/872
+    ("dq", 256, "rotary"): TileConfig(16, 16, 4, 2),  # was 32×32: RoPE 54/108; 16×32 w8 over 99 KB
 }
 _SM90 = {
     **_BASE,
@@ -168,9 +214,29 @@ _SM90 = {
     # 64×64 with 8 warps computed every score twice (wgmma: 64 rows per warpgroup); wi/1k 2816 → 1415
     ("fwd", 128, "rotary"): TileConfig(128, 64, 8, 2),
     ("dkdv", 128, "bias"): TileConfig(64, 32, 8, 2),  # was Manhattan 23/26, relative 2/1
-    ("dkdv", 128, "urpe"): TileConfig(64, 32, 8, 2),  # was 15/14
     ("dq", 128, "bias"): TileConfig(64, 32, 8, 2),  # was T5 4/3, relative 2/1
     ("dq", 128, "urpe"): TileConfig(64, 32, 8, 2),  # was 15/15
+    # The position specs of the full report (bf16 causal spills STL/LDL before; wi/1k after).
+    # Tiles under 64 rows run mma.sync (HMMA) rather than wgmma: slower, but without spills.
+    ("dkdv", 128, "xpos"): TileConfig(16, 32, 8, 2),  # was 32×32 w8 spilling
+    ("dkdv", 128, "table"): TileConfig(16, 32, 4, 2),  # was 64×32 w8 T5 19/17; wi/1k 1703 (T5 2046)
+    ("dkdv", 128, "urpe"): TileConfig(16, 32, 4, 2),  # was 64×32 w8 15/14
+    ("dkdv", 64, "table"): TileConfig(16, 32, 4, 2),  # was 32×64 w4 spilling
+    ("dkdv", 64, "urpe"): TileConfig(16, 32, 4, 2),
+    ("dkdv", 64, "xpos"): TileConfig(16, 32, 4, 2),  # was 16×128 w8 spilling
+    ("dkdv", 64, "angles"): TileConfig(16, 32, 8, 2),  # was 16×128 w8 12/16
+    ("dq", 128, "xpos"): TileConfig(16, 32, 8, 2),  # was 32×32 w8 9/9
+    ("dq", 128, "angles"): TileConfig(16, 32, 8, 2),  # 32×32 w8 6/5 after the angle-gradient fix
+    ("dq", 64, "urpe"): TileConfig(64, 32, 4, 2),  # was 64×64 w4 spilling
+    ("fwd", 128, "xpos"): TileConfig(128, 32, 8, 1),  # was 128×64 w8 spilling; 2 stages 13/14
+    ("fwd", 128, "angles"): TileConfig(128, 32, 8, 2),  # was 128×64 w8 2/2
+    # D = 256 (rotated tiles still spill there, fewer than before: RoPE forward 12/12, was 180/188)
+    ("fwd", 256, "table"): TileConfig(64, 16, 4, 2),  # was 64×32: relative 7/7, T5 18/34
+    ("fwd", 256, "urpe"): TileConfig(64, 16, 4, 2),  # was 64×32: 9/9
+    ("fwd", 256, "rotary"): TileConfig(32, 32, 4, 2),
+    ("dkdv", 256, "rotary"): TileConfig(16, 16, 8, 2),  # was 32×32 w8: RoPE 8/11, angles 1006/2382
+    ("dq", 256, "rotary"): TileConfig(16, 32, 8, 2),  # was 32×32: RoPE 61/114, angles 7623/12936
+    ("dq", 256, "urpe"): TileConfig(16, 32, 8, 2),  # was 32×32: 14/13
 }
 
 # POSATTN_AUTOTUNE=0: one fixed config per kernel and head dim, whatever the GPU, dtype and
@@ -190,6 +256,35 @@ _INTERPRET = TileConfig(64, 64, 4, 1)
 KERNELS = ("fwd", "dkdv", "dq")
 
 
+# Autotuning (POSATTN_AUTOTUNE unset or "1"): the plain kernels (no position spec, mask,
+# dropout or softcap; any causal flag / window) on a GPU time these tiles against their table
+# entry on the first call of each key and keep the fastest. Every candidate compiles without
+# spills, within sm_86's 99 KB (sm_80 table), pipelined, and with TMA on sm_90 where the table's
+# does (python -m bench.gpu_report --candidates; tests/test_gpu_report.py compiles each one).
+# Rejected: sm_80 dQ D=128 (32, 64, 4, 2) spilled 1/1; sm_90 forward D=128 (128, 128, 8, 2) 8/8,
+# (64, 128, 4, 2) 14/15 (causal).
+_SM80_ALTERNATIVES = {
+    ("fwd", 64): (TileConfig(64, 64, 4, 3), TileConfig(128, 32, 4, 3)),
+    ("fwd", 128): (TileConfig(64, 64, 4, 3), TileConfig(128, 32, 8, 2)),
+    ("dkdv", 64): (TileConfig(32, 32, 4, 3),),
+    ("dkdv", 128): (TileConfig(32, 32, 4, 2),),
+    ("dq", 64): (TileConfig(32, 64, 4, 2),),
+    ("dq", 128): (TileConfig(32, 64, 8, 2), TileConfig(64, 32, 4, 2)),
+}
+_SM90_ALTERNATIVES = {
+    ("fwd", 64): (TileConfig(64, 64, 4, 4), TileConfig(128, 128, 8, 2)),
+    ("fwd", 128): (TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)),
+    # dK/dV at D = 128: (16, 64, 4, 3) spilled 20/20, (32, 64, 4, 2) 44/46, and 8 warps on 64
+    # keys computed every score twice (wgmma: 64 rows per warpgroup), so the table's alone
+    ("dkdv", 64): (TileConfig(16, 64, 4, 3),),
+    ("dq", 64): (TileConfig(128, 64, 8, 2),),
+    ("dq", 128): (TileConfig(64, 64, 4, 2),),
+}
+# The interpreter has none (its one config serves every kernel); the tests put some here to
+# run the timed choice through the interpreter.
+_INTERPRET_ALTERNATIVES: tuple = ()
+
+
 def gpu_table(capability) -> dict:
     """The tile table that a GPU of ``capability`` (major, minor) uses."""
     return _SM90 if tuple(capability) >= (9, 0) else _SM80
@@ -199,7 +294,7 @@ def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-VARIANTS = ("rotary", "bias", "urpe", "causal", "varlen")
+VARIANTS = ("xpos", "angles", "rotary", "table", "bias", "urpe", "causal", "varlen")
 
 
 def tile_config(kind: str, head_dim: int, interpret: bool, capability=(8, 0), dtype="float16",
@@ -226,6 +321,22 @@ def tile_config(kind: str, head_dim: int, interpret: bool, capability=(8, 0), dt
         if (kind, d, variant) in table:
             return table[kind, d, variant]
     return table[kind, d]
+
+
+def tile_candidates(kind: str, head_dim: int, interpret: bool, capability=(8, 0), dtype="float16",
+                    flags=(), plain=False) -> tuple:
+    """The tiles a timed choice picks from: :func:`tile_config`'s first, then the
+    alternatives for ``plain`` kernels (no position spec or mask, flags at most "causal")
+    when autotuning is on. One config means no choice."""
+    first = tile_config(kind, head_dim, interpret, capability, dtype, flags)
+    if not autotune() or not plain or set(flags) - {"causal"}:
+        return (first,)
+    if interpret:
+        alternatives = _INTERPRET_ALTERNATIVES
+    else:
+        table = _SM90_ALTERNATIVES if tuple(capability) >= (9, 0) else _SM80_ALTERNATIVES
+        alternatives = table.get((kind, padded_head_dim(head_dim)), ())
+    return (first, *(c for c in alternatives if c != first))
 
 
 def autotune() -> bool:

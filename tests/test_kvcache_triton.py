@@ -199,14 +199,14 @@ CASES = [
     Case(splits=1),
     Case(L=3, H=8, Hkv=2, splits=3),  # GQA 4:1, a speculative step of 3 queries
     Case(H=8, Hkv=2, page=16),
-    Case(L=3, page=1, splits=64),
+    Case(L=3, page=1, splits=16),
     Case(L=3, page=7, H=4, Hkv=1, splits=1),
     Case(batch_idx=True, L=3),
     Case(L=3, rope="half", H=4, Hkv=2),
     Case(rope="interleaved", page=16, splits=1),
     Case(L=3, bias="alibi", H=4, Hkv=2),
     Case(L=3, bias="relative", window=(40, -1)),
-    Case(L=3, bias="t5", causal=False, splits=64),
+    Case(L=3, bias="t5", causal=False, splits=16),
     Case(bias="manhattan", rope="half"),
     # key counts S_b = 64, 256: multiples of the interpreter's key tile, the causal diagonal in a whole tile
     Case(L=3, lens=(0, 1, 61, 253), H=4, Hkv=2, splits=3),
@@ -217,7 +217,7 @@ CASES = [
     Case(L=3, new=False),  # no new keys: queries are the cache's last L positions (row 0 sees nothing)
     Case(L=3, new=False, lens=(2, 5, 64, 200), page=16, rope="half"),  # negative and boundary query positions
     Case(dtype=torch.float16, L=3, H=4, Hkv=2, rope="half", page=16),
-    Case(dtype=torch.float16, bias="alibi", window=(64, -1), splits=64),
+    Case(dtype=torch.float16, bias="alibi", window=(64, -1), splits=16),
 ]
 
 

@@ -377,7 +377,7 @@ def angle_grad(dx, X_rows, row_valid, offs_d, D, ROTARY_DIM: tl.constexpr, INTER
     contrib = dx * xp * sign[None, :]  # [ROWS, BLOCK_D]
     ROWS: tl.constexpr = contrib.shape[0]
     BLOCK_D: tl.constexpr = contrib.shape[1]
-    if ROTARY_DIM == BLOCK_D:  # the pairs fill the tile: a register reshape and a sum of two
+    if ROTARY_DIM == BLOCK_D and BLOCK_D // 2 == BLOCK_R:  # the pairs fill the tile: a reshape, a sum of two
         if INTERLEAVED:
             return tl.sum(tl.reshape(contrib, [ROWS, BLOCK_D // 2, 2]), axis=2)
         return tl.sum(tl.reshape(contrib, [ROWS, 2, BLOCK_D // 2]), axis=1)

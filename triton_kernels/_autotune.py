@@ -46,11 +46,11 @@ def may_time(device) -> bool:
     return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
 
-def choose(key, candidates, launch, device, tune=True):
+def choose(key, candidates, launch, device):
     """The config of ``candidates`` to launch for ``key``: the first one when there is no
-    choice (one candidate, ``tune`` false, a capture), else the fastest, timed once per
+    choice (one candidate, a CUDA-graph capture), else the fastest, timed once per
     process through ``launch(config)``."""
-    if len(candidates) == 1 or not tune or not may_time(device):
+    if len(candidates) == 1 or not may_time(device):
         return _BEST.get(key, candidates[0])
     best = _BEST.get(key)
     if best is None:

@@ -838,6 +838,12 @@ def _launch(kernel, grid):
     return lambda *args, **kwargs: capture[1].append((kernel, grid, args, kwargs))
 
 
+def _interpreting() -> bool:
+    """Whether kernels launched now run in Triton's interpreter (never while launches are
+    recorded: the report compiles them for a GPU)."""
+    return _config.triton_interpret() and _CAPTURE.get() is None
+
+
 def _capability(device):
     capture = _CAPTURE.get()
     return capture[0] if capture is not None else _config.cuda_capability(device)
@@ -996,7 +1002,7 @@ def _choose_tiles(kind, q, causal, kp, sizes, cx, plain, launch):
     softcap or position tensor, not packed) with autotuning on, the fastest candidate for its
     key (``_autotune.choose``: timed once per process through ``launch(config)``).
     ``sizes``: (B, H, L, S)."""
-    interpret = _config.triton_interpret() and _CAPTURE.get() is None
+    interpret = _interpreting()
     capability = None if interpret else _capability(q.device)
     flags = [name for name, on in (("xpos", kp.rope_kind == ROPE_XPOS), ("angles", kp.rope_kind == ROPE_ANGLES),
                                    ("rotary", kp.rope_kind != ROPE_NONE),
@@ -1035,7 +1041,7 @@ def _tma_descriptors(q, varlen, kp, *operands):
     descriptors: its loop reads 16- to 32-row query tiles, for which descriptor loads
     compiled to more instructions per iteration than async copies (sm_90 D=64: 254 vs 233).
     """
-    interpret = _config.triton_interpret() and _CAPTURE.get() is None
+    interpret = _interpreting()
     descriptor = _compat.host_tensor_descriptor()
     if (varlen is not None or kp.rope_kind != ROPE_NONE or descriptor is None
             or not _config.tma(None if interpret else _capability(q.device), interpret)):

@@ -40,7 +40,8 @@ from posattn.positions import BIAS_NONE, ROPE_FREQ, ROPE_NONE, KernelPositions
 
 from ._common import (bias_operand, bias_tile, boundary_count, boundary_start, interior_tiles, load_rotated,
                       normalise_rows, score_tile, softmax_update)
-from .attention import _CAPTURE, _alloc, _bias_strides, _check_device, _dot_precision, _launch, _pair_valid
+from .attention import (_CAPTURE, _alloc, _bias_strides, _check_device, _dot_precision, _interpreting, _launch,
+                        _pair_valid)
 
 _NO_SPECIALIZE = ["L", "capacity", "window_left", "window_right", "bias_i0", "bias_i1", "bias_i2"]
 
@@ -437,7 +438,7 @@ def kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block
     rope = dict(ROPE_KIND=kp.rope_kind, ROTARY_DIM=kp.rotary_dim, ROPE_INTERLEAVED=bool(kp.interleaved))
     rope_table = q if kp.rope_table is None else kp.rope_table
     block_d, block_dv = _config.padded_head_dim(D), _config.padded_head_dim(DV)
-    interpret = _config.triton_interpret() and _CAPTURE.get() is None
+    interpret = _interpreting()
 
     if k is not None and B * HKV * L > 0:
         block_l = min(64, triton.next_power_of_2(L))

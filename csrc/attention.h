@@ -112,8 +112,8 @@ struct DecodeArgs {
   const int32_t* block_table;  // [B, pages] (row stride sbt_b) of a paged cache, or null
   int64_t sbt_b, page_size;
   int64_t splits;              // key ranges per (batch row, KV head, row block), merged exactly
-  float* part_out;             // [B, H, L, splits, pad16(Dv)] scratch: each split's normalised output
-  float* part_lse;             // [B, H, L, splits] scratch: each split's lse
+  float* part_out;             // [B, H, L, splits, pad16(Dv)] scratch: each split's normalised output (splits > 1)
+  float* part_lse;             // [B, H, L, splits] scratch: each split's lse (splits > 1)
   void* out;                   // [B, H, L, Dv] contiguous, q's dtype
   float* lse;                  // [B, H, L]
 };

@@ -286,8 +286,9 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ars, i
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && !defined(POSATTN_NO_AMX)
 constexpr bool kAmx = true;
 
-// Palette 1 with all 8 tiles at 16 rows × 64 bytes: tiles 0–3 hold a 32×32 block of C
-// (16×16 fp32 each), 4–5 A's two 16-row slabs of 32 bf16, 6–7 B's two 16-column slabs.
+// Palette 1 with all 8 tiles at 16 rows × 64 bytes: tiles 0–3 hold up to four 16×16 fp32
+// tiles of C, 4–7 the 16-row slabs of A and 16-column slabs of B (32 bf16 deep; which tile
+// holds which: the blocks below).
 struct alignas(64) TileConfig {
   uint8_t palette;
   uint8_t start_row;
@@ -355,24 +356,103 @@ inline void amx_block(int64_t K, const uint16_t* A, int64_t lda, const uint16_t*
   if (MT == 2 && NT == 2) _tile_stored(3, C + 16 * ldc + 16, sc);
 }
 
+// C tiles 0–3 loaded from (or zeroed), and stored to, the 16 × 16 fp32 blocks at c, c + d,
+// c + 2d, c + 3d (row stride sc bytes).
+inline void amx_c4_load(const float* c, int64_t d, int64_t sc, bool accumulate) {
+  if (accumulate) {
+    _tile_loadd(0, c, sc);
+    _tile_loadd(1, c + d, sc);
+    _tile_loadd(2, c + 2 * d, sc);
+    _tile_loadd(3, c + 3 * d, sc);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+}
+inline void amx_c4_store(float* c, int64_t d, int64_t sc) {
+  _tile_stored(0, c, sc);
+  _tile_stored(1, c + d, sc);
+  _tile_stored(2, c + 2 * d, sc);
+  _tile_stored(3, c + 3 * d, sc);
+}
+
+// A 64 × 16 block of C: four row tiles (C tiles 0–3) against one column slab of B (tile 6),
+// their A slabs in tiles 4, 5, 7, 4. Four independent accumulators: a tile product waits for
+// its accumulator's previous product, so one or two of them leave the unit idle between
+// products (a single row or column of tiles: decode's K·Qᵀ, a few query rows).
+inline void amx_block_4x1(int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
+                          int64_t ldc, bool accumulate) {
+  const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;
+  amx_c4_load(C, 16 * ldc, sc, accumulate);
+  for (int64_t k = 0; k < K; k += 32) {
+    _tile_loadd(6, B + (k / 2) * ldb, sb);
+    _tile_loadd(4, A + k, sa);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(5, A + 16 * lda + k, sa);
+    _tile_dpbf16ps(1, 5, 6);
+    _tile_loadd(7, A + 32 * lda + k, sa);
+    _tile_dpbf16ps(2, 7, 6);
+    _tile_loadd(4, A + 48 * lda + k, sa);
+    _tile_dpbf16ps(3, 4, 6);
+  }
+  amx_c4_store(C, 16 * ldc, sc);
+}
+
+// A 16 × 64 block of C: one row tile (A in tile 4) against four column slabs of B (tiles 5, 6,
+// 7, 5), C in tiles 0–3 (the p·v product of a few query rows).
+inline void amx_block_1x4(int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
+                          int64_t ldc, bool accumulate) {
+  const int64_t sa = lda * 2, sb = ldb * 2, sc = ldc * 4;
+  amx_c4_load(C, 16, sc, accumulate);
+  for (int64_t k = 0; k < K; k += 32) {
+    const uint16_t* b = B + (k / 2) * ldb;
+    _tile_loadd(4, A + k, sa);
+    _tile_loadd(5, b, sb);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, b + 32, sb);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(7, b + 64, sb);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_loadd(5, b + 96, sb);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  amx_c4_store(C, 16, sc);
+}
+
 inline void gemm_bf16(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, float* C,
                       int64_t ldc, bool accumulate) {
   const int64_t ldb = 2 * N;
   const int64_t Mr = (M + 15) / 16 * 16;
-  for (int64_t n0 = 0; n0 < N; n0 += 32) {
-    const bool two_n = N - n0 >= 32;
-    for (int64_t m0 = 0; m0 < Mr; m0 += 32) {
+  for (int64_t n0 = 0; n0 < N;) {
+    const int64_t n_left = N - n0;
+    if (Mr == 16 && n_left >= 64) {  // one row of tiles: four column slabs at a time
+      amx_block_1x4(K, A, lda, B + 2 * n0, ldb, C + n0, ldc, accumulate);
+      n0 += 64;
+      continue;
+    }
+    const bool two_n = n_left >= 32;
+    for (int64_t m0 = 0; m0 < Mr;) {
       const uint16_t* a = A + m0 * lda;
       const uint16_t* b = B + 2 * n0;
       float* c = C + m0 * ldc + n0;
+      if (!two_n && Mr - m0 >= 64) {  // one column slab: four row tiles at a time
+        amx_block_4x1(K, a, lda, b, ldb, c, ldc, accumulate);
+        m0 += 64;
+        continue;
+      }
       if (Mr - m0 >= 32) {
         if (two_n) amx_block<2, 2>(K, a, lda, b, ldb, c, ldc, accumulate);
         else amx_block<2, 1>(K, a, lda, b, ldb, c, ldc, accumulate);
+        m0 += 32;
       } else {
         if (two_n) amx_block<1, 2>(K, a, lda, b, ldb, c, ldc, accumulate);
         else amx_block<1, 1>(K, a, lda, b, ldb, c, ldc, accumulate);
+        m0 += 16;
       }
     }
+    n0 += two_n ? 32 : 16;
   }
 }
 #else
@@ -1725,6 +1805,45 @@ inline void v_pairs_bf16(Rows rows, int64_t j0, int64_t Dv, int64_t Dvp, uint16_
 }
 #endif
 
+#if defined(POSATTN_BF16_DOT)
+// S[r][j] = T[j][r] for the rows r < m and the keys j < BN of the scores in key-major layout
+// T [BN][ldt] (ldt a multiple of 16): 16 × 16 blocks transposed in registers (two rounds of
+// unpacks inside 128-bit lanes, two of lane shuffles), 64 shuffles a block where element
+// moves take 256 loads and stores.
+inline void transpose_scores(const float* T, int64_t ldt, int64_t m, float* S) {
+  for (int64_t r0 = 0; r0 < m; r0 += 16) {
+    const int64_t rows = m - r0 < 16 ? m - r0 : 16;
+    for (int64_t j0 = 0; j0 < BN; j0 += 16) {
+      __m512 x[16], y[16];
+      for (int i = 0; i < 16; ++i) x[i] = _mm512_loadu_ps(T + (j0 + i) * ldt + r0);
+      for (int i = 0; i < 16; i += 2) {  // lane L: [x_i, x_i+1] interleaved at 4L, 4L+1 | 4L+2, 4L+3
+        y[i] = _mm512_unpacklo_ps(x[i], x[i + 1]);
+        y[i + 1] = _mm512_unpackhi_ps(x[i], x[i + 1]);
+      }
+      for (int g = 0; g < 16; g += 4) {  // lane L of x[g + c]: column 4L + c of keys g .. g + 3
+        const __m512d a0 = _mm512_castps_pd(y[g]), a1 = _mm512_castps_pd(y[g + 1]);
+        const __m512d a2 = _mm512_castps_pd(y[g + 2]), a3 = _mm512_castps_pd(y[g + 3]);
+        x[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+        x[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+        x[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+        x[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+      }
+      for (int c = 0; c < 4; ++c) {  // the four key groups' lanes gathered: column 4L + c
+        const __m512 e0 = _mm512_shuffle_f32x4(x[c], x[4 + c], _MM_SHUFFLE(2, 0, 2, 0));
+        const __m512 o0 = _mm512_shuffle_f32x4(x[c], x[4 + c], _MM_SHUFFLE(3, 1, 3, 1));
+        const __m512 e1 = _mm512_shuffle_f32x4(x[8 + c], x[12 + c], _MM_SHUFFLE(2, 0, 2, 0));
+        const __m512 o1 = _mm512_shuffle_f32x4(x[8 + c], x[12 + c], _MM_SHUFFLE(3, 1, 3, 1));
+        y[c] = _mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(2, 0, 2, 0));
+        y[4 + c] = _mm512_shuffle_f32x4(o0, o1, _MM_SHUFFLE(2, 0, 2, 0));
+        y[8 + c] = _mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(3, 1, 3, 1));
+        y[12 + c] = _mm512_shuffle_f32x4(o0, o1, _MM_SHUFFLE(3, 1, 3, 1));
+      }
+      for (int64_t r = 0; r < rows; ++r) _mm512_storeu_ps(S + (r0 + r) * BN + j0, y[r]);
+    }
+  }
+}
+#endif
+
 // Scratch memory that a thread keeps from one decode task to the next. A decode task is small
 // (it reads each cached row once), and allocating its buffers (~250 KB) per task cost as much as
 // the arithmetic at short contexts: the allocator gives the memory back on free, and the next
@@ -1773,11 +1892,15 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
 #if defined(POSATTN_BF16_DOT)
   // bf16 caches: a full interior tile (every row sees every key) multiplies p·v in bf16 with
   // fp32 sums (AMX or vdpbf16ps, gemm_bf16), V's rows paired straight from the cache; on AMX,
-  // q·kᵀ too, as S = K·Qᵀ with the key rows of the cache as the A operand (16 rows at a time:
-  // a paged cache needs pages of a multiple of 16 slots) and q rounded to bf16. Other tiles
+  // q·kᵀ too, as Sᵀ = K·Qᵀ with the key rows of the cache as the A operand (16 or 64 rows at a
+  // time: a paged cache needs pages of a multiple of 16 slots) and q rounded to bf16, Sᵀ
+  // transposed in registers. Other tiles
   // (the ragged end, masks, non-finite V handling) take the fp32 path.
   constexpr bool dot16 = DT == DType::BF16;
   const bool amx_scores = dot16 && kAmx && base.D % 32 == 0 && (!d.block_table || d.page_size % 16 == 0);
+  // keys per K·Qᵀ product: 64 (four independent tile products) where 64 consecutive keys are
+  // equally spaced rows (a contiguous cache, or pages of a multiple of 64 slots), else 16
+  const int64_t key_group = !d.block_table || d.page_size % 64 == 0 ? 64 : 16;
   const int64_t rows_max = G * base.L < BM ? G * base.L : BM, mpad = pad16(rows_max);
   // (AMX multiplies whole 16-row tiles: the rows of P16 past the block's, and their products in
   // acc, hold stale values that nothing reads)
@@ -1842,16 +1965,15 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
         if (amx_scores) {
           if (!q_paired) q_pairs_bf16(Qs, Dp, m, a.D, mpad, Qt16);
           q_paired = true;
-          for (int64_t g = 0; g < BN; g += 16) {  // Sᵀ [16 keys][mpad] per product
-            for (int64_t j = g; j < g + 16; ++j) {  // the next group's keys, this group's values
-              if (kt.j0 + j + 16 < a.S) prefetch_row(k_row(kt.j0 + j + 16), k_bytes);
+          for (int64_t g = 0; g < BN; g += key_group) {  // Sᵀ [key_group keys][mpad] per product
+            for (int64_t j = g; j < g + key_group; ++j) {  // the next group's keys, this group's values
+              if (kt.j0 + j + key_group < a.S) prefetch_row(k_row(kt.j0 + j + key_group), k_bytes);
               prefetch_row(v_row(kt.j0 + j), v_bytes);
             }
-            gemm_bf16(16, mpad, a.D, static_cast<const uint16_t*>(k_row(kt.j0 + g)), d.skc_s, Qt16, T + g * mpad,
-                      mpad, false);
+            gemm_bf16(key_group, mpad, a.D, static_cast<const uint16_t*>(k_row(kt.j0 + g)), d.skc_s, Qt16,
+                      T + g * mpad, mpad, false);
           }
-          for (int64_t r = 0; r < m; ++r)
-            for (int64_t j = 0; j < BN; ++j) S[r * BN + j] = T[j * mpad + r];
+          transpose_scores(T, mpad, m, S);
         } else {
           for (int64_t j = 0; j < BN; ++j) {
             if (kt.j0 + j + DECODE_PREFETCH < a.S) prefetch_row(k_row(kt.j0 + j + DECODE_PREFETCH), k_bytes);
@@ -1915,17 +2037,35 @@ void decode_body(void* vctx, int64_t begin, int64_t end) {
     }
     for (int64_t r = 0; r < m; ++r) {
       const int64_t h = hk * G + (r0 + r) / a.L, i = (r0 + r) % a.L;
-      const int64_t slot = ((b * a.H + h) * a.L + i) * P + split;
+      const int64_t row = (b * a.H + h) * a.L + i, slot = row * P + split;
       const float inv = l_i[r] == 0.0f ? 0.0f : 1.0f / l_i[r];
-      float* o = d.part_out + slot * Dvp;
-      float poison = 0.0f;  // NaN when the accumulator took a non-finite value (an interior tile's v)
-      for (int64_t e = 0; e < a.Dv; ++e) {
-        o[e] = acc[r * Dvp + e] * inv;
-        poison += acc[r * Dvp + e] * 0.0f;
+      // one split: the row's output itself (what the merge of one part computes), else its part
+      float* o = P == 1 ? acc + r * Dvp : d.part_out + slot * Dvp;
+      // poison: NaN when the accumulator took a non-finite value (an interior tile's v); summed
+      // in 16 lanes (one chain of dependent adds would cost more than the rest of a short step)
+      float lanes[16] = {};
+      const float* ar = acc + r * Dvp;
+      int64_t e = 0;
+      for (; e + 16 <= a.Dv; e += 16)
+        for (int64_t l = 0; l < 16; ++l) {
+          lanes[l] += ar[e + l] * 0.0f;
+          o[e + l] = ar[e + l] * inv;
+        }
+      for (; e < a.Dv; ++e) {
+        lanes[0] += ar[e] * 0.0f;
+        o[e] = ar[e] * inv;
       }
+      float poison = 0.0f;
+      for (int64_t l = 0; l < 16; ++l) poison += lanes[l];
       if (poison != 0.0f || poison != poison)
         for (int64_t e = 0; e < a.Dv; ++e) o[e] = poison;
-      d.part_lse[slot] = l_i[r] == 0.0f ? NEG_INF : m_i[r] + std::log(l_i[r]) + poison;
+      const float lse = l_i[r] == 0.0f ? NEG_INF : m_i[r] + std::log(l_i[r]) + poison;
+      if (P > 1) {
+        d.part_lse[slot] = lse;
+        continue;
+      }
+      store_row<DT>(o, a.Dv, elem<DT>(d.out, row * a.Dv));
+      d.lse[row] = lse;
     }
   }
 }
@@ -1965,7 +2105,7 @@ void decode(const DecodeArgs& d) {
   if (d.k_new) a.parallel(a.B * a.Hkv, const_cast<DecodeArgs*>(&d), &append_body<DT>);
   a.parallel(a.B * a.Hkv * decode_row_blocks(a.H, a.Hkv, a.L) * d.splits, const_cast<DecodeArgs*>(&d),
              &decode_body<DT>);
-  a.parallel(a.B * a.H * a.L, const_cast<DecodeArgs*>(&d), &merge_body<DT>);
+  if (d.splits > 1) a.parallel(a.B * a.H * a.L, const_cast<DecodeArgs*>(&d), &merge_body<DT>);
 }
 
 struct DropoutCtx {

@@ -828,8 +828,9 @@ std::tuple<Tensor, Tensor> cpu_attention_kvcache(
   auto f32 = q.options().dtype(at::kFloat);
   Tensor out = at::empty({B, a.H, L, a.Dv}, q.options());
   Tensor lse = at::empty({B, a.H, L}, f32);
-  Tensor part_out = at::empty({B, a.H, L, P, Dvp}, f32);
-  Tensor part_lse = at::empty({B, a.H, L, P}, f32);
+  // each split's normalised output and lse, merged after (one split writes out and lse itself)
+  Tensor part_out = at::empty({P > 1 ? B : 0, a.H, L, P, Dvp}, f32);
+  Tensor part_lse = at::empty({P > 1 ? B : 0, a.H, L, P}, f32);
   d.k_cache = k_cache.data_ptr();
   d.skc_b = k_cache.stride(0); d.skc_h = k_cache.stride(1); d.skc_s = k_cache.stride(2);
   d.v_cache = v_cache.data_ptr();

@@ -204,6 +204,7 @@ BF16_TILES = [
     Case(lens=(300, 1), L=3, H=32, Hkv=1, D=64, batch_idx=True),  # MQA: 96 rows in two row blocks
     Case(lens=(260,), L=2, H=8, Hkv=1, D=40, Dv=24, page=24, spec="alibi"),  # fp32 scores, bf16 p·v
     Case(lens=(400, 20), H=4, Hkv=2, D=96, page=32, spec="rope"),
+    Case(lens=(1000, 200), H=20, Hkv=1, D=128, page=64),  # 64-key products in pages; 20 rows: a partial 16-row block
 ]
 
 
@@ -212,7 +213,7 @@ BF16_TILES = [
 @pytest.mark.parametrize("c", BF16_TILES, ids=lambda c: c.id)
 def test_bf16_tile_products(isa, c, monkeypatch):
     """bf16 caches: the full interior key tiles multiply in bf16 (p·v with V paired from the cache;
-    on AMX q·kᵀ too, 16 cache rows at a time, contiguous or in pages of 16k slots), the other tiles
+    on AMX q·kᵀ too, 64 cache rows at a time, or 16 in pages of 16k slots), the other tiles
     in fp32; both against the reference, on GQA and MQA groups, odd head dims and pages that split
     a 16-row block."""
     if isa not in posattn.ops.cpu_isas():

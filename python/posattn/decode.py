@@ -79,10 +79,15 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         raise ValueError(f"head dims D={D}, Dv={Dv}: backend={backend!r} takes head dims up to "
                          f"{_config.MAX_HEAD_DIM}; use backend='reference' for larger ones")
     left, right = window if window is not None else (-1, -1)
-    S_cap = k_cache.shape[2]
-    kp = kernel_positions(rope, bias, None, q, q.new_empty(1, 1, 1, 1).expand(B, Hkv, S_cap, D), 0, 0)
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k, v = ((t if t is None or t.stride(-1) == 1 else t.contiguous()) for t in (k, v))
+    # (the rotary spec sizes its tables from a key tensor: a stand-in of the cache's shape)
+    keys = None if rope is None else q.new_empty(1, 1, 1, 1).expand(B, Hkv, k_cache.shape[2], D)
+    kp = kernel_positions(rope, bias, None, q, keys, 0, 0)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k is not None and k.stride(-1) != 1:
+        k = k.contiguous()
+    if v is not None and v.stride(-1) != 1:
+        v = v.contiguous()
     out, lse = ops.kvcache_op(backend)(
         q, k_cache, v_cache, k, v, seqlens, _int32(cache_batch_idx), _int32(block_table), bool(causal), left, right,
         float(softcap or 0.0), scale, kp.rope_table, kp.bias_tensor, kp.bias_lut, ops.spec_ints(kp),
@@ -93,6 +98,10 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
 # checks ------------------------------------------------------------------------------------------
 
 def _check_inputs(q, k_cache, v_cache, k, v, cache_batch_idx, block_table, window, softcap, scale, num_splits):
+    # (a decode step is short: these checks read each attribute once)
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"attention_with_kvcache: q must be a tensor, got {type(q).__name__}")
+    dtype, device, grad = q.dtype, q.device, torch.is_grad_enabled()
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
         if t is None and name in ("k", "v"):
             continue
@@ -101,12 +110,12 @@ def _check_inputs(q, k_cache, v_cache, k, v, cache_batch_idx, block_table, windo
         if t.dim() != 4:
             raise ValueError(f"attention_with_kvcache: {name} must be 4-D ({_LAYOUTS[name]}), got shape "
                              f"{tuple(t.shape)}")
-        if t.dtype != q.dtype or t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"attention_with_kvcache: {name} has dtype {t.dtype} but q has {q.dtype}; q, the caches "
+        if t.dtype != dtype or dtype not in FLOAT_DTYPES:
+            raise TypeError(f"attention_with_kvcache: {name} has dtype {t.dtype} but q has {dtype}; q, the caches "
                             f"and new k/v share one float dtype")
-        if t.device != q.device:
-            raise ValueError(f"attention_with_kvcache: {name} is on {t.device} but q on {q.device}")
-        if torch.is_grad_enabled() and t.requires_grad:
+        if t is not q and t.device != device:
+            raise ValueError(f"attention_with_kvcache: {name} is on {t.device} but q on {device}")
+        if grad and t.requires_grad:
             raise RuntimeError(f"attention_with_kvcache is forward only, but {name} requires grad; call it under "
                                f"torch.no_grad() / torch.inference_mode(), or detach {name}")
     if (k is None) != (v is None):
@@ -190,7 +199,7 @@ def _seqlens_tensor(cache_seqlens, B, device):
         raise ValueError(f"cache_seqlens has shape {tuple(cache_seqlens.shape)}; it must be [B] = [{B}] (or an int)")
     if cache_seqlens.device != device:
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q on {device}")
-    return cache_seqlens.to(torch.int32)
+    return cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
 
 
 def _check_lengths(cache_seqlens, seqlens, new, k_cache, cache_batch_idx, block_table):
@@ -230,6 +239,8 @@ def _int32(t):
 def _fixed_rope(rope, D, cache_seqlens, seqlens, new):
     """A RoPE whose frequencies depend on the sequence length (dynamic NTK, LongRoPE) fixed by
     the longest sequence of the batch after the append, so q and the new keys share them."""
+    if rope is None:
+        return None
     from .functional import _dynamic_rope
     if not _dynamic_rope(rope):
         return rope

@@ -302,6 +302,34 @@ def test_non_finite_values(splits):
     assert torch.isfinite(out[1, :, :2]).all() and torch.isfinite(lse[1, :, :2]).all()
 
 
+@pytest.mark.parametrize("page", [None, 16], ids=["contig", "page16"])
+def test_overflowing_row_is_nan_and_stays_in_bounds(page):
+    """cache_seqlens[b] + L beyond the cache (device lengths are never read on the host, so only
+    the kernel can see it): that row's outputs and lse are NaN, the new rows that fit are written,
+    nothing past the cache is (row 0 overflows: its overflow would land in row 1's slots), and the
+    other batch rows give what they give alone."""
+    c = Case(L=3, lens=(40, 5), H=2, Hkv=1, page=page, splits=2)
+    out_ok, lse_ok = run_kernel(c, make_inputs(c))
+    x = make_inputs(c)
+    capacity = x.block_table.shape[1] * page if page else x.k_cache.shape[2]
+    x.cache_seqlens[0] = capacity - 1  # the first of the three new rows fits
+
+    def where(b, j):  # (cache row or page, slot) of logical row j of batch row b
+        return (int(x.block_table[b, j // page]), j % page) if page else (b, j)
+
+    for j in range(40, capacity - 1):  # finite rows up to the claimed length: only the overflow makes NaN
+        r, s = where(0, j)
+        x.k_cache[r, :, s], x.v_cache[r, :, s] = torch.randn(c.Hkv, c.D), torch.randn(c.Hkv, c.Dv)
+    k0, v0 = x.k_cache.clone(), x.v_cache.clone()
+    out, lse = run_kernel(c, x)
+    assert torch.isnan(out[0]).all() and torch.isnan(lse[0]).all()
+    assert torch.equal(out[1], out_ok[1]) and torch.equal(lse[1], lse_ok[1])
+    written = {where(0, capacity - 1)} | {where(1, 5 + i) for i in range(3)}
+    changed = ~((x.k_cache == k0) | (x.k_cache.isnan() & k0.isnan())).all(dim=-1)  # [rows, Hkv, slots]
+    changed |= ~((x.v_cache == v0) | (x.v_cache.isnan() & v0.isnan())).all(dim=-1)
+    assert {(int(r), int(s)) for r, _, s in changed.nonzero()} == written
+
+
 def test_torch_compile_fullgraph():
     """The op traces through torch.compile(fullgraph=True) (fake + functionalised cache writes)."""
     c = Case(L=1, H=4, Hkv=2, lens=(3, 70))

@@ -100,7 +100,7 @@ def _append_kernel(
     """New keys (rotated at their positions) and values into cache rows cache_seqlens[b] + i.
 
     Rows past the cache's capacity (S_max, or max_pages·page_size) are dropped rather than
-    written out of bounds."""
+    written out of bounds (and _decode_kernel makes that batch row's outputs NaN)."""
     bkv = tl.program_id(0).to(tl.int64)
     b = bkv // HKV
     hkv = bkv % HKV
@@ -225,6 +225,10 @@ def _decode_kernel(
     S = tl.load(SEQLENS + b)
     if NEW_KEYS:
         S += L
+    # A row whose keys do not fit the cache (the host never reads device lengths to check) attends
+    # over the rows that are there, and its outputs and lse are made NaN below: a wrong
+    # cache_seqlens shows in the result instead of passing as a shorter context.
+    overflow = tl.where(S > capacity, float("nan"), 0.0)
     S = tl.minimum(S, capacity)  # rows past the capacity were never written (see _append_kernel)
 
     # Row i·G + g is query i of head hkv·G + g, at position S − L + i.
@@ -264,6 +268,8 @@ def _decode_kernel(
 
     # An empty split (no visible key) writes O_s = 0 and lse_s = −inf: weight 0 in the merge.
     out, lse = normalise_rows(acc, l_i, m_i)
+    out += overflow
+    lse += overflow
     o_rows = O + b * stride_o_b + h * stride_o_h + i * stride_o_l + split * stride_o_s
     tl.store(o_rows[:, None] + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=m_valid[:, None] & (offs_dv < DV)[None, :])

@@ -51,7 +51,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     Nothing here takes gradients: inputs that require grad while grad mode is on raise. Value
     checks that would need a device synchronisation (cache lengths against the capacity, page
     and batch indices in range) run on CPU tensors, and on CUDA tensors only when
-    ``cache_seqlens`` is an int.
+    ``cache_seqlens`` is an int; otherwise a batch row whose lengths overflow the cache gets NaN
+    outputs and lse, and only its new rows that fit are written.
 
     ``backend``: "triton" (CUDA tensors; CPU tensors under TRITON_INTERPRET=1), "cpu" (the C++
     extension), "reference" (PyTorch, any dtype incl. float64: the oracle) or None (as

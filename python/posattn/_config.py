@@ -78,6 +78,11 @@ def mask_all_tiles() -> bool:
     return env_flag("POSATTN_MASK_ALL_TILES")
 
 
+def hopper_class(capability) -> bool:
+    """sm_90 and newer (wgmma, TMA): the sm_90 tile tables and TMA; below, the sm_80 ones."""
+    return tuple(capability) >= (9, 0)
+
+
 def tma(capability, interpret: bool) -> bool:
     """Whether the Triton attention kernels load interior tiles through TMA descriptors
     (``POSATTN_TMA``; default: on sm_90+, off below and in the interpreter)."""
@@ -88,7 +93,7 @@ def tma(capability, interpret: bool) -> bool:
         return False
     if value:
         raise ValueError(f"POSATTN_TMA={value!r}: set it to 1 (TMA descriptors), 0 (pointers) or leave it unset")
-    return not interpret and capability is not None and tuple(capability) >= (9, 0)
+    return not interpret and capability is not None and hopper_class(capability)
 
 
 def triton_interpret() -> bool:
@@ -287,7 +292,7 @@ _INTERPRET_ALTERNATIVES: tuple = ()
 
 def gpu_table(capability) -> dict:
     """The tile table that a GPU of ``capability`` (major, minor) uses."""
-    return _SM90 if tuple(capability) >= (9, 0) else _SM80
+    return _SM90 if hopper_class(capability) else _SM80
 
 
 def _dtype_name(dtype) -> str:
@@ -334,7 +339,7 @@ def tile_candidates(kind: str, head_dim: int, interpret: bool, capability=(8, 0)
     if interpret:
         alternatives = _INTERPRET_ALTERNATIVES
     else:
-        table = _SM90_ALTERNATIVES if tuple(capability) >= (9, 0) else _SM80_ALTERNATIVES
+        table = _SM90_ALTERNATIVES if hopper_class(capability) else _SM80_ALTERNATIVES
         alternatives = table.get((kind, padded_head_dim(head_dim)), ())
     return (first, *(c for c in alternatives if c != first))
 
